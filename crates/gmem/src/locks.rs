@@ -1,0 +1,154 @@
+//! Page locks and the file's resize lock.
+//!
+//! The seed used the kernel's page lock (get_lock_pfn locks, put_unlock_pfn
+//! unlocks, truncation waits) and the inode lock. Here a page lock is a run of
+//! pages recorded with the thread that holds it; an invalidation marks its run
+//! as pending, which both waits for the holders and keeps new lockers out
+//! until the pages are gone. A thread that would wait for itself gets
+//! `EDEADLK` instead of hanging (the kernel would hang).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::types::PageRange;
+
+/// A small, process-unique id of the calling thread (never 0).
+pub(crate) fn current_thread() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    ID.with(|id| *id)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    pages: PageRange,
+    thread: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    locked: Vec<Held>,
+    invalidating: Vec<Held>,
+}
+
+impl Table {
+    fn overlapping(&self, pages: PageRange) -> impl Iterator<Item = &Held> {
+        self.locked.iter().chain(&self.invalidating).filter(move |h| h.pages.overlaps(&pages))
+    }
+
+    /// `Ok(true)` when `pages` is free, `Ok(false)` when another thread holds
+    /// part of it, and `EDEADLK` when this thread does.
+    fn free(&self, pages: PageRange, op: &'static str, me: u64) -> Result<bool> {
+        let mut free = true;
+        for held in self.overlapping(pages) {
+            if held.thread == me {
+                return Err(Error::WouldDeadlock { op, held: format!("a lock on {}", held.pages) });
+            }
+            free = false;
+        }
+        Ok(free)
+    }
+}
+
+/// Locks on runs of pages, and runs being invalidated.
+#[derive(Debug, Default)]
+pub(crate) struct PageLocks {
+    table: Mutex<Table>,
+    changed: Condvar,
+}
+
+impl PageLocks {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_free(
+        &self,
+        pages: PageRange,
+        op: &'static str,
+    ) -> Result<(MutexGuard<'_, Table>, u64)> {
+        let me = current_thread();
+        let mut table = self.table();
+        while !table.free(pages, op, me)? {
+            table = self.changed.wait(table).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok((table, me))
+    }
+
+    /// Locks `pages`, waiting for holders and invalidations of any of them.
+    pub(crate) fn lock(&self, pages: PageRange) -> Result<()> {
+        let (mut table, thread) = self.wait_free(pages, "get-and-lock")?;
+        table.locked.push(Held { pages, thread });
+        Ok(())
+    }
+
+    /// Releases a run locked with [`PageLocks::lock`] by this thread.
+    pub(crate) fn unlock(&self, pages: PageRange) {
+        self.remove(pages, |t| &mut t.locked);
+    }
+
+    /// Marks `pages` as being invalidated once no thread holds any of them.
+    pub(crate) fn begin_invalidate(&self, pages: PageRange, op: &'static str) -> Result<()> {
+        let (mut table, thread) = self.wait_free(pages, op)?;
+        table.invalidating.push(Held { pages, thread });
+        Ok(())
+    }
+
+    /// Ends an invalidation started with [`PageLocks::begin_invalidate`].
+    pub(crate) fn end_invalidate(&self, pages: PageRange) {
+        self.remove(pages, |t| &mut t.invalidating);
+    }
+
+    fn remove(&self, pages: PageRange, list: impl FnOnce(&mut Table) -> &mut Vec<Held>) {
+        let me = current_thread();
+        let mut table = self.table();
+        let list = list(&mut table);
+        if let Some(i) = list.iter().position(|h| h.pages == pages && h.thread == me) {
+            list.swap_remove(i);
+        }
+        drop(table);
+        self.changed.notify_all();
+    }
+
+    /// Pages currently locked by get-and-lock.
+    pub(crate) fn locked_pages(&self) -> u64 {
+        self.table().locked.iter().map(|h| h.pages.len()).sum()
+    }
+}
+
+/// The file's "inode lock": serializes size changes, hole punches and seal
+/// changes. Taking it again from the thread that holds it (say, from an
+/// owner's invalidation callback) fails with `EDEADLK`.
+#[derive(Debug, Default)]
+pub(crate) struct ResizeLock {
+    lock: Mutex<()>,
+    holder: AtomicU64,
+}
+
+/// Held [`ResizeLock`]; released on drop.
+pub(crate) struct ResizeGuard<'a> {
+    _guard: MutexGuard<'a, ()>,
+    holder: &'a AtomicU64,
+}
+
+impl ResizeLock {
+    pub(crate) fn lock(&self, op: &'static str) -> Result<ResizeGuard<'_>> {
+        let me = current_thread();
+        if self.holder.load(Ordering::Acquire) == me {
+            return Err(Error::WouldDeadlock {
+                op,
+                held: "the file's resize lock (in an invalidation callback?)".into(),
+            });
+        }
+        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.holder.store(me, Ordering::Release);
+        Ok(ResizeGuard { _guard: guard, holder: &self.holder })
+    }
+}
+
+impl Drop for ResizeGuard<'_> {
+    fn drop(&mut self) {
+        self.holder.store(0, Ordering::Release);
+    }
+}

@@ -1,0 +1,212 @@
+//! Shared mappings of a private-memory file.
+//!
+//! Three kinds exist: [`HostMapping`], what host user space gets from an
+//! unsealed file (counted, since the GUEST seal needs none to exist);
+//! [`OwnerWindow`], the owner's (KVM's) view of a sealed file, the only
+//! mapping a sealed file ever has outside gmem; and the file's own frame
+//! window, through which gmem allocates and locks pages.
+
+use std::ffi::c_void;
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rustix::mm::{self, Advice, MapFlags, MlockFlags, ProtFlags};
+
+use crate::error::{Error, Result};
+
+/// An owned `mmap` of part of a file; unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; accessing
+// it from several threads is no different from accessing a memfd through
+// pread/pwrite, and all access goes through raw-pointer copies.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only hands out the address.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` at `offset`, shared.
+    pub(crate) fn new(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        prot: ProtFlags,
+        op: &'static str,
+    ) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::InvalidArgument { op, why: "empty mapping" });
+        }
+        // SAFETY: a new mapping at a kernel-chosen address, so no existing
+        // memory is replaced; the result is owned by the returned value.
+        let ptr =
+            unsafe { mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, offset) }
+                .map_err(|e| Error::os(op, e))?;
+        let ptr = NonNull::new(ptr).ok_or(Error::Os { op, errno: rustix::io::Errno::NOMEM })?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Locks the pages of the mapping in RAM as they are faulted in, and
+    /// keeps the mapping out of core dumps and child processes.
+    pub(crate) fn lock_private(&self) -> Result<()> {
+        // SAFETY: the range is exactly this mapping, owned by `self`.
+        unsafe { mm::mlock_with(self.ptr.as_ptr(), self.len, MlockFlags::ONFAULT) }.map_err(
+            |errno| match errno {
+                rustix::io::Errno::NOMEM | rustix::io::Errno::AGAIN | rustix::io::Errno::PERM => {
+                    Error::MemlockLimit { bytes: self.len as u64, errno }
+                }
+                errno => Error::Os { op: "mlock2", errno },
+            },
+        )?;
+        for advice in [Advice::LinuxDontFork, Advice::LinuxDontDump] {
+            // SAFETY: advice that changes no content, on this mapping only.
+            unsafe { mm::madvise(self.ptr.as_ptr(), self.len, advice) }
+                .map_err(|errno| Error::Os { op: "madvise", errno })?;
+        }
+        Ok(())
+    }
+
+    /// Faults in (allocating where needed) the bytes `offset..offset + len`
+    /// for writing, as a write access would.
+    pub(crate) fn populate_write(&self, offset: usize, len: usize) -> Result<()> {
+        debug_assert!(offset + len <= self.len);
+        // SAFETY: the range lies inside this mapping; populating changes no
+        // content (new shmem pages are zero-filled).
+        unsafe {
+            mm::madvise(
+                self.ptr.as_ptr().wrapping_byte_add(offset),
+                len,
+                Advice::LinuxPopulateWrite,
+            )
+        }
+        .map_err(|errno| Error::Os { op: "MADV_POPULATE_WRITE", errno })
+    }
+
+    pub(crate) fn addr(&self) -> *mut u8 {
+        self.ptr.as_ptr().cast()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies `src` into the mapping at `offset`.
+    pub(crate) fn write(&self, offset: usize, src: &[u8]) {
+        assert!(offset + src.len() <= self.len, "write past the mapping");
+        // SAFETY: the destination lies inside the mapping (checked above) and
+        // cannot overlap `src`, a Rust slice outside it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.addr().wrapping_add(offset), src.len())
+        }
+    }
+
+    /// Copies bytes at `offset` of the mapping into `dst`.
+    pub(crate) fn read(&self, offset: usize, dst: &mut [u8]) {
+        assert!(offset + dst.len() <= self.len, "read past the mapping");
+        // SAFETY: the source lies inside the mapping (checked above) and
+        // cannot overlap `dst`, a Rust slice outside it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.addr().wrapping_add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `Mapping::new` and is owned by
+        // `self`; nothing refers to it after drop.
+        let _ = unsafe { mm::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
+/// A host mapping of an unsealed private-memory file; unmapped on drop.
+///
+/// While one exists, the GUEST seal cannot be added (`EBUSY`).
+#[derive(Debug)]
+pub struct HostMapping {
+    map: Mapping,
+    live: Arc<AtomicUsize>,
+}
+
+impl HostMapping {
+    pub(crate) fn new(map: Mapping, live: Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::SeqCst);
+        Self { map, live }
+    }
+
+    /// Address of the first mapped byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.addr()
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the mapping is empty (never: mappings have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// Copies `src` into the mapping at `offset`. Panics past the end.
+    pub fn write(&self, offset: usize, src: &[u8]) {
+        self.map.write(offset, src)
+    }
+
+    /// Copies bytes at `offset` into `dst`. Panics past the end.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) {
+        self.map.read(offset, dst)
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The owner's window on a GUEST-sealed file: a shared, read-write mapping
+/// locked in RAM, kept out of core dumps and children, that gmem never reads
+/// or writes. KVM maps guest memory from it (its address becomes a memslot's
+/// `userspace_addr`); the owner serves its pages with get-and-lock.
+#[derive(Debug)]
+pub struct OwnerWindow {
+    map: Mapping,
+    offset: u64,
+}
+
+impl OwnerWindow {
+    pub(crate) fn new(map: Mapping, offset: u64) -> Self {
+        Self { map, offset }
+    }
+
+    /// Address of the first byte of the window.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.addr()
+    }
+
+    /// Length of the window in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the window is empty (never: windows have at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// File offset of the window's first byte.
+    pub fn file_offset(&self) -> crate::FileOffset {
+        crate::FileOffset(self.offset)
+    }
+}
