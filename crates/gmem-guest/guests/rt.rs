@@ -1,0 +1,190 @@
+//! Guest runtime for GUEST_ABI v1: entry, ports, boot info, console, panic.
+#![allow(dead_code)]
+
+use core::arch::{asm, global_asm};
+
+/// Boot info at the GPA the VMM passes in RDI.
+#[repr(C)]
+pub struct BootInfo {
+    pub magic: u64,
+    pub ram_size: u64,
+    pub vcpu_count: u32,
+    pub page_size: u32,
+}
+
+pub const MAGIC: u64 = 0x3149_4241_4d45_4d47;
+pub const SHARED: u64 = 0;
+pub const PRIVATE: u64 = 8;
+
+// The VMM enters with a 16-byte aligned RSP and no return address pushed:
+// realign and call, so that Rust code sees the SysV stack alignment.
+global_asm!(
+    ".section .text.entry, \"ax\"",
+    ".global _start",
+    "_start:",
+    "and rsp, -16",
+    "call {main}",
+    "ud2",
+    main = sym entry,
+);
+
+extern "C" fn entry(boot: &'static BootInfo, vcpu: u64) -> ! {
+    if boot.magic != MAGIC {
+        exit(90);
+    }
+    exit(crate::guest_main(boot, vcpu as u32))
+}
+
+/// Port 0xF4: stops the whole VM with `code`.
+pub fn exit(code: u32) -> ! {
+    loop {
+        // SAFETY: a port write the VMM handles; it does not return to us.
+        unsafe { asm!("out 0xf4, eax", in("eax") code) };
+    }
+}
+
+/// Port 0xF8: pauses this vCPU while the host runs the stage's actions.
+pub fn sync(stage: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: a port write; the VMM sets RAX before resuming.
+    unsafe { asm!("out 0xf8, eax", in("rdi") stage, inout("rax") 0i64 => ret) };
+    ret
+}
+
+/// Port 0xF0: converts `[gpa, gpa + size)` to `attrs`; 0 or a negative errno.
+pub fn convert(gpa: u64, size: u64, attrs: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: a port write; the VMM sets RAX before resuming.
+    unsafe {
+        asm!("out 0xf0, eax", in("rdi") gpa, in("rsi") size, in("rdx") attrs,
+             inout("rax") 0i64 => ret)
+    };
+    ret
+}
+
+/// Halts this vCPU for good (interrupts are off).
+pub fn halt() -> ! {
+    loop {
+        // SAFETY: hlt with interrupts disabled ends this vCPU's work.
+        unsafe { asm!("hlt") };
+    }
+}
+
+/// Console output without `core::fmt`: libcore's formatting code is built
+/// with SSE, which some hosts' KVM (kvm_pvm) cannot run in a guest.
+pub struct Out;
+
+pub fn out() -> Out {
+    Out
+}
+
+impl Out {
+    pub fn s(self, text: &str) -> Self {
+        for b in text.bytes() {
+            // SAFETY: a console port write.
+            unsafe { asm!("out 0xe9, al", in("al") b) };
+        }
+        self
+    }
+
+    pub fn dec(self, mut value: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut n = 0;
+        loop {
+            digits[19 - n] = b'0' + (value % 10) as u8;
+            n += 1;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        self.s(core::str::from_utf8(&digits[20 - n..]).unwrap_or("?"))
+    }
+
+    pub fn hex(self, value: u64) -> Self {
+        let mut digits = *b"0x0000000000000000";
+        for i in 0..16 {
+            let nibble = (value >> (60 - 4 * i)) & 0xf;
+            digits[2 + i] = b"0123456789abcdef"[nibble as usize];
+        }
+        self.s(core::str::from_utf8(&digits).unwrap_or("?"))
+    }
+}
+
+/// Volatile access to guest memory by physical (= virtual) address.
+pub fn read_u64(gpa: u64) -> u64 {
+    // SAFETY: RAM is identity-mapped; callers pass addresses inside RAM.
+    unsafe { core::ptr::read_volatile(gpa as *const u64) }
+}
+
+pub fn write_u64(gpa: u64, value: u64) {
+    // SAFETY: as for read_u64.
+    unsafe { core::ptr::write_volatile(gpa as *mut u64, value) }
+}
+
+/// Atomic counter in guest memory, shared between vCPUs.
+pub fn counter(gpa: u64) -> &'static core::sync::atomic::AtomicU64 {
+    // SAFETY: RAM is identity-mapped and the address is 8-byte aligned.
+    unsafe { &*(gpa as *const core::sync::atomic::AtomicU64) }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let console = out().s("guest panic");
+    if let Some(location) = info.location() {
+        console.s(" at ").s(location.file()).s(":").dec(u64::from(location.line()));
+    }
+    out().s("\n");
+    exit(101)
+}
+
+// No libc: the few memory routines the compiler may call.
+#[no_mangle]
+unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller's contract is memcpy's.
+    unsafe { asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _) };
+    dst
+}
+
+#[no_mangle]
+unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize + n) {
+        // SAFETY: forward copy is safe when dst does not start inside src.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: backward copy for an overlapping dst after src.
+    unsafe {
+        asm!("std", "rep movsb", "cld", inout("rcx") n => _,
+             inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _)
+    };
+    dst
+}
+
+#[no_mangle]
+unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller's contract is memset's.
+    unsafe { asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8) };
+    dst
+}
+
+#[no_mangle]
+unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: the caller's contract is memcmp's.
+        let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+
+#[no_mangle]
+unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}
+
+/// libcore is built with unwind tables; with panic=abort nothing calls this.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}

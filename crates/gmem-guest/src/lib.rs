@@ -1,0 +1,26 @@
+//! Guest programs for gmem, per GUEST_ABI v1: no_std Rust compiled for the
+//! host target, linked at GPA 0x200000, embedded here as ELF images.
+//!
+//! - `demo`: the built-in guest of `gmem run`: fills and checksums 4 MiB of
+//!   private memory on every vCPU, checks untouched pages read zero, exits 0.
+//! - `punch`: writes 16 pages at 0x600000, syncs at stage 1, exits with the
+//!   number of pages that read zero (200 if one is torn).
+//! - `smp`: all vCPUs fault on the same and on their own pages; exits 0.
+//! - `spin`: never exits. `badport`: writes to an undefined port.
+//!
+//! ```
+//! let demo = gmem_guest::guest("demo").unwrap();
+//! assert_eq!(&demo[..4], b"\x7fELF");
+//! ```
+
+include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+
+/// The built-in guest called `name`.
+pub fn guest(name: &str) -> Option<&'static [u8]> {
+    GUESTS.iter().find(|(n, _)| *n == name).map(|(_, elf)| *elf)
+}
+
+/// The demo guest that `gmem run` boots by default.
+pub fn demo() -> &'static [u8] {
+    guest("demo").expect("the demo guest is built in")
+}

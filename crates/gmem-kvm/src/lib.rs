@@ -1,0 +1,42 @@
+//! # gmem-kvm: KVM guests whose RAM is served from gmem private memory
+//!
+//! The seed's "KVM side", made real: a [`Vm`] binds itself as the owner of
+//! GUEST-sealed [`gmem::PrivateMemFile`]s, maps them into KVM-only windows
+//! and serves every first guest touch through userfaultfd and get-and-lock
+//! (see [`memory`](crate::memory) for the path of a page). Punches and
+//! truncations of the files reach the VM's invalidation callback and the
+//! guest then reads fresh zero pages.
+//!
+//! ```no_run
+//! use gmem_kvm::{GuestImage, RunConfig, Vm, Outcome};
+//!
+//! let ram = 64 << 20;
+//! let (vm, _file) = Vm::with_ram(ram)?;
+//! let image = GuestImage::parse(gmem_guest::demo(), ram)?;
+//! vm.load(&image, ram, 1)?;
+//! let config = RunConfig { vcpus: 1, timeout: None, echo_console: false };
+//! let report = vm.run(&image, ram, &config, &|_, _| {})?;
+//! assert_eq!(report.outcome, Outcome::Exit(0));
+//! # Ok::<(), gmem_kvm::Error>(())
+//! ```
+
+pub mod boot;
+mod error;
+pub mod memory;
+mod uffd;
+mod vm;
+
+pub use boot::GuestImage;
+pub use error::{Errno, Error, Result};
+pub use memory::MemoryStats;
+pub use vm::{ports, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats};
+
+/// A guest physical address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Gpa(pub u64);
+
+impl std::fmt::Display for Gpa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GPA {:#x}", self.0)
+    }
+}

@@ -1,0 +1,146 @@
+//! Real guests in real vCPUs on private memory: the demo, concurrent faults,
+//! host punches and truncations reaching the guest, files outliving the VM.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{console, kvm, run, RAM};
+use gmem::{Errno, Fallocate, FileOffset, PrivateMemFile, PAGE_SIZE};
+use gmem_kvm::{Gpa, Outcome, Vm};
+
+#[test]
+fn demo_guest_exits_zero_on_private_memory() {
+    if !kvm() {
+        return;
+    }
+    for vcpus in [1, 2] {
+        let (vm, file) = Vm::with_ram(RAM).unwrap();
+        let report = run(&vm, "demo", vcpus, &|_, _| {});
+        assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+        assert!(console(&report).contains(&format!("gmem demo: {vcpus} vCPU(s) filled 4 MiB")));
+        let stats = vm.stats();
+        assert!(
+            stats.memory.pages_served >= 1024,
+            "the 4 MiB buffer was served by gmem: {stats:?}"
+        );
+        // Everything the guest touched is allocated in the private file.
+        assert!(file.stats().allocated_pages >= 1024);
+        assert_eq!(file.stats().locked_pages, 0);
+    }
+}
+
+#[test]
+fn vcpus_fault_concurrently_on_same_and_different_pages() {
+    if !kvm() {
+        return;
+    }
+    // One page per fault, so that every vCPU's touches are separate faults.
+    let vm = Vm::with_fault_around(1).unwrap();
+    let file = Arc::new(PrivateMemFile::new_guest("smp").unwrap());
+    file.set_len(RAM).unwrap();
+    vm.add_private_memory(Gpa(0), &file, FileOffset(0), RAM).unwrap();
+    let report = run(&vm, "smp", 4, &|_, _| {});
+    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    assert!(console(&report).contains("smp: 4 vCPUs ok"));
+    assert!(vm.stats().memory.faults >= 64 + 4 * 256);
+}
+
+/// The host punches two of the guest's 16 written pages while it waits at
+/// sync 1: exactly those read zero afterwards.
+#[test]
+fn host_punch_at_sync_point_reads_zero_in_guest() {
+    if !kvm() {
+        return;
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let syncs = AtomicU64::new(0);
+    let report = run(&vm, "punch", 1, &|vm, stage| {
+        assert_eq!(stage, 1);
+        syncs.fetch_add(1, Ordering::SeqCst);
+        vm.punch(Gpa(0x60_0000), 2 * PAGE_SIZE).unwrap();
+    });
+    assert_eq!(report.outcome, Outcome::Exit(2), "{}", console(&report));
+    assert_eq!(syncs.load(Ordering::SeqCst), 1);
+    let stats = vm.stats().memory;
+    assert!(stats.invalidations >= 1 && stats.invalidated_pages >= 2, "{stats:?}");
+}
+
+/// RAM from three files; truncating the middle one at sync 1 invalidates
+/// the guest's pages there (the VM's callback sees it), and after growing
+/// back the guest reads fresh zero pages.
+#[test]
+fn truncate_invalidates_guest_pages() {
+    if !kvm() {
+        return;
+    }
+    let vm = Vm::new().unwrap();
+    let layout = [(0u64, 6u64 << 20), (6 << 20, 2 << 20), (8 << 20, RAM - (8 << 20))];
+    let files: Vec<_> = layout
+        .iter()
+        .map(|&(gpa, size)| {
+            let file = Arc::new(PrivateMemFile::new_guest("part").unwrap());
+            file.set_len(size).unwrap();
+            vm.add_private_memory(Gpa(gpa), &file, FileOffset(0), size).unwrap();
+            file
+        })
+        .collect();
+    let middle = files[1].clone();
+    let report = run(&vm, "punch", 1, &|_, _| {
+        middle.set_len(0).unwrap();
+        middle.set_len(2 << 20).unwrap();
+    });
+    assert_eq!(report.outcome, Outcome::Exit(16), "{}", console(&report));
+    let stats = vm.stats().memory;
+    assert!(stats.invalidated_pages >= 16, "{stats:?}");
+    assert!(files[1].stats().invalidations >= 1);
+}
+
+#[test]
+fn file_outlives_the_vm_and_can_be_punched() {
+    if !kvm() {
+        return;
+    }
+    let (vm, file) = Vm::with_ram(RAM).unwrap();
+    let report = run(&vm, "punch", 1, &|_, _| {});
+    assert_eq!(report.outcome, Outcome::Exit(0));
+    assert!(file.is_bound());
+    drop(vm);
+    assert!(!file.is_bound(), "dropping the VM unbinds it");
+    let before = file.stats().allocated_pages;
+    assert!(before > 0);
+    file.fallocate(Fallocate::PunchHole, FileOffset(0), RAM).unwrap();
+    assert_eq!(file.stats().allocated_pages, 0);
+    file.set_len(0).unwrap();
+    // A new VM may own it now.
+    file.set_len(RAM).unwrap();
+    let (vm2, _) = Vm::with_ram(RAM).unwrap();
+    vm2.add_private_memory(Gpa(RAM), &file, FileOffset(0), RAM).unwrap();
+}
+
+#[test]
+fn populate_is_refused_after_the_vm_ran() {
+    if !kvm() {
+        return;
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    vm.populate(Gpa(0x30_0000), b"before").unwrap();
+    run(&vm, "punch", 1, &|_, _| {});
+    assert_eq!(vm.populate(Gpa(0x30_0000), b"after").unwrap_err().errno(), Errno::PERM);
+}
+
+#[test]
+fn host_access_to_private_memory_is_denied_with_the_gpa() {
+    if !kvm() {
+        return;
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let err = vm.read_guest(Gpa(0x60_0000), &mut [0; 8]).unwrap_err();
+    assert_eq!(err.errno(), Errno::PERM);
+    assert!(err.to_string().contains("0x600000"), "{err}");
+    assert_eq!(vm.write_guest(Gpa(0x60_0000), b"x").unwrap_err().errno(), Errno::PERM);
+    assert_eq!(vm.stats().host_denials, 2);
+    // Outside RAM is not a denial but a bad argument.
+    assert_eq!(vm.read_guest(Gpa(RAM), &mut [0; 8]).unwrap_err().errno(), Errno::INVAL);
+}
