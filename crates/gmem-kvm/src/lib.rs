@@ -21,8 +21,10 @@
 //! ```
 
 pub mod boot;
+pub mod conformance;
 mod error;
 pub mod memory;
+pub mod native;
 mod uffd;
 mod vm;
 

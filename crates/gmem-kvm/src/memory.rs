@@ -164,9 +164,9 @@ impl GuestMemory {
 
     /// Binds `file` to `owner` (this memory), maps `[offset, offset + size)`
     /// of it as a window and registers the window for fault serving.
-    /// `EINVAL` for unaligned or empty ranges, `EEXIST` for a GPA range that
-    /// overlaps a slot or a file range already bound, `EPERM` for a file
-    /// bound to another VM.
+    /// `EINVAL` for unaligned or empty ranges and for a file range already
+    /// bound (as guest_memfd), `EEXIST` for a GPA range that overlaps a slot,
+    /// `EPERM` for a file bound to another VM.
     pub(crate) fn add_slot(
         owner: &Arc<Self>,
         id: u32,
@@ -201,7 +201,8 @@ impl GuestMemory {
                 && offset.0 < slot.file_offset + slot.size
                 && slot.file_offset < offset.0 + size
             {
-                return Err(Error::Exists(format!(
+                // EINVAL, not EEXIST: what the kernel's guest_memfd returns.
+                return Err(Error::InvalidArgument(format!(
                     "file range {:#x}..{:#x} is already bound to slot {}",
                     offset.0,
                     offset.0 + size,

@@ -241,8 +241,9 @@ impl Vm {
 
     /// Adds a private memslot: `size` bytes of `file` at `offset` appear at
     /// `gpa`. The VM becomes the file's owner. `EINVAL` for unaligned or
-    /// empty ranges or ranges past the file's end, `EEXIST` for overlapping
-    /// GPAs or a file range bound twice, `EPERM` for a file another VM owns.
+    /// empty ranges, ranges past the file's end or a file range bound twice
+    /// (as guest_memfd), `EEXIST` for overlapping GPAs, `EPERM` for a file
+    /// another VM owns.
     pub fn add_private_memory(
         &self,
         gpa: Gpa,

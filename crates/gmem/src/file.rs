@@ -221,8 +221,12 @@ impl PrivateMemFile {
     }
 
     /// Adds seals (`F_ADD_SEALS`). The GUEST seal needs an empty, unmapped
-    /// file (`EBUSY` otherwise), as in the seed; `EPERM` under `F_SEAL_SEAL`.
+    /// file (`EBUSY` otherwise), as in the seed; `EPERM` under `F_SEAL_SEAL`;
+    /// unknown bits `EINVAL`, as the kernel.
     pub fn add_seals(&self, seals: Seals) -> Result<()> {
+        if !Seals::all().contains(seals) {
+            return Err(Error::InvalidArgument { op: "add seals", why: "unknown seal bits" });
+        }
         let _resize = self.resize.lock("add seals")?;
         let mut inode = self.inode_mut();
         if self.kernel_seals()?.contains(Seals::SEAL) {

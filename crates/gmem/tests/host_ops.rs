@@ -71,6 +71,7 @@ fn kernel_seals_are_honoured() {
 fn guest_seal_rules() {
     let file = Arc::new(PrivateMemFile::new_guest("guest").unwrap());
     assert!(file.seals().unwrap().contains(Seals::GUEST));
+    assert_eq!(errno(file.add_seals(Seals::from_bits_retain(1 << 30))), Errno::INVAL);
     // Re-adding is harmless.
     file.add_seals(Seals::GUEST).unwrap();
     assert_eq!(errno(file.set_len(100)), Errno::INVAL);

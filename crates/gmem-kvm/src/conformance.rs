@@ -1,0 +1,239 @@
+//! The same operations on the kernel's guest_memfd and on a gmem file,
+//! side by side, with the errnos compared. Where they differ, the
+//! difference is either deliberate (gmem follows the seed, or offers what
+//! a user-space file can) and says why, or it is a bug.
+
+use std::sync::Arc;
+
+use gmem::{Fallocate, FileOffset, PrivateMemFile, PAGE_SIZE};
+use kvm_ioctls::Kvm;
+use rustix::fs::FallocateFlags;
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
+use crate::native::GuestMemfd;
+use crate::{Gpa, Vm};
+
+/// One operation on both backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    /// What was done.
+    pub name: &'static str,
+    /// The kernel guest_memfd's result: `None` for success.
+    pub kernel: Option<Errno>,
+    /// gmem's result: `None` for success.
+    pub gmem: Option<Errno>,
+    /// Why the results may differ; `None` where they must be equal.
+    pub deliberate: Option<&'static str>,
+}
+
+impl Comparison {
+    /// Whether the results agree, or differ as documented.
+    pub fn conforms(&self) -> bool {
+        self.kernel == self.gmem || self.deliberate.is_some()
+    }
+}
+
+fn errno_of<T>(result: std::result::Result<T, Errno>) -> Option<Errno> {
+    result.err()
+}
+
+fn gmem_errno<T>(result: gmem::Result<T>) -> Option<Errno> {
+    result.err().map(|e| e.errno())
+}
+
+fn kvm_errno<T>(result: Result<T>) -> Option<Errno> {
+    result.err().map(|e| e.errno())
+}
+
+const SIZE: u64 = 2 << 20;
+
+/// Runs every comparison. Needs /dev/kvm with KVM_CAP_GUEST_MEMFD.
+pub fn compare() -> Result<Vec<Comparison>> {
+    let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+    let other_vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+    let gvm = Vm::new()?;
+    let other_gvm = Vm::new()?;
+    let native = GuestMemfd::create(&vm, SIZE, 0)?;
+    let ours = Arc::new(PrivateMemFile::new_guest("conformance")?);
+    ours.set_len(SIZE)?;
+    let fd = native.fd();
+    let mut out = Vec::new();
+    let mut add =
+        |name, kernel, gmem, deliberate| out.push(Comparison { name, kernel, gmem, deliberate });
+
+    add(
+        "create with an unaligned size",
+        kvm_errno(GuestMemfd::create(&vm, PAGE_SIZE + 1, 0)),
+        gmem_errno(PrivateMemFile::new_guest("x").and_then(|f| f.set_len(PAGE_SIZE + 1))),
+        None,
+    );
+    add(
+        "create with size 0",
+        kvm_errno(GuestMemfd::create(&vm, 0, 0)),
+        gmem_errno(PrivateMemFile::new_guest("x").and_then(|f| f.set_len(0))),
+        Some("a gmem file is sized after creation (the seed's ftruncate); size 0 is its starting point"),
+    );
+    add(
+        "create with unknown flags",
+        kvm_errno(GuestMemfd::create(&vm, SIZE, 1 << 40)),
+        gmem_errno(ours.add_seals(gmem::Seals::from_bits_retain(1 << 30))),
+        None,
+    );
+    add(
+        "read",
+        errno_of(rustix::io::pread(fd, &mut [0u8; 8], 0)),
+        gmem_errno(ours.read_at(&mut [0u8; 8], FileOffset(0))),
+        Some("the seed's GUEST seal refuses host reads with EPERM; guest_memfd has no read method (pread: ESPIPE)"),
+    );
+    add(
+        "write",
+        errno_of(rustix::io::pwrite(fd, b"x", 0)),
+        gmem_errno(ours.write_at(b"x", FileOffset(0))),
+        Some("the seed's GUEST seal refuses host writes with EPERM; guest_memfd has no write method (pwrite: ESPIPE)"),
+    );
+    add(
+        "mmap without the MMAP flag",
+        // SAFETY: a new mapping at a kernel-chosen address, unmapped at once if made.
+        errno_of(
+            unsafe {
+                rustix::mm::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    rustix::mm::ProtFlags::READ,
+                    rustix::mm::MapFlags::SHARED,
+                    fd,
+                    0,
+                )
+            }
+            .map(|p| {
+                // SAFETY: the mapping just made, 4096 bytes.
+                let _ = unsafe { rustix::mm::munmap(p, 4096) };
+            }),
+        ),
+        gmem_errno(ours.map(FileOffset(0), 4096, false)),
+        Some("the seed refuses mmap of a sealed file with EPERM; guest_memfd says ENODEV"),
+    );
+    let keep = FallocateFlags::KEEP_SIZE;
+    let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    add(
+        "punch an unaligned offset",
+        errno_of(rustix::fs::fallocate(fd, punch, 1, PAGE_SIZE)),
+        gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(1), PAGE_SIZE)),
+        None,
+    );
+    add(
+        "punch an unaligned length",
+        errno_of(rustix::fs::fallocate(fd, punch, 0, PAGE_SIZE + 1)),
+        gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(0), PAGE_SIZE + 1)),
+        None,
+    );
+    add(
+        "allocate, keeping the size",
+        errno_of(rustix::fs::fallocate(fd, keep, 0, SIZE)),
+        gmem_errno(ours.fallocate(Fallocate::AllocateKeepSize, FileOffset(0), SIZE)),
+        None,
+    );
+    add(
+        "allocate past the end, keeping the size",
+        errno_of(rustix::fs::fallocate(fd, keep, SIZE - PAGE_SIZE, 2 * PAGE_SIZE)),
+        gmem_errno(ours.fallocate(
+            Fallocate::AllocateKeepSize,
+            FileOffset(SIZE - PAGE_SIZE),
+            2 * PAGE_SIZE,
+        )),
+        None,
+    );
+    add(
+        "allocate, growing the file",
+        errno_of(rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, 2 * SIZE)),
+        gmem_errno(ours.fallocate(Fallocate::Allocate, FileOffset(0), 2 * SIZE)),
+        Some("a gmem file can grow (the seed's shmem file could); guest_memfd has a fixed size"),
+    );
+    ours.set_len(SIZE)?;
+    add(
+        "punch an aligned range",
+        errno_of(rustix::fs::fallocate(fd, punch, 0, PAGE_SIZE)),
+        gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(0), PAGE_SIZE)),
+        None,
+    );
+    add(
+        "ftruncate to an aligned size",
+        errno_of(rustix::fs::ftruncate(fd, SIZE)),
+        gmem_errno(ours.set_len(SIZE)),
+        Some("the seed allows page-aligned ftruncate on a sealed file; guest_memfd refuses any"),
+    );
+    add(
+        "file size",
+        (rustix::fs::fstat(fd).map(|s| s.st_size as u64).ok() != Some(SIZE))
+            .then_some(Errno::INVAL),
+        (ours.size() != SIZE).then_some(Errno::INVAL),
+        None,
+    );
+
+    // Binding to memslots.
+    add(
+        "bind a range",
+        kvm_errno(native.bind(&vm, 0, 0, SIZE / 2, 0, 0)),
+        kvm_errno(gvm.add_private_memory(Gpa(0), &ours, FileOffset(0), SIZE / 2)),
+        None,
+    );
+    add(
+        "bind the same file range twice",
+        kvm_errno(native.bind(&vm, 1, 1 << 30, SIZE / 2, 0, 0)),
+        kvm_errno(gvm.add_private_memory(Gpa(1 << 30), &ours, FileOffset(0), SIZE / 2)),
+        None,
+    );
+    add(
+        "bind another file range over a bound GPA range",
+        kvm_errno(
+            GuestMemfd::create(&vm, SIZE, 0).and_then(|g| g.bind(&vm, 5, SIZE / 4, SIZE / 2, 0, 0)),
+        ),
+        kvm_errno(
+            PrivateMemFile::new_guest("overlap")
+                .map_err(Error::from)
+                .and_then(|f| {
+                    let f = Arc::new(f);
+                    f.set_len(SIZE)?;
+                    gvm.add_private_memory(Gpa(SIZE / 4), &f, FileOffset(0), SIZE / 2)
+                })
+                .map(drop),
+        ),
+        None,
+    );
+    add(
+        "bind an unaligned offset",
+        kvm_errno(native.bind(&vm, 2, 2 << 30, PAGE_SIZE, 1, 0)),
+        kvm_errno(gvm.add_private_memory(Gpa(2 << 30), &ours, FileOffset(1), PAGE_SIZE)),
+        None,
+    );
+    add(
+        "bind past the end of the file",
+        kvm_errno(native.bind(&vm, 3, 3 << 30, SIZE, SIZE / 2, 0)),
+        kvm_errno(gvm.add_private_memory(Gpa(3 << 30), &ours, FileOffset(SIZE / 2), SIZE)),
+        None,
+    );
+    add(
+        "bind to another VM",
+        kvm_errno(native.bind(&other_vm, 0, 0, SIZE / 2, SIZE / 2, 0)),
+        kvm_errno(other_gvm.add_private_memory(Gpa(0), &ours, FileOffset(SIZE / 2), SIZE / 2)),
+        Some(
+            "the seed refuses a second owner with EPERM; guest_memfd says EINVAL for a foreign VM",
+        ),
+    );
+    add(
+        "bind an unaligned size",
+        kvm_errno(native.bind(&vm, 4, 4 << 30, PAGE_SIZE + 1, SIZE / 2, 0)),
+        kvm_errno(gvm.add_private_memory(Gpa(4 << 30), &ours, FileOffset(SIZE / 2), PAGE_SIZE + 1)),
+        None,
+    );
+    drop((vm, other_vm, gvm, other_gvm));
+    add(
+        "punch after the VM is gone",
+        errno_of(rustix::fs::fallocate(fd, punch, 0, SIZE)),
+        gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(0), SIZE)),
+        None,
+    );
+    Ok(out)
+}
