@@ -95,23 +95,7 @@ pub fn compare() -> Result<Vec<Comparison>> {
     );
     add(
         "mmap without the MMAP flag",
-        // SAFETY: a new mapping at a kernel-chosen address, unmapped at once if made.
-        errno_of(
-            unsafe {
-                rustix::mm::mmap(
-                    std::ptr::null_mut(),
-                    4096,
-                    rustix::mm::ProtFlags::READ,
-                    rustix::mm::MapFlags::SHARED,
-                    fd,
-                    0,
-                )
-            }
-            .map(|p| {
-                // SAFETY: the mapping just made, 4096 bytes.
-                let _ = unsafe { rustix::mm::munmap(p, 4096) };
-            }),
-        ),
+        kernel_mmap_errno(fd),
         gmem_errno(ours.map(FileOffset(0), 4096, false)),
         Some("the seed refuses mmap of a sealed file with EPERM; guest_memfd says ENODEV"),
     );
@@ -236,4 +220,16 @@ pub fn compare() -> Result<Vec<Comparison>> {
         None,
     );
     Ok(out)
+}
+
+/// The errno of mapping the first page of `fd` shared and read-only.
+fn kernel_mmap_errno(fd: &std::os::fd::OwnedFd) -> Option<Errno> {
+    use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+    // SAFETY: a new mapping at a kernel-chosen address, unmapped below.
+    let map = unsafe { mmap(std::ptr::null_mut(), 4096, ProtFlags::READ, MapFlags::SHARED, fd, 0) };
+    map.map(|ptr| {
+        // SAFETY: the 4096-byte mapping just made; nothing refers to it.
+        let _ = unsafe { munmap(ptr, 4096) };
+    })
+    .err()
 }

@@ -166,19 +166,14 @@ fn serves_guest(vm: &VmFd, flags: u64) -> Result<bool> {
         SIZE as u64,
         flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED),
     )?;
-    let gmem_map = Scratch::new(Some(gmem.fd()), SIZE)?;
-    let user_map = Scratch::new(None, SIZE)?;
-    let (gmem_view, user) = (gmem_map.0, user_map.0);
-    for (base, marker) in
-        [(gmem_view.as_ptr().cast::<u8>(), FROM_GMEM), (user.as_ptr().cast::<u8>(), FROM_USER)]
-    {
-        // SAFETY: both mappings are SIZE bytes long and owned here.
-        unsafe {
-            *base = marker;
-            std::ptr::copy_nonoverlapping(CODE.as_ptr(), base.add(CODE_AT), CODE.len());
-        }
+    let mut gmem_map = Scratch::new(Some(gmem.fd()), SIZE)?;
+    let mut user_map = Scratch::new(None, SIZE)?;
+    for (map, marker) in [(&mut gmem_map, FROM_GMEM), (&mut user_map, FROM_USER)] {
+        let bytes = map.bytes();
+        bytes[0] = marker;
+        bytes[CODE_AT..CODE_AT + CODE.len()].copy_from_slice(&CODE);
     }
-    gmem.bind(vm, 0, 0, SIZE as u64, 0, user.as_ptr() as u64)?;
+    gmem.bind(vm, 0, 0, SIZE as u64, 0, user_map.0.as_ptr() as u64)?;
     let mut vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
     let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     sregs.cs.base = 0;
@@ -211,21 +206,29 @@ struct Scratch(std::ptr::NonNull<std::ffi::c_void>, usize);
 impl Scratch {
     fn new(fd: Option<&OwnedFd>, len: usize) -> Result<Self> {
         let prot = ProtFlags::READ | ProtFlags::WRITE;
-        // SAFETY: new mappings at kernel-chosen addresses, owned by `Scratch`.
-        let ptr = unsafe {
-            match fd {
-                Some(fd) => {
-                    rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)
-                }
-                None => {
-                    rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, MapFlags::PRIVATE)
-                }
-            }
+        let ptr = match fd {
+            // SAFETY: a new mapping at a kernel-chosen address, owned by `Scratch`.
+            Some(fd) => unsafe {
+                rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)
+            },
+            // SAFETY: as above, anonymous.
+            None => unsafe {
+                rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, MapFlags::PRIVATE)
+            },
         }
         .map_err(Error::os("mmap for the guest_memfd probe"))?;
         std::ptr::NonNull::new(ptr)
             .map(|p| Self(p, len))
             .ok_or(Error::Os { op: "mmap", errno: rustix::io::Errno::NOMEM })
+    }
+}
+
+impl Scratch {
+    /// The mapping as bytes.
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `self.1` bytes of readable, writable memory
+        // owned by `self`, and `&mut self` makes this view the only one.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr().cast(), self.1) }
     }
 }
 
