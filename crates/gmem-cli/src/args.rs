@@ -1,0 +1,179 @@
+//! Arguments of `gmem run` and their parsers.
+
+use clap::{Args, ValueEnum};
+
+/// Where guest memory comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Backend {
+    /// Native where it really serves and protects guests, else user space.
+    Auto,
+    /// The kernel's guest_memfd (refused where it does not serve guests).
+    Native,
+    /// gmem's user-space backend: sealed memfds served through userfaultfd.
+    Userspace,
+}
+
+/// One `--sync N:ACTION`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SyncSpec {
+    pub(crate) stage: u64,
+    pub(crate) action: Action,
+}
+
+/// A host action at a sync point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Discard the range from its backing.
+    Punch { gpa: u64, len: u64 },
+    /// Read guest memory.
+    Read { gpa: u64, len: u64 },
+    /// Write bytes into guest memory.
+    Write { gpa: u64, data: Vec<u8> },
+}
+
+impl Action {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Action::Punch { .. } => "punch",
+            Action::Read { .. } => "read",
+            Action::Write { .. } => "write",
+        }
+    }
+
+    pub(crate) fn range(&self) -> (u64, u64) {
+        match self {
+            Action::Punch { gpa, len } | Action::Read { gpa, len } => (*gpa, *len),
+            Action::Write { gpa, data } => (*gpa, data.len() as u64),
+        }
+    }
+}
+
+/// `gmem run` arguments (GUEST_ABI v1, "Host side of gmem run").
+#[derive(Args, Debug)]
+pub(crate) struct RunArgs {
+    /// Guest ELF image: a path, or the name of a built-in guest
+    /// (demo, punch, smp, spin, badport). Default: the demo guest.
+    #[arg(long)]
+    pub(crate) guest: Option<String>,
+    /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub(crate) mem: u64,
+    /// Number of vCPUs, one thread each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub(crate) vcpus: u32,
+    /// Stop the guest after this many seconds (exit status 124); 0 = never.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
+    pub(crate) timeout: f64,
+    /// Memory backend.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub(crate) backend: Backend,
+    /// Host action at sync stage N: N:punch:GPA:LEN, N:read:GPA:LEN or
+    /// N:write:GPA:HEX. Repeatable; a stage's actions run in order.
+    #[arg(long = "sync", value_name = "N:ACTION", value_parser = parse_sync)]
+    pub(crate) syncs: Vec<SyncSpec>,
+    /// Pages served per fault (a power of two) on the user-space backend.
+    #[arg(long, default_value_t = gmem_kvm::memory::DEFAULT_FAULT_AROUND_PAGES)]
+    pub(crate) fault_around: u64,
+    /// Print one JSON object on stdout at the end (console still on stderr).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// A number in decimal or 0x-prefixed hex.
+pub(crate) fn parse_number(text: &str) -> Result<u64, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("'{text}' is not a decimal or 0x-prefixed hex number"))
+}
+
+/// A size with an optional K, M or G suffix (powers of 1024).
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.as_bytes().last().map(u8::to_ascii_uppercase) {
+        Some(b'K') => (&text[..text.len() - 1], 10),
+        Some(b'M') => (&text[..text.len() - 1], 20),
+        Some(b'G') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value = parse_number(digits)?;
+    value.checked_mul(1 << shift).ok_or_else(|| format!("size '{text}' is too large"))
+}
+
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("'{text}' is not a number of seconds >= 0")),
+    }
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    if text.is_empty() || text.len() % 2 != 0 {
+        return Err(format!("'{text}': write data must be hex digits, two per byte"));
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("'{text}' is not hex"))
+        })
+        .collect()
+}
+
+/// `N:punch:GPA:LEN`, `N:read:GPA:LEN` or `N:write:GPA:HEX`.
+pub(crate) fn parse_sync(text: &str) -> Result<SyncSpec, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [stage, action, gpa, arg] = parts[..] else {
+        return Err(format!(
+            "'{text}': expected N:punch:GPA:LEN, N:read:GPA:LEN or N:write:GPA:HEX"
+        ));
+    };
+    let (stage, gpa) = (parse_number(stage)?, parse_number(gpa)?);
+    let action = match action {
+        "punch" => Action::Punch { gpa, len: parse_number(arg)? },
+        "read" => Action::Read { gpa, len: parse_number(arg)? },
+        "write" => Action::Write { gpa, data: parse_hex(arg)? },
+        other => return Err(format!("unknown sync action '{other}' (punch, read, write)")),
+    };
+    if action.range().1 == 0 {
+        return Err(format!("'{text}': the range is empty"));
+    }
+    Ok(SyncSpec { stage, action })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_numbers() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("0x200000"), Ok(0x20_0000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999G").is_err());
+        assert!(parse_number("0xzz").is_err());
+    }
+
+    #[test]
+    fn sync_specs() {
+        assert_eq!(
+            parse_sync("1:punch:0x600000:8192"),
+            Ok(SyncSpec { stage: 1, action: Action::Punch { gpa: 0x60_0000, len: 8192 } })
+        );
+        assert_eq!(
+            parse_sync("2:write:4096:414243"),
+            Ok(SyncSpec { stage: 2, action: Action::Write { gpa: 4096, data: b"ABC".to_vec() } })
+        );
+        for bad in [
+            "1:punch:0x1000",
+            "x:read:0:1",
+            "1:poke:0:1",
+            "1:write:0:414",
+            "1:write:0:zz",
+            "1:read:0:0",
+        ] {
+            assert!(parse_sync(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! `gmem run` end to end: exit statuses, `--json` fields, bad arguments.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn kvm() -> bool {
+    let required = std::env::var("GMEM_REQUIRE_KVM").is_ok_and(|v| v == "1");
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) if required => panic!("GMEM_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: this test needs /dev/kvm ({e})");
+            false
+        }
+    }
+}
+
+fn gmem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmem")).args(args).output().expect("running gmem")
+}
+
+fn status(out: &Output) -> i32 {
+    out.status.code().expect("gmem exited normally")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+#[test]
+fn demo_exits_zero() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["run", "--vcpus", "2"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("gmem demo: 2 vCPU(s) filled 4 MiB of private memory"));
+    assert!(out.stdout.is_empty(), "without --json stdout stays empty");
+}
+
+#[test]
+fn json_has_the_abi_fields() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&[
+        "run",
+        "--guest",
+        "punch",
+        "--json",
+        "--sync",
+        "1:punch:0x600000:0x3000",
+        "--sync",
+        "1:read:0x600000:16",
+        "--sync",
+        "1:write:0x600000:414243",
+    ]);
+    assert_eq!(status(&out), 3, "the guest's exit code (3 pages read zero): {}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["exit_code"], 3);
+    assert_eq!(v["reason"], "exit");
+    assert_eq!(v["console"], "punch: 3 of 16 pages read zero\n");
+    assert!(stderr(&out).contains("punch: 3 of 16"), "the console also goes to stderr");
+    let syncs = v["syncs"].as_array().unwrap();
+    assert_eq!(syncs.len(), 3);
+    assert_eq!(syncs[0]["action"], "punch");
+    assert_eq!(syncs[0]["result"], "ok");
+    assert_eq!(syncs[0]["gpa"], 0x60_0000);
+    assert_eq!(syncs[0]["len"], 0x3000);
+    assert_eq!(syncs[1]["action"], "read");
+    assert_eq!(syncs[1]["result"], "denied", "all of RAM is private");
+    assert_eq!(syncs[1]["data_hex"], Value::Null);
+    assert_eq!(syncs[2]["result"], "denied");
+    assert_eq!(syncs[2]["stage"], 1);
+    let stats = &v["stats"];
+    assert!(stats["pages_served"].as_u64().unwrap() > 16);
+    assert!(stats["invalidations"].as_u64().unwrap() >= 1);
+    assert_eq!(stats["conversions"], 0);
+    assert_eq!(stats["host_denials"], 2);
+}
+
+#[test]
+fn timeout_is_124_and_does_not_hang() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["run", "--guest", "spin", "--timeout", "0.5", "--vcpus", "2", "--json"]);
+    assert_eq!(status(&out), 124);
+    let v = json(&out);
+    assert_eq!(v["reason"], "timeout");
+    assert_eq!(v["exit_code"], Value::Null);
+}
+
+#[test]
+fn unknown_port_is_a_vm_error() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["run", "--guest", "badport", "--json"]);
+    assert_eq!(status(&out), 3);
+    let v = json(&out);
+    assert_eq!(v["reason"], "error");
+    assert!(v["error"].as_str().unwrap().contains("unknown port 0x80"));
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    let bad_elf = std::env::temp_dir().join(format!("gmem-bad-elf-{}", std::process::id()));
+    std::fs::write(&bad_elf, b"\x7fELF but not really").unwrap();
+    let bad_elf = bad_elf.to_str().unwrap().to_owned();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--vcpus", "0"], "vcpus"),
+        (&["run", "--mem", "3M"], "RAM size"),
+        (&["run", "--mem", "lots"], "not a decimal"),
+        (&["run", "--timeout=-1"], "seconds"),
+        (&["run", "--sync", "1:poke:0:1"], "unknown sync action"),
+        (&["run", "--sync", "1:punch:0x600001:4096"], "page-aligned"),
+        (&["run", "--sync", "1:read:0x4000000:16"], "outside guest RAM"),
+        (&["run", "--guest", "/nonexistent/guest.elf"], "cannot read guest image"),
+        (&["run", "--guest", &bad_elf], "bad guest image"),
+        (&["run", "--backend", "native"], "native"),
+        (&["run", "--backend", "bogus"], "bogus"),
+    ];
+    for (args, needle) in cases {
+        if args.contains(&"native") && !std::path::Path::new("/dev/kvm").exists() {
+            continue;
+        }
+        let out = gmem(args);
+        assert_eq!(status(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+    let _ = std::fs::remove_file(&bad_elf);
+}
