@@ -52,7 +52,7 @@ impl Action {
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
     /// Guest ELF image: a path, or the name of a built-in guest
-    /// (demo, punch, smp, spin, badport). Default: the demo guest.
+    /// (demo, punch, smp, spin, badport, touch). Default: the demo guest.
     #[arg(long)]
     pub(crate) guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).

@@ -4,6 +4,7 @@
 //! the guest and reports per GUEST_ABI v1 (exit statuses, `--json`).
 
 mod args;
+mod bench;
 mod run;
 
 use std::process::ExitCode;
@@ -22,10 +23,13 @@ struct Cli {
 enum Command {
     /// Boot a guest program (GUEST_ABI v1) on private memory.
     Run(args::RunArgs),
+    /// Measure gmem against plain KVM memory in one run (ratios).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => ExitCode::from(run::run(&args)),
+        Command::Bench(args) => ExitCode::from(bench::bench(&args)),
     }
 }

@@ -136,3 +136,27 @@ fn bad_arguments_exit_2_with_a_message() {
     }
     let _ = std::fs::remove_file(&bad_elf);
 }
+
+#[test]
+fn bench_json_has_ratios() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["bench", "--quick", "--json"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let v = json(&out);
+    let results = v["results"].as_array().unwrap();
+    let names: Vec<_> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"first-touch"), "{names:?}");
+    for r in results {
+        let (value, baseline, ratio) = (
+            r["value"].as_f64().unwrap(),
+            r["baseline"].as_f64().unwrap(),
+            r["ratio"].as_f64().unwrap(),
+        );
+        assert!(value > 0.0 && baseline > 0.0);
+        assert!((ratio - value / baseline).abs() < 1e-9);
+        assert_eq!(r["unit"], "MiB/s");
+        assert_eq!(r["met"], ratio >= r["target"].as_f64().unwrap());
+    }
+}

@@ -7,6 +7,7 @@
 //!   number of pages that read zero (200 if one is torn).
 //! - `smp`: all vCPUs fault on the same and on their own pages; exits 0.
 //! - `spin`: never exits. `badport`: writes to an undefined port.
+//! - `touch`: writes one word per page from 4 MiB up (first-touch benchmark).
 //!
 //! ```
 //! let demo = gmem_guest::guest("demo").unwrap();

@@ -20,6 +20,7 @@
 //! # Ok::<(), gmem_kvm::Error>(())
 //! ```
 
+pub mod bench;
 pub mod boot;
 pub mod conformance;
 mod error;

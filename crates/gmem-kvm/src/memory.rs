@@ -24,9 +24,13 @@ use crate::error::{Error, Result};
 use crate::uffd::Userfaultfd;
 use crate::Gpa;
 
-/// Pages served per fault by default: 64 pages (256 KiB). `gmem bench`
-/// measures other sizes (see the README).
-pub const DEFAULT_FAULT_AROUND_PAGES: u64 = 64;
+/// Pages served per fault by default: 512 (2 MiB, the huge-page size).
+/// `gmem bench` on this kind of host (first touch, ratio to plain KVM
+/// memory, with sequential read-ahead): 0.15x for 1 page per fault, about
+/// 1.07x for 64 and 1.15x for 512. The userfaultfd round trip is what
+/// batching pays for; the cost is that a touch allocates up to 2 MiB of the
+/// guest's RAM around it (`--fault-around` trades it back).
+pub const DEFAULT_FAULT_AROUND_PAGES: u64 = 512;
 
 /// One bit per page of a slot: mapped in the window or not.
 #[derive(Debug)]
@@ -65,6 +69,8 @@ pub(crate) struct Slot {
     pub(crate) binding: Binding,
     pub(crate) window: OwnerWindow,
     mapped: PageBits,
+    /// End (slot page) of the batch served last, for sequential read-ahead.
+    last_batch_end: AtomicU64,
 }
 
 impl Slot {
@@ -222,13 +228,16 @@ impl GuestMemory {
             binding,
             window,
             mapped: PageBits::new(size / PAGE_SIZE),
+            last_batch_end: AtomicU64::new(u64::MAX),
         });
         owner.slots.write().unwrap_or_else(|p| p.into_inner()).push(slot.clone());
         Ok(slot)
     }
 
     /// Serves the fault at window address `addr`: get-and-lock a batch of
-    /// pages around it, map the unmapped ones, unlock.
+    /// pages around it, map the unmapped ones, unlock. When the fault lands
+    /// right after the batch served before (a sequential toucher), the next
+    /// batch is mapped too, while the woken vCPU already runs (read-ahead).
     pub(crate) fn serve(&self, addr: u64) -> Result<()> {
         let slot = self
             .slots()
@@ -240,6 +249,23 @@ impl GuestMemory {
             })?;
         let page = (addr - slot.window_addr()) / PAGE_SIZE;
         let start = page & !(self.fault_around - 1);
+        let served = self.serve_batch(&slot, start)?;
+        if served == 0 {
+            // Another fault mapped the page first; wake whoever waits on it.
+            self.uffd.wake(slot.window_addr() + page * PAGE_SIZE, PAGE_SIZE)?;
+        }
+        let next = start + self.fault_around;
+        if slot.last_batch_end.swap(next, Ordering::Relaxed) == start && next < slot.pages() {
+            self.serve_batch(&slot, next)?;
+            slot.last_batch_end.store(next + self.fault_around, Ordering::Relaxed);
+        }
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Maps the unmapped pages of the batch starting at slot page `start`;
+    /// returns how many it mapped.
+    fn serve_batch(&self, slot: &Slot, start: u64) -> Result<u64> {
         let batch = start..(start + self.fault_around).min(slot.pages());
         let guard = slot.binding.get_and_lock_range(slot.file_pages(&batch))?;
         let mut served = 0;
@@ -249,20 +275,15 @@ impl GuestMemory {
             match (unmapped, run_start) {
                 (true, None) => run_start = Some(p),
                 (false, Some(first)) => {
-                    served += self.map_run(&slot, first..p)?;
+                    served += self.map_run(slot, first..p)?;
                     run_start = None;
                 }
                 _ => {}
             }
         }
         drop(guard);
-        if served == 0 {
-            // Another fault mapped the page first; wake whoever waits on it.
-            self.uffd.wake(slot.window_addr() + page * PAGE_SIZE, PAGE_SIZE)?;
-        }
-        self.counters.faults.fetch_add(1, Ordering::Relaxed);
         self.counters.pages_served.fetch_add(served, Ordering::Relaxed);
-        Ok(())
+        Ok(served)
     }
 
     /// Maps the slot pages `run` (locked by the caller) into the window,

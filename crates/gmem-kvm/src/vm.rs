@@ -186,6 +186,17 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for &(_, size, addr) in self.anonymous.get_mut().unwrap_or_else(|p| p.into_inner()).iter() {
+            // SAFETY: the mapping was made by add_anonymous_memory and only the
+            // VM refers to it; unmapping memory of a live memslot is safe (KVM's
+            // MMU notifier drops its mappings), and no vCPU runs any more.
+            let _ = unsafe { rustix::mm::munmap(addr as *mut std::ffi::c_void, size as usize) };
+        }
+    }
+}
+
 /// Signal used to kick vCPU threads out of `KVM_RUN`.
 fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
@@ -290,8 +301,7 @@ impl Vm {
             memory_size: size,
             userspace_addr: addr as u64,
         };
-        // SAFETY: the mapping lives as long as the process (it is never
-        // unmapped: baseline VMs are short-lived benchmark objects).
+        // SAFETY: the mapping stays until the VM is dropped (see Drop).
         unsafe { self.fd.set_user_memory_region(region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         self.anonymous.lock().unwrap_or_else(|p| p.into_inner()).push((gpa, size, addr as usize));

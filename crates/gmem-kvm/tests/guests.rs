@@ -44,7 +44,11 @@ fn vcpus_fault_concurrently_on_same_and_different_pages() {
     let report = run(&vm, "smp", 4, &|_, _| {});
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     assert!(console(&report).contains("smp: 4 vCPUs ok"));
-    assert!(vm.stats().memory.faults >= 64 + 4 * 256);
+    // Every page the guest touched was served once, over many separate
+    // faults (read-ahead serves some sequential pages before they fault).
+    let stats = vm.stats().memory;
+    assert!(stats.pages_served >= 64 + 4 * 256, "{stats:?}");
+    assert!(stats.faults >= 64, "{stats:?}");
 }
 
 /// The host punches two of the guest's 16 written pages while it waits at
