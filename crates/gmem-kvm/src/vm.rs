@@ -426,6 +426,7 @@ impl Vm {
 
     /// Runs `config.vcpus` vCPUs from `image`'s entry until the guest exits,
     /// the VM fails or the timeout passes. The image must have been loaded.
+    /// A VM runs once (`EPERM` after).
     pub fn run(
         &self,
         image: &GuestImage,
@@ -434,6 +435,9 @@ impl Vm {
         on_sync: SyncHandler<'_>,
     ) -> Result<RunReport> {
         boot::check_machine(ram_size, config.vcpus)?;
+        if self.has_run.load(Ordering::SeqCst) {
+            return Err(Error::NotPermitted("a VM runs once; create a new one".into()));
+        }
         let vcpus: Vec<VcpuFd> = (0..config.vcpus)
             .map(|i| {
                 let vcpu =

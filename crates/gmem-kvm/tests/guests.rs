@@ -132,6 +132,9 @@ fn populate_is_refused_after_the_vm_ran() {
     vm.populate(Gpa(0x30_0000), b"before").unwrap();
     run(&vm, "punch", 1, &|_, _| {});
     assert_eq!(vm.populate(Gpa(0x30_0000), b"after").unwrap_err().errno(), Errno::PERM);
+    let image = gmem_kvm::GuestImage::parse(gmem_guest::guest("punch").unwrap(), RAM).unwrap();
+    let again = vm.run(&image, RAM, &common::config(1), &|_, _| {});
+    assert_eq!(again.unwrap_err().errno(), Errno::PERM, "a VM runs once");
 }
 
 #[test]
