@@ -4,17 +4,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn kvm() -> bool {
-    let required = std::env::var("GMEM_REQUIRE_KVM").is_ok_and(|v| v == "1");
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) if required => panic!("GMEM_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: this test needs /dev/kvm ({e})");
-            false
-        }
-    }
-}
+use gmem_kvm::test_support::kvm_available as kvm;
 
 fn gmem(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gmem")).args(args).output().expect("running gmem")

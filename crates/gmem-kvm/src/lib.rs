@@ -43,3 +43,22 @@ impl std::fmt::Display for Gpa {
         write!(f, "GPA {:#x}", self.0)
     }
 }
+
+/// Test support shared by the workspace's test suites.
+#[doc(hidden)]
+pub mod test_support {
+    /// Whether tests that need /dev/kvm can run. Without it they are
+    /// skipped loudly, unless `GMEM_REQUIRE_KVM=1` (set by `.ci/run` where
+    /// /dev/kvm exists): then a missing or unusable /dev/kvm fails the test.
+    pub fn kvm_available() -> bool {
+        let required = std::env::var("GMEM_REQUIRE_KVM").is_ok_and(|v| v == "1");
+        match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            Ok(_) => true,
+            Err(e) if required => panic!("GMEM_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: this test needs /dev/kvm ({e}); GMEM_REQUIRE_KVM=1 makes it fail instead");
+                false
+            }
+        }
+    }
+}

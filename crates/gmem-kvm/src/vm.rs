@@ -264,17 +264,9 @@ impl Vm {
     ) -> Result<u32> {
         let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let slot = GuestMemory::add_slot(&self.memory, id, gpa, file, offset, size)?;
-        let region = kvm_userspace_memory_region {
-            slot: id,
-            flags: 0,
-            guest_phys_addr: gpa.0,
-            memory_size: size,
-            userspace_addr: slot.window.as_ptr() as u64,
-        };
-        // SAFETY: the window is a live mapping of `size` bytes owned by the
-        // slot, which the VM's memory keeps for as long as the VM exists.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        // The window is owned by the slot, which the VM's memory keeps for
+        // as long as the VM exists.
+        self.set_region(id, gpa, size, slot.window.as_ptr() as u64)?;
         Ok(id)
     }
 
@@ -294,18 +286,26 @@ impl Vm {
         }
         .map_err(Error::os("mmap anonymous"))?;
         let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        // The mapping stays until the VM is dropped (see Drop).
+        self.set_region(id, gpa, size, addr as u64)?;
+        self.anonymous.lock().unwrap_or_else(|p| p.into_inner()).push((gpa, size, addr as usize));
+        Ok(id)
+    }
+
+    /// Makes `[addr, addr + size)` of this process guest memory at `gpa`.
+    /// Callers keep the mapping alive for as long as the VM exists.
+    fn set_region(&self, slot: u32, gpa: Gpa, size: u64, addr: u64) -> Result<()> {
         let region = kvm_userspace_memory_region {
-            slot: id,
+            slot,
             flags: 0,
             guest_phys_addr: gpa.0,
             memory_size: size,
-            userspace_addr: addr as u64,
+            userspace_addr: addr,
         };
-        // SAFETY: the mapping stays until the VM is dropped (see Drop).
+        // SAFETY: `addr` is a live mapping of `size` bytes that the caller
+        // keeps for the VM's lifetime (a slot's window or an anonymous slot).
         unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        self.anonymous.lock().unwrap_or_else(|p| p.into_inner()).push((gpa, size, addr as usize));
-        Ok(id)
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))
     }
 
     /// The host address of `[gpa, gpa + len)` in an anonymous slot.

@@ -5,22 +5,7 @@ use std::time::Duration;
 
 use gmem_kvm::{GuestImage, Outcome, RunConfig, RunReport, Vm};
 
-/// Whether KVM tests can run. Without /dev/kvm they are skipped loudly,
-/// unless GMEM_REQUIRE_KVM=1 (set by .ci/run where /dev/kvm exists), where
-/// a missing or unusable /dev/kvm fails the test.
-pub fn kvm() -> bool {
-    let required = std::env::var("GMEM_REQUIRE_KVM").is_ok_and(|v| v == "1");
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) if required => panic!("GMEM_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"),
-        Err(e) => {
-            eprintln!(
-                "SKIPPED: this test needs /dev/kvm ({e}); set GMEM_REQUIRE_KVM=1 to fail instead"
-            );
-            false
-        }
-    }
-}
+pub use gmem_kvm::test_support::kvm_available as kvm;
 
 pub const RAM: u64 = 64 << 20;
 
