@@ -34,10 +34,9 @@ fn guest_bytes(guest: Option<&str>) -> Result<Vec<u8>, String> {
     let Some(guest) = guest else { return Ok(gmem_guest::demo().to_vec()) };
     match std::fs::read(guest) {
         Ok(bytes) => Ok(bytes),
-        Err(_) if gmem_guest::guest(guest).is_some() => {
-            Ok(gmem_guest::guest(guest).unwrap_or_default().to_vec())
-        }
-        Err(e) => Err(format!("cannot read guest image '{guest}': {e}")),
+        Err(e) => gmem_guest::guest(guest)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| format!("cannot read guest image '{guest}': {e}")),
     }
 }
 
@@ -126,16 +125,7 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
         Ok(vm) => vm,
         Err(e) => return fail(VM_ERROR, format!("cannot create the VM: {e}")),
     };
-    let file = match gmem::PrivateMemFile::new_guest("gmem-guest-ram")
-        .and_then(|f| f.set_len(args.mem).map(|()| std::sync::Arc::new(f)))
-    {
-        Ok(file) => file,
-        Err(e) => return fail(VM_ERROR, format!("cannot create guest RAM: {e}")),
-    };
-    if let Err(e) = vm
-        .add_private_memory(Gpa(0), &file, gmem::FileOffset(0), args.mem)
-        .and_then(|_| vm.load(&image, args.mem, args.vcpus))
-    {
+    if let Err(e) = vm.add_ram(args.mem).and_then(|_| vm.load(&image, args.mem, args.vcpus)) {
         return fail(VM_ERROR, format!("cannot load the guest: {e}"));
     }
 

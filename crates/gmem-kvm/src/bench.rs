@@ -1,10 +1,7 @@
 //! Benchmark figures, measured as ratios against a baseline in the same run
 //! (these machines are noisy): never as timed tests.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use gmem::{FileOffset, PrivateMemFile};
 
 use crate::error::{Error, Result};
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
@@ -31,9 +28,7 @@ pub fn first_touch(touch_guest: &[u8], mib: u64, backing: Backing) -> Result<Dur
     let vm = match backing {
         Backing::Gmem { fault_around } => {
             let vm = Vm::with_fault_around(fault_around)?;
-            let file = Arc::new(PrivateMemFile::new_guest("bench")?);
-            file.set_len(ram)?;
-            vm.add_private_memory(Gpa(0), &file, FileOffset(0), ram)?;
+            vm.add_ram(ram)?;
             vm
         }
         Backing::Anonymous => {

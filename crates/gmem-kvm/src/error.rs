@@ -62,6 +62,10 @@ impl Error {
     pub(crate) fn os(op: &'static str) -> impl FnOnce(Errno) -> Error {
         move |errno| Error::Os { op, errno }
     }
+
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |e| Error::Os { op, errno: Errno::from_io_error(&e).unwrap_or(Errno::IO) }
+    }
 }
 
 /// Result of KVM-side operations.

@@ -54,10 +54,7 @@ impl Userfaultfd {
         // live, exclusive reference for the duration of the call.
         let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, arg as *mut T) };
         if ret < 0 {
-            return Err(Error::Os {
-                op,
-                errno: Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO),
-            });
+            return Err(Error::io(op)(std::io::Error::last_os_error()));
         }
         Ok(())
     }

@@ -96,11 +96,6 @@ impl Control {
         self.stopping.store(true, Ordering::SeqCst);
         self.changed.notify_all();
     }
-
-    fn reset(&self) {
-        *self.outcome() = None;
-        self.stopping.store(false, Ordering::SeqCst);
-    }
 }
 
 /// The thread that serves userfaultfd faults for the VM's memory.
@@ -112,17 +107,11 @@ struct FaultServer {
 impl FaultServer {
     fn start(memory: Arc<GuestMemory>, control: Arc<Control>) -> Result<Self> {
         let stop = eventfd(0, EventfdFlags::CLOEXEC).map_err(Error::os("eventfd"))?;
-        let stop_seen = stop.try_clone().map_err(|e| Error::Os {
-            op: "dup eventfd",
-            errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
-        })?;
+        let stop_seen = stop.try_clone().map_err(Error::io("dup eventfd"))?;
         let thread = std::thread::Builder::new()
             .name("gmem-faults".into())
             .spawn(move || Self::serve(&memory, &control, &stop_seen))
-            .map_err(|e| Error::Os {
-                op: "spawn fault thread",
-                errno: Errno::from_io_error(&e).unwrap_or(Errno::AGAIN),
-            })?;
+            .map_err(Error::io("spawn fault thread"))?;
         Ok(Self { stop, thread: Some(thread) })
     }
 
@@ -244,10 +233,17 @@ impl Vm {
     /// GUEST-sealed file, and returns the file too.
     pub fn with_ram(ram_size: u64) -> Result<(Self, Arc<PrivateMemFile>)> {
         let vm = Self::new()?;
+        let file = vm.add_ram(ram_size)?;
+        Ok((vm, file))
+    }
+
+    /// Adds `ram_size` bytes of RAM at GPA 0 from one new GUEST-sealed
+    /// file, and returns the file.
+    pub fn add_ram(&self, ram_size: u64) -> Result<Arc<PrivateMemFile>> {
         let file = Arc::new(PrivateMemFile::new_guest("gmem-guest-ram")?);
         file.set_len(ram_size)?;
-        vm.add_private_memory(Gpa(0), &file, FileOffset(0), ram_size)?;
-        Ok((vm, file))
+        self.add_private_memory(Gpa(0), &file, FileOffset(0), ram_size)?;
+        Ok(file)
     }
 
     /// Adds a private memslot: `size` bytes of `file` at `offset` appear at
@@ -447,7 +443,6 @@ impl Vm {
             })
             .collect::<Result<_>>()?;
         self.has_run.store(true, Ordering::SeqCst);
-        self.control.reset();
         let console = Mutex::new(Vec::new());
         let running = AtomicU32::new(config.vcpus);
         let deadline = config.timeout.map(|t| Instant::now() + t);
@@ -511,8 +506,6 @@ impl Vm {
                 }
             }
         }
-        drop(outcome);
-        self.control.stopping.store(true, Ordering::SeqCst);
     }
 
     fn setup_vcpu(&self, vcpu: &VcpuFd, entry: u64, index: u32, ram_size: u64) -> Result<()> {

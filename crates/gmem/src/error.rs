@@ -111,6 +111,13 @@ impl Error {
     }
 }
 
+impl Error {
+    /// An error for a failed `std` I/O call, keeping its errno.
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |e| Error::Os { op, errno: Errno::from_io_error(&e).unwrap_or(Errno::IO) }
+    }
+}
+
 impl From<Error> for std::io::Error {
     fn from(e: Error) -> Self {
         let kind = std::io::Error::from_raw_os_error(e.errno().raw_os_error()).kind();

@@ -615,16 +615,11 @@ impl PageGuard<'_> {
         let window = inode.window.as_ref().expect("locked pages have a frame window");
         let bytes = self.pages.bytes();
         window.populate_write(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
-        let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(|e| Error::Os {
-            op: "open pagemap",
-            errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
-        })?;
-        let first = (window.addr() as u64 + self.pages.bytes().start) / PAGE_SIZE;
+        let pagemap =
+            std::fs::File::open("/proc/self/pagemap").map_err(Error::io("open pagemap"))?;
+        let first = (window.addr() as u64 + bytes.start) / PAGE_SIZE;
         let mut raw = vec![0u8; self.pages.len() as usize * 8];
-        pagemap.read_exact_at(&mut raw, first * 8).map_err(|e| Error::Os {
-            op: "read pagemap",
-            errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
-        })?;
+        pagemap.read_exact_at(&mut raw, first * 8).map_err(Error::io("read pagemap"))?;
         Ok(raw
             .chunks_exact(8)
             .map(|entry| {
