@@ -96,6 +96,25 @@ fn run_action(vm: &Vm, sync: &SyncSpec) -> SyncRecord {
     }
 }
 
+/// The sync actions to run: the user's, or for the built-in demo guest
+/// without any, a read of the message it shares.
+fn syncs_for(args: &RunArgs) -> Vec<SyncSpec> {
+    if args.guest.is_some() || !args.syncs.is_empty() {
+        return args.syncs.clone();
+    }
+    let (gpa, len, stage) = gmem_guest::DEMO_MESSAGE;
+    vec![SyncSpec { stage, action: Action::Read { gpa, len } }]
+}
+
+/// `bytes` up to the first NUL as text, if that is printable ASCII.
+fn text(bytes: &[u8]) -> Option<&str> {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let text = &bytes[..end];
+    (!text.is_empty() && text.iter().all(|b| b.is_ascii_graphic() || *b == b' '))
+        .then(|| std::str::from_utf8(text).ok())
+        .flatten()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -113,7 +132,8 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
         Ok(image) => image,
         Err(e) => return fail(BAD_INPUT, e),
     };
-    if let Err(e) = check_syncs(&args.syncs, args.mem) {
+    let syncs = syncs_for(args);
+    if let Err(e) = check_syncs(&syncs, args.mem) {
         return fail(BAD_INPUT, e);
     }
     let (backend, reason) = match choose_backend(args.backend) {
@@ -131,12 +151,15 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
 
     let records = Mutex::new(Vec::new());
     let on_sync = |vm: &Vm, stage: u64| {
-        for sync in args.syncs.iter().filter(|s| s.stage == stage) {
+        for sync in syncs.iter().filter(|s| s.stage == stage) {
             let record = run_action(vm, sync);
             if !args.json {
                 let result = match (&record.denied, &record.data) {
                     (Some(why), _) => format!("denied: {why}"),
-                    (None, Some(data)) => format!("ok: {}", hex(data)),
+                    (None, Some(data)) => match text(data) {
+                        Some(text) => format!("ok: {} ({text:?})", hex(data)),
+                        None => format!("ok: {}", hex(data)),
+                    },
                     (None, None) => "ok".into(),
                 };
                 eprintln!(
@@ -183,8 +206,10 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
                 "pages_served": stats.memory.pages_served,
                 "faults": stats.memory.faults,
                 "invalidations": stats.memory.invalidations,
-                "conversions": stats.conversions,
-                "host_denials": stats.host_denials,
+                "conversions": stats.memory.conversions,
+                "conversion_requests": stats.conversion_requests,
+                "converted_pages": stats.memory.converted_pages,
+                "host_denials": stats.memory.host_denials,
             },
         });
         println!("{out}");

@@ -1,6 +1,8 @@
 //! The built-in demo guest: every vCPU fills its share of a 4 MiB buffer of
 //! private memory and checksums it; vCPU 0 then checks that pages nobody
-//! touched read zero, reports on the console and exits 0 on success.
+//! touched read zero, shares the page at 0x800000 and leaves a message there
+//! for the host (read at sync stage 1), takes the page back (it must read
+//! zero again), reports on the console and exits 0 on success.
 #![no_std]
 #![no_main]
 
@@ -11,6 +13,8 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 const BUF: u64 = 0x40_0000;
 const BUF_LEN: u64 = 4 << 20;
 const PAGE: u64 = 4096;
+/// The page the demo shares with the host (`gmem_guest::DEMO_MESSAGE`).
+const MESSAGE: u64 = BUF + BUF_LEN;
 
 static DONE: AtomicU32 = AtomicU32::new(0);
 static SUM: AtomicU64 = AtomicU64::new(0);
@@ -61,6 +65,16 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         }
         zero_pages += 1;
     }
+    if rt::convert(MESSAGE, PAGE, rt::SHARED) != 0 {
+        rt::out().s("demo: the host refused to share a page\n");
+        return 5;
+    }
+    rt::write_bytes(MESSAGE, b"hello from the guest, through a shared page\0");
+    rt::sync(1);
+    if rt::convert(MESSAGE, PAGE, rt::PRIVATE) != 0 || !rt::page_is_zero(MESSAGE) {
+        rt::out().s("demo: the shared page did not come back private and zeroed\n");
+        return 6;
+    }
     let sum = SUM.load(Ordering::SeqCst);
     if BAD.load(Ordering::SeqCst) != 0 || sum != expected {
         rt::out().s("demo: checksum ").hex(sum).s(", expected ").hex(expected).s("\n");
@@ -75,6 +89,6 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         .hex(sum)
         .s(" ok; ")
         .dec(zero_pages)
-        .s(" untouched pages read zero\n");
+        .s(" untouched pages read zero; shared a page and took it back\n");
     0
 }

@@ -2,12 +2,17 @@
 //! host target, linked at GPA 0x200000, embedded here as ELF images.
 //!
 //! - `demo`: the built-in guest of `gmem run`: fills and checksums 4 MiB of
-//!   private memory on every vCPU, checks untouched pages read zero, exits 0.
+//!   private memory on every vCPU, checks untouched pages read zero, shares
+//!   a page with a message for the host ([`DEMO_MESSAGE`], sync stage 1),
+//!   takes it back, exits 0.
 //! - `punch`: writes 16 pages at 0x600000, syncs at stage 1, exits with the
 //!   number of pages that read zero (200 if one is torn).
 //! - `smp`: all vCPUs fault on the same and on their own pages; exits 0.
 //! - `spin`: never exits. `badport`: writes to an undefined port.
 //! - `touch`: writes one word per page from 4 MiB up (first-touch benchmark).
+//! - `convert`: conversion round trips, host access at syncs 1 and 2, bad
+//!   requests; `convsmp`: one vCPU converts while another touches the page;
+//!   `convbench`: conversion round trips against bare exits (TSC cycles).
 //!
 //! ```
 //! let demo = gmem_guest::guest("demo").unwrap();
@@ -15,6 +20,10 @@
 //! ```
 
 include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+
+/// Where the demo guest leaves its message for the host: GPA, bytes, and
+/// the sync stage at which it is there (a shared page, NUL-terminated).
+pub const DEMO_MESSAGE: (u64, u64, u64) = (0x80_0000, 64, 1);
 
 /// The built-in guest called `name`.
 pub fn guest(name: &str) -> Option<&'static [u8]> {

@@ -26,6 +26,7 @@ pub mod conformance;
 mod error;
 pub mod memory;
 pub mod native;
+pub mod shared;
 mod uffd;
 mod vm;
 

@@ -10,10 +10,26 @@
 //! kernel then frees them, unmapping them from the window, and KVM's MMU
 //! notifier zaps its own mappings. The next access faults again and gets a
 //! fresh zero page.
+//!
+//! Every page is also private or shared (all private at launch), one bit per
+//! page. Shared pages stay in the same file, in place (where upstream
+//! guest_memfd is heading), so no GPA is ever backed twice and no conversion
+//! splits a VMA. The host reaches shared pages through a second window, the
+//! *host view*, registered with a userfaultfd in SIGBUS mode: it holds only
+//! pages that gmem put there after checking that they are shared, so a stale
+//! host pointer to a page converted back to private faults instead of
+//! reading private data. Converting a range, in either direction, punches
+//! it from the file (with invalidation): it reads zero afterwards.
+//!
+//! Policy for guest accesses that do not match a page's state: a GPA has one
+//! mapping in the guest, and an access always reaches the page's current
+//! backing. A guest that touches a page it converted to shared sees the
+//! shared content (what the host wrote, else zero); there is no implicit
+//! conversion and no exit. Only host accesses are checked.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use gmem::{
     Binding, FileId, FileOffset, GuestOwner, OwnerWindow, PageIndex, PageRange, PrivateMemFile,
@@ -32,7 +48,10 @@ use crate::Gpa;
 /// guest's RAM around it (`--fault-around` trades it back).
 pub const DEFAULT_FAULT_AROUND_PAGES: u64 = 512;
 
-/// One bit per page of a slot: mapped in the window or not.
+/// `KVM_MEMORY_ATTRIBUTE_PRIVATE`: the only attribute bit a conversion may carry.
+pub const ATTRIBUTE_PRIVATE: u64 = kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
+
+/// One bit per page of a slot.
 #[derive(Debug)]
 struct PageBits(Box<[AtomicU64]>);
 
@@ -46,15 +65,41 @@ impl PageBits {
     }
 
     fn set(&self, pages: Range<u64>, value: bool) {
-        for page in pages {
-            let bit = 1 << (page % 64);
+        let mut page = pages.start;
+        while page < pages.end {
+            // Whole words at once where the range covers them.
+            let bits = (64 - page % 64).min(pages.end - page);
+            let mask = if bits == 64 { u64::MAX } else { ((1 << bits) - 1) << (page % 64) };
             let word = &self.0[(page / 64) as usize];
             if value {
-                word.fetch_or(bit, Ordering::AcqRel);
+                word.fetch_or(mask, Ordering::AcqRel);
             } else {
-                word.fetch_and(!bit, Ordering::AcqRel);
+                word.fetch_and(!mask, Ordering::AcqRel);
+            }
+            page += bits;
+        }
+    }
+
+    /// Maximal runs inside `pages` whose bits are `value`.
+    fn runs(&self, pages: Range<u64>, value: bool) -> Vec<Range<u64>> {
+        let mut runs = Vec::new();
+        let mut start = None;
+        for page in pages.start..=pages.end {
+            let hit = page < pages.end && self.get(page) == value;
+            match (hit, start) {
+                (true, None) => start = Some(page),
+                (false, Some(first)) => {
+                    runs.push(first..page);
+                    start = None;
+                }
+                _ => {}
             }
         }
+        runs
+    }
+
+    fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.0)
     }
 }
 
@@ -68,7 +113,17 @@ pub(crate) struct Slot {
     pub(crate) file_id: FileId,
     pub(crate) binding: Binding,
     pub(crate) window: OwnerWindow,
+    /// Pages mapped in `window` (KVM's view).
     mapped: PageBits,
+    /// Pages that are shared (clear: private).
+    shared: PageBits,
+    /// The host's view of shared pages (SIGBUS on anything not put there).
+    host_view: OwnerWindow,
+    /// Pages mapped in `host_view`.
+    host_mapped: PageBits,
+    /// Conversions take it for writing; host accesses for reading, so that
+    /// a page's state cannot change while the host touches it.
+    states: RwLock<()>,
     /// End (slot page) of the batch served last, for sequential read-ahead.
     last_batch_end: AtomicU64,
 }
@@ -80,6 +135,25 @@ impl Slot {
 
     fn window_addr(&self) -> u64 {
         self.window.as_ptr() as u64
+    }
+
+    /// Slot pages of `[gpa, gpa + len)`, which the slot contains.
+    fn pages_of(&self, gpa: Gpa, len: u64) -> Range<u64> {
+        let start = (gpa.0 - self.gpa.0) / PAGE_SIZE;
+        start..(gpa.0 - self.gpa.0 + len).div_ceil(PAGE_SIZE)
+    }
+
+    pub(crate) fn read_states(&self) -> RwLockReadGuard<'_, ()> {
+        self.states.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_states(&self) -> RwLockWriteGuard<'_, ()> {
+        self.states.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of per-page metadata (the three bitmaps).
+    fn metadata_bytes(&self) -> usize {
+        self.mapped.heap_bytes() + self.shared.heap_bytes() + self.host_mapped.heap_bytes()
     }
 
     /// File pages of the slot-relative pages `pages`.
@@ -109,6 +183,16 @@ pub struct MemoryStats {
     pub invalidations: u64,
     /// Pages those callbacks covered.
     pub invalidated_pages: u64,
+    /// Conversion requests carried out.
+    pub conversions: u64,
+    /// Pages whose state those conversions changed.
+    pub converted_pages: u64,
+    /// Host accesses refused because a page is private.
+    pub host_denials: u64,
+    /// Bytes of per-page metadata (states and mapping bitmaps) of all slots.
+    pub metadata_bytes: u64,
+    /// Pages of guest RAM in all slots.
+    pub pages: u64,
 }
 
 #[derive(Default)]
@@ -117,12 +201,17 @@ struct Counters {
     faults: AtomicU64,
     invalidations: AtomicU64,
     invalidated_pages: AtomicU64,
+    conversions: AtomicU64,
+    converted_pages: AtomicU64,
+    host_denials: AtomicU64,
 }
 
 /// The guest memory of one VM, and the owner of its files.
 pub(crate) struct GuestMemory {
     slots: RwLock<Vec<Arc<Slot>>>,
     uffd: Userfaultfd,
+    /// Registered on every slot's host view: SIGBUS, never an event.
+    host_uffd: Userfaultfd,
     fault_around: u64,
     counters: Counters,
 }
@@ -140,6 +229,7 @@ impl GuestOwner for GuestMemory {
                 // them, right after this returns; forget them now, while
                 // their locks keep the fault thread off.
                 slot.mapped.set(start - first..end - first, false);
+                slot.host_mapped.set(start - first..end - first, false);
             }
         }
     }
@@ -155,6 +245,7 @@ impl GuestMemory {
         Ok(Self {
             slots: RwLock::new(Vec::new()),
             uffd: Userfaultfd::new()?,
+            host_uffd: Userfaultfd::new_sigbus()?,
             fault_around,
             counters: Counters::default(),
         })
@@ -219,6 +310,8 @@ impl GuestMemory {
         let binding = file.bind(owner)?;
         let window = binding.map_window(offset, size)?;
         owner.uffd.register(window.as_ptr() as u64, size)?;
+        let host_view = binding.map_window(offset, size)?;
+        owner.host_uffd.register(host_view.as_ptr() as u64, size)?;
         let slot = Arc::new(Slot {
             id,
             gpa,
@@ -228,6 +321,10 @@ impl GuestMemory {
             binding,
             window,
             mapped: PageBits::new(size / PAGE_SIZE),
+            shared: PageBits::new(size / PAGE_SIZE),
+            host_view,
+            host_mapped: PageBits::new(size / PAGE_SIZE),
+            states: RwLock::new(()),
             last_batch_end: AtomicU64::new(u64::MAX),
         });
         owner.slots.write().unwrap_or_else(|p| p.into_inner()).push(slot.clone());
@@ -289,28 +386,10 @@ impl GuestMemory {
     /// Maps the slot pages `run` (locked by the caller) into the window,
     /// skipping pages the kernel already has mapped. Returns pages mapped.
     fn map_run(&self, slot: &Slot, run: Range<u64>) -> Result<u64> {
-        let base = slot.window_addr();
-        let mut next = run.start;
-        let mut served = 0;
-        while next < run.end {
-            let len = (run.end - next) * PAGE_SIZE;
-            match self.uffd.continue_range(base + next * PAGE_SIZE, len) {
-                Ok(()) => {
-                    served += run.end - next;
-                    next = run.end;
-                }
-                // Part of the run was mapped, up to an already-mapped page.
-                Err(e) if e.errno == gmem::Errno::AGAIN && e.mapped > 0 => {
-                    served += e.mapped / PAGE_SIZE;
-                    next += e.mapped / PAGE_SIZE;
-                }
-                // The first page is already mapped: skip it.
-                Err(e) if e.errno == gmem::Errno::EXIST => next += 1,
-                Err(e) => return Err(Error::Os { op: "UFFDIO_CONTINUE", errno: e.errno }),
-            }
-        }
+        let addr = slot.window_addr() + run.start * PAGE_SIZE;
+        let mapped = self.uffd.continue_range(addr, (run.end - run.start) * PAGE_SIZE)?;
         slot.mapped.set(run, true);
-        Ok(served)
+        Ok(mapped / PAGE_SIZE)
     }
 
     pub(crate) fn stats(&self) -> MemoryStats {
@@ -319,6 +398,11 @@ impl GuestMemory {
             faults: self.counters.faults.load(Ordering::Relaxed),
             invalidations: self.counters.invalidations.load(Ordering::Relaxed),
             invalidated_pages: self.counters.invalidated_pages.load(Ordering::Relaxed),
+            conversions: self.counters.conversions.load(Ordering::Relaxed),
+            converted_pages: self.counters.converted_pages.load(Ordering::Relaxed),
+            host_denials: self.counters.host_denials.load(Ordering::Relaxed),
+            metadata_bytes: self.slots().iter().map(|s| s.metadata_bytes() as u64).sum(),
+            pages: self.slots().iter().map(|s| s.pages()).sum(),
         }
     }
 
@@ -326,4 +410,131 @@ impl GuestMemory {
     pub(crate) fn slot_of(&self, gpa: Gpa) -> Option<Arc<Slot>> {
         self.slots().iter().find(|s| s.contains(gpa)).cloned()
     }
+}
+
+impl GuestMemory {
+    /// Slots covering `[gpa, gpa + len)` without a gap, in GPA order, each
+    /// with the slot pages of the range; `EINVAL` where RAM has a hole.
+    fn slots_covering(&self, gpa: Gpa, len: u64) -> Result<Vec<(Arc<Slot>, Range<u64>)>> {
+        let end = gpa.0.checked_add(len).ok_or_else(|| outside(gpa, len))?;
+        let mut covering = Vec::new();
+        let mut at = gpa.0;
+        while at < end {
+            let slot = self.slot_of(Gpa(at)).ok_or_else(|| outside(gpa, len))?;
+            let upto = end.min(slot.gpa.0 + slot.size);
+            covering.push((slot.clone(), slot.pages_of(Gpa(at), upto - at)));
+            at = upto;
+        }
+        Ok(covering)
+    }
+
+    /// Converts `[gpa, gpa + size)` to shared (`attributes` 0) or private
+    /// ([`ATTRIBUTE_PRIVATE`]), whole or not at all: `EINVAL` for an
+    /// unaligned or empty range, one outside guest RAM, or unknown attribute
+    /// bits. Pages whose state changes are discarded (punched, with
+    /// invalidation) and read zero afterwards; pages already in that state
+    /// keep their content. Returns how many pages changed state.
+    pub(crate) fn convert(&self, gpa: Gpa, size: u64, attributes: u64) -> Result<u64> {
+        if attributes & !ATTRIBUTE_PRIVATE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "conversion: unknown attribute bits {:#x}",
+                attributes & !ATTRIBUTE_PRIVATE
+            )));
+        }
+        if size == 0 || gpa.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "conversion of {:#x}+{size:#x}: must be page-aligned and non-empty",
+                gpa.0
+            )));
+        }
+        let shared = attributes == 0;
+        let covering = self.slots_covering(gpa, size)?;
+        // In GPA order, as every taker of several of these locks does.
+        let _states: Vec<_> = covering.iter().map(|(slot, _)| slot.write_states()).collect();
+        let mut changed = 0;
+        for (slot, pages) in &covering {
+            for run in slot.shared.runs(pages.clone(), !shared) {
+                let first = slot.file_pages(&run);
+                let bytes = first.bytes();
+                slot.binding.file().fallocate(
+                    gmem::Fallocate::PunchHole,
+                    FileOffset(bytes.start),
+                    bytes.end - bytes.start,
+                )?;
+                slot.shared.set(run.clone(), shared);
+                changed += run.end - run.start;
+            }
+        }
+        self.counters.conversions.fetch_add(1, Ordering::Relaxed);
+        self.counters.converted_pages.fetch_add(changed, Ordering::Relaxed);
+        Ok(changed)
+    }
+
+    /// Runs `access` on the host address of `[gpa, gpa + len)` if every page
+    /// of it is shared, with the pages locked and mapped in the host view;
+    /// `EPERM` naming the first private page otherwise, `EINVAL` for a
+    /// range that is not inside one slot.
+    pub(crate) fn host_access<T>(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        access: impl FnOnce(*mut u8) -> T,
+    ) -> Result<T> {
+        let slot = self
+            .slot_of(gpa)
+            .filter(|s| len <= s.size - (gpa.0 - s.gpa.0))
+            .ok_or_else(|| outside(gpa, len))?;
+        if len == 0 {
+            return Ok(access(std::ptr::null_mut()));
+        }
+        let pages = slot.pages_of(gpa, len);
+        let _states = slot.read_states();
+        self.check_shared(&slot, pages.clone())?;
+        let _locked = slot.binding.get_and_lock_range(slot.file_pages(&pages))?;
+        self.map_locked(&slot, pages)?;
+        Ok(access(slot.host_view.as_ptr().wrapping_add((gpa.0 - slot.gpa.0) as usize)))
+    }
+
+    /// `EPERM` naming the first private page of `pages`, counted as a denial.
+    pub(crate) fn check_shared(&self, slot: &Slot, pages: Range<u64>) -> Result<()> {
+        match slot.shared.runs(pages, false).first() {
+            None => Ok(()),
+            Some(private) => {
+                self.counters.host_denials.fetch_add(1, Ordering::Relaxed);
+                Err(Error::NotPermitted(format!(
+                    "GPA {:#x} is private: the host may not access it",
+                    slot.gpa.0 + private.start * PAGE_SIZE
+                )))
+            }
+        }
+    }
+
+    /// Maps the shared slot `pages` into the host view, allocating them
+    /// where needed; returns their host address. The caller holds the
+    /// slot's states (read) so that they stay shared.
+    pub(crate) fn map_host_view(&self, slot: &Slot, pages: Range<u64>) -> Result<*mut u8> {
+        if !slot.host_mapped.runs(pages.clone(), false).is_empty() {
+            let _locked = slot.binding.get_and_lock_range(slot.file_pages(&pages))?;
+            self.map_locked(slot, pages.clone())?;
+        }
+        Ok(slot.host_view.as_ptr().wrapping_add((pages.start * PAGE_SIZE) as usize))
+    }
+
+    /// Maps the unmapped `pages` (locked by the caller) into the host view.
+    fn map_locked(&self, slot: &Slot, pages: Range<u64>) -> Result<()> {
+        for run in slot.host_mapped.runs(pages, false) {
+            let addr = slot.host_view.as_ptr() as u64 + run.start * PAGE_SIZE;
+            self.host_uffd.continue_range(addr, (run.end - run.start) * PAGE_SIZE)?;
+            slot.host_mapped.set(run, true);
+        }
+        Ok(())
+    }
+}
+
+fn outside(gpa: Gpa, len: u64) -> Error {
+    Error::InvalidArgument(format!(
+        "{:#x}..{:#x} is not inside guest RAM",
+        gpa.0,
+        gpa.0.saturating_add(len)
+    ))
 }

@@ -5,10 +5,11 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use gmem::PAGE_SIZE;
 use linux_raw_sys::general::{
     uffd_msg, uffdio_api, uffdio_continue, uffdio_range, uffdio_register, _UFFDIO_CONTINUE,
     UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT,
-    UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
+    UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS,
 };
 use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_REGISTER, UFFDIO_WAKE};
 use rustix::io::Errno;
@@ -16,21 +17,27 @@ use rustix::mm::UserfaultfdFlags;
 
 use crate::error::{Error, Result};
 
-/// A userfaultfd that reports missing and minor faults on shmem ranges.
+/// A userfaultfd for shmem ranges, registered for missing and minor faults.
 #[derive(Debug)]
 pub(crate) struct Userfaultfd {
     fd: OwnedFd,
 }
 
-/// Result of `UFFDIO_CONTINUE`: the bytes mapped before an error.
-pub(crate) struct ContinueError {
-    pub(crate) errno: Errno,
-    pub(crate) mapped: u64,
-}
-
 impl Userfaultfd {
-    /// Opens a non-blocking userfaultfd with the shmem MISSING and MINOR features.
+    /// Opens a non-blocking userfaultfd that reports faults as events (for
+    /// a fault-serving thread).
     pub(crate) fn new() -> Result<Self> {
+        Self::open(0, "UFFDIO_API (shmem MISSING|MINOR)")
+    }
+
+    /// Opens a userfaultfd whose registered ranges raise `SIGBUS` on any
+    /// access to a page not mapped by [`continue_range`](Self::continue_range):
+    /// a mapping that holds only the pages put there, never one faulted in.
+    pub(crate) fn new_sigbus() -> Result<Self> {
+        Self::open(UFFD_FEATURE_SIGBUS, "UFFDIO_API (shmem MISSING|MINOR, SIGBUS)")
+    }
+
+    fn open(extra_features: u32, op: &'static str) -> Result<Self> {
         let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: creates a new descriptor; no memory is affected until a
         // range is registered.
@@ -41,10 +48,11 @@ impl Userfaultfd {
         let uffd = Self { fd };
         let mut api = uffdio_api {
             api: UFFD_API.into(),
-            features: (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM).into(),
+            features: (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | extra_features)
+                .into(),
             ioctls: 0,
         };
-        uffd.ioctl(UFFDIO_API, &mut api, "UFFDIO_API (shmem MISSING|MINOR)")?;
+        uffd.ioctl(UFFDIO_API, &mut api, op)?;
         Ok(uffd)
     }
 
@@ -76,18 +84,32 @@ impl Userfaultfd {
     }
 
     /// Maps the page-cache pages of `[addr, addr + len)` and wakes the
-    /// faulting threads. On error, says how many bytes were mapped first.
-    pub(crate) fn continue_range(
-        &self,
-        addr: u64,
-        len: u64,
-    ) -> std::result::Result<(), ContinueError> {
-        let mut arg =
-            uffdio_continue { range: uffdio_range { start: addr, len }, mode: 0, mapped: 0 };
-        self.ioctl(UFFDIO_CONTINUE, &mut arg, "UFFDIO_CONTINUE").map_err(|e| ContinueError {
-            errno: e.errno(),
-            mapped: u64::try_from(arg.mapped).unwrap_or(0),
-        })
+    /// faulting threads. Pages already mapped are skipped; returns how many
+    /// bytes were newly mapped. The pages must exist in the file.
+    pub(crate) fn continue_range(&self, addr: u64, len: u64) -> Result<u64> {
+        let end = addr + len;
+        let mut next = addr;
+        let mut mapped = 0;
+        while next < end {
+            let mut arg = uffdio_continue {
+                range: uffdio_range { start: next, len: end - next },
+                mode: 0,
+                mapped: 0,
+            };
+            match self.ioctl(UFFDIO_CONTINUE, &mut arg, "UFFDIO_CONTINUE") {
+                Ok(()) => return Ok(mapped + end - next),
+                // Part of the range was mapped, up to an already-mapped page.
+                Err(e) if e.errno() == Errno::AGAIN && arg.mapped > 0 => {
+                    let done = arg.mapped as u64;
+                    mapped += done;
+                    next += done;
+                }
+                // The first page is already mapped: skip it.
+                Err(e) if e.errno() == Errno::EXIST => next += PAGE_SIZE,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(mapped)
     }
 
     /// Wakes threads waiting on faults in `[addr, addr + len)`.

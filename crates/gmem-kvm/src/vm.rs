@@ -62,12 +62,11 @@ pub struct RunReport {
 /// Counters of a VM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmStats {
-    /// Guest memory counters (faults, pages served, invalidations).
+    /// Guest memory counters (faults, pages served, invalidations,
+    /// conversions, host denials).
     pub memory: MemoryStats,
-    /// Host accesses to guest memory refused because the pages are private.
-    pub host_denials: u64,
-    /// Conversions done.
-    pub conversions: u64,
+    /// Conversion requests the guest made (port 0xF0), refused ones too.
+    pub conversion_requests: u64,
 }
 
 /// The host's answer to a sync point (port 0xF8): it runs while the
@@ -163,7 +162,7 @@ pub struct Vm {
     _server: FaultServer,
     next_slot: AtomicU32,
     has_run: AtomicBool,
-    host_denials: AtomicU64,
+    conversion_requests: AtomicU64,
     sync_lock: Mutex<()>,
     /// Plain anonymous slots (benchmark baselines): GPA, size, host address.
     anonymous: Mutex<Vec<(Gpa, u64, usize)>>,
@@ -223,7 +222,7 @@ impl Vm {
             _server: server,
             next_slot: AtomicU32::new(0),
             has_run: AtomicBool::new(false),
-            host_denials: AtomicU64::new(0),
+            conversion_requests: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             anonymous: Mutex::new(Vec::new()),
         })
@@ -394,29 +393,48 @@ impl Vm {
         Ok(())
     }
 
-    /// Host read of guest memory for device emulation. Every page is
-    /// private here, so this is `EPERM`, naming the GPA.
+    /// Converts `[gpa, gpa + size)` to shared (`attributes` 0) or private
+    /// ([`ATTRIBUTE_PRIVATE`](crate::memory::ATTRIBUTE_PRIVATE)), as port
+    /// 0xF0 does for the guest: whole or not at all, `EINVAL` for unaligned
+    /// or empty ranges, ranges outside guest RAM and unknown attribute bits.
+    /// Pages that change state read zero afterwards. Returns how many did.
+    pub fn convert(&self, gpa: Gpa, size: u64, attributes: u64) -> Result<u64> {
+        self.memory.convert(gpa, size, attributes)
+    }
+
+    /// Host read of guest memory (device emulation): the bytes of shared
+    /// pages; `EPERM` naming the GPA if any page is private, `EINVAL` for a
+    /// range outside one memslot.
     pub fn read_guest(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
-        self.host_access(gpa, buf.len() as u64)
+        self.memory.host_access(gpa, buf.len() as u64, |host| {
+            // SAFETY: `host` maps the `buf.len()` bytes at `gpa` in the host
+            // view, locked and shared for the duration of this closure; `buf`
+            // is a Rust slice outside every guest mapping.
+            unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), buf.len()) }
+        })
     }
 
-    /// Host write of guest memory; `EPERM` on private pages, naming the GPA.
+    /// Host write of guest memory; allowed on shared pages only (`EPERM`
+    /// naming the GPA of the first private page).
     pub fn write_guest(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
-        self.host_access(gpa, data.len() as u64)
+        self.memory.host_access(gpa, data.len() as u64, |host| {
+            // SAFETY: as in read_guest, with the copy going the other way.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len()) }
+        })
     }
 
-    fn host_access(&self, gpa: Gpa, len: u64) -> Result<()> {
-        self.host_range(gpa, len)?;
-        self.host_denials.fetch_add(1, Ordering::Relaxed);
-        Err(Error::NotPermitted(format!("GPA {:#x} is private: the host may not access it", gpa.0)))
+    /// The shared pages of guest memory as a vm-memory
+    /// [`GuestMemoryBackend`](vm_memory::GuestMemoryBackend), for rust-vmm
+    /// device crates. See [`SharedMemory`](crate::shared::SharedMemory).
+    pub fn shared_memory(&self) -> crate::shared::SharedMemory {
+        crate::shared::SharedMemory::new(&self.memory)
     }
 
     /// The VM's counters.
     pub fn stats(&self) -> VmStats {
         VmStats {
             memory: self.memory.stats(),
-            host_denials: self.host_denials.load(Ordering::Relaxed),
-            conversions: 0,
+            conversion_requests: self.conversion_requests.load(Ordering::Relaxed),
         }
     }
 
@@ -637,8 +655,13 @@ impl Vm {
                     on_sync(self, regs.rdi);
                     0
                 }
-                // Conversions arrive with the conversions work: not yet.
-                _ => (-i64::from(libc::ENOSYS)) as u64,
+                _ => {
+                    self.conversion_requests.fetch_add(1, Ordering::Relaxed);
+                    match self.memory.convert(Gpa(regs.rdi), regs.rsi, regs.rdx) {
+                        Ok(_) => 0,
+                        Err(e) => (-i64::from(e.errno().raw_os_error())) as u64,
+                    }
+                }
             };
             if vcpu.set_regs(&regs).is_err() {
                 return stop("KVM_SET_REGS failed".into());

@@ -147,7 +147,7 @@ fn host_access_to_private_memory_is_denied_with_the_gpa() {
     assert_eq!(err.errno(), Errno::PERM);
     assert!(err.to_string().contains("0x600000"), "{err}");
     assert_eq!(vm.write_guest(Gpa(0x60_0000), b"x").unwrap_err().errno(), Errno::PERM);
-    assert_eq!(vm.stats().host_denials, 2);
+    assert_eq!(vm.stats().memory.host_denials, 2);
     // Outside RAM is not a denial but a bad argument.
     assert_eq!(vm.read_guest(Gpa(RAM), &mut [0; 8]).unwrap_err().errno(), Errno::INVAL);
 }
