@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gmem_kvm::bench::{first_touch, median, Backing};
+use gmem_kvm::bench::{conversions, first_touch, median, metadata, Backing};
 use gmem_kvm::memory::DEFAULT_FAULT_AROUND_PAGES;
 use serde_json::json;
 
@@ -24,76 +24,166 @@ pub(crate) struct BenchArgs {
     json: bool,
 }
 
+/// One line of the report.
 struct Figure {
     name: String,
     value: f64,
+    unit: &'static str,
     baseline: f64,
-    target: f64,
+    baseline_name: &'static str,
+    /// gmem's figure over the baseline's, oriented so that higher is better.
+    ratio: f64,
+    /// The ratio to reach, where there is one.
+    target: Option<f64>,
+}
+
+impl Figure {
+    /// A figure where more is better (a rate).
+    fn rate(name: &str, value: f64, unit: &'static str, baseline: (f64, &'static str)) -> Self {
+        Self::new(name, value, unit, baseline, value / baseline.0)
+    }
+
+    /// A figure where less is better (a time, a cost).
+    fn cost(name: &str, value: f64, unit: &'static str, baseline: (f64, &'static str)) -> Self {
+        Self::new(name, value, unit, baseline, baseline.0 / value)
+    }
+
+    fn new(
+        name: &str,
+        value: f64,
+        unit: &'static str,
+        (baseline, baseline_name): (f64, &'static str),
+        ratio: f64,
+    ) -> Self {
+        Self { name: name.into(), value, unit, baseline, baseline_name, ratio, target: None }
+    }
+
+    fn target(self, target: f64) -> Self {
+        Self { target: Some(target), ..self }
+    }
+
+    fn met(&self) -> Option<bool> {
+        self.target.map(|t| self.ratio >= t)
+    }
+}
+
+/// Progress on stderr, overwriting the line.
+fn progress(what: &str) {
+    eprint!("\rgmem bench: {what:<60}");
 }
 
 /// Runs `gmem bench`; returns the process exit status.
 pub(crate) fn bench(args: &BenchArgs) -> u8 {
     let (mib, reps) = if args.quick { (16, 3) } else { (args.mib, args.reps) };
-    let touch = gmem_guest::guest("touch").expect("the touch guest is built in");
-    let fault_arounds = [1, 64, DEFAULT_FAULT_AROUND_PAGES];
-    let mut backings = vec![Backing::Anonymous];
-    backings.extend(fault_arounds.iter().map(|&fault_around| Backing::Gmem { fault_around }));
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); backings.len()];
-    for rep in 1..=reps {
-        eprint!("\rgmem bench: first touch of {mib} MiB, round {rep}/{reps}   ");
-        for (backing, samples) in backings.iter().zip(&mut samples) {
-            match first_touch(touch, mib, *backing) {
-                Ok(time) => samples.push(time),
-                Err(e) => {
-                    eprintln!("\ngmem bench: {backing:?}: {e}");
-                    return 1;
-                }
-            }
-        }
-    }
+    let mut figures = Vec::new();
+    let measured = first_touch_figures(mib, reps, &mut figures)
+        .and_then(|()| conversion_figures(reps, &mut figures))
+        .and_then(|()| metadata_figures(&mut figures));
     eprintln!();
-    let rate = |samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
-    let baseline = rate(&mut samples[0]);
-    let figures: Vec<Figure> = fault_arounds
-        .iter()
-        .zip(samples.iter_mut().skip(1))
-        .map(|(&pages, samples)| Figure {
-            name: if pages == DEFAULT_FAULT_AROUND_PAGES {
-                "first-touch".into()
-            } else {
-                format!("first-touch-fault-around-{pages}")
-            },
-            value: rate(samples),
-            baseline,
-            target: 1.0,
-        })
-        .collect();
+    if let Err(e) = measured {
+        eprintln!("gmem bench: {e}");
+        return 1;
+    }
     if args.json {
         let results: Vec<_> = figures
             .iter()
             .map(|f| {
-                let ratio = f.value / f.baseline;
                 json!({
-                    "name": f.name, "value": f.value, "unit": "MiB/s", "baseline": f.baseline,
-                    "ratio": ratio, "target": f.target, "met": ratio >= f.target,
+                    "name": f.name, "value": f.value, "unit": f.unit, "baseline": f.baseline,
+                    "baseline_name": f.baseline_name, "ratio": f.ratio, "target": f.target,
+                    "met": f.met(),
                 })
             })
             .collect();
         println!("{}", json!({ "results": results }));
     } else {
         println!(
-            "{:34} {:>12} {:>14} {:>7} {:>7}",
-            "figure", "gmem", "plain KVM", "ratio", "target"
+            "{:32} {:>16} {:>16} {:20} {:>8} {:>7}",
+            "figure", "gmem", "baseline", "(baseline is)", "ratio", "target"
         );
         for f in &figures {
-            let ratio = f.value / f.baseline;
-            let met = if ratio >= f.target { "met" } else { "not met" };
+            let target = match (f.target, f.met()) {
+                (Some(t), Some(true)) => format!("{t:>6.2}x met"),
+                (Some(t), _) => format!("{t:>6.2}x NOT MET"),
+                (None, _) => String::new(),
+            };
             println!(
-                "{:34} {:>7.1} MiB/s {:>8.1} MiB/s {:>6.2}x {:>5.1}x {met}",
-                f.name, f.value, f.baseline, ratio, f.target
+                "{:32} {:>9.2} {:6} {:>9.2} {:6} {:20} {:>7.2}x {target}",
+                f.name, f.value, f.unit, f.baseline, f.unit, f.baseline_name, f.ratio
             );
         }
-        println!("({mib} MiB first-touched by a real guest, median of {reps} interleaved runs)");
+        println!(
+            "(ratios: higher is better; first touch of {mib} MiB and conversions by real \
+             guests, median of {reps} interleaved runs)"
+        );
     }
     0
+}
+
+/// First touch by the `touch` guest: gmem at several fault-arounds
+/// against plain anonymous KVM memory.
+fn first_touch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let touch = gmem_guest::guest("touch").expect("the touch guest is built in");
+    let fault_arounds = [DEFAULT_FAULT_AROUND_PAGES, 64, 1];
+    let mut backings = vec![Backing::Anonymous];
+    backings.extend(fault_arounds.iter().map(|&fault_around| Backing::Gmem { fault_around }));
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); backings.len()];
+    for rep in 1..=reps {
+        progress(&format!("first touch of {mib} MiB, round {rep}/{reps}"));
+        for (backing, samples) in backings.iter().zip(&mut samples) {
+            let time =
+                first_touch(touch, mib, *backing).map_err(|e| format!("{backing:?}: {e}"))?;
+            samples.push(time);
+        }
+    }
+    let rate = |samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
+    let plain = (rate(&mut samples[0]), "plain KVM memory");
+    for (&pages, samples) in fault_arounds.iter().zip(samples.iter_mut().skip(1)) {
+        let figure = if pages == DEFAULT_FAULT_AROUND_PAGES {
+            Figure::rate("first-touch", rate(samples), "MiB/s", plain).target(1.0)
+        } else {
+            let name = format!("first-touch-fault-around-{pages}");
+            Figure::rate(&name, rate(samples), "MiB/s", plain)
+        };
+        figures.push(figure);
+    }
+    Ok(())
+}
+
+/// Conversion round trips (4 KiB, 2 MiB) against a bare port-I/O exit.
+fn conversion_figures(reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let guest = gmem_guest::guest("convbench").expect("the convbench guest is built in");
+    let (mut bare, mut small, mut large) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 1..=reps {
+        progress(&format!("conversion round trips, round {rep}/{reps}"));
+        let times = conversions(guest).map_err(|e| format!("conversions: {e}"))?;
+        bare.push(times.bare_exit);
+        small.push(times.convert_4k);
+        large.push(times.convert_2m);
+    }
+    let micros = |samples: &mut Vec<Duration>| median(samples).as_secs_f64() * 1e6;
+    let exit = (micros(&mut bare), "bare port-I/O exit");
+    // Target: a 4 KiB conversion costs at most 3 bare exits.
+    figures.push(Figure::cost("convert-4k", micros(&mut small), "us", exit).target(1.0 / 3.0));
+    figures.push(Figure::cost("convert-2m", micros(&mut large), "us", exit));
+    Ok(())
+}
+
+/// Per-page metadata of a 16 GiB sparse guest, against the single-digit
+/// bound (9 bytes per page).
+fn metadata_figures(figures: &mut Vec<Figure>) -> Result<(), String> {
+    const RAM: u64 = 16 << 30;
+    progress("metadata of a 16 GiB sparse guest");
+    let m = metadata(RAM).map_err(|e| format!("metadata: {e}"))?;
+    let bound = (9.0, "single-digit bound");
+    figures.push(
+        Figure::cost("metadata-bytes-per-page", m.bytes_per_page, "B/page", bound).target(1.0),
+    );
+    figures.push(Figure::cost(
+        "resident-bytes-per-page",
+        m.resident_bytes_per_page,
+        "B/page",
+        bound,
+    ));
+    Ok(())
 }

@@ -137,16 +137,25 @@ fn bench_json_has_ratios() {
     let v = json(&out);
     let results = v["results"].as_array().unwrap();
     let names: Vec<_> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"first-touch"), "{names:?}");
+    for name in ["first-touch", "convert-4k", "convert-2m", "metadata-bytes-per-page"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
     for r in results {
         let (value, baseline, ratio) = (
             r["value"].as_f64().unwrap(),
             r["baseline"].as_f64().unwrap(),
             r["ratio"].as_f64().unwrap(),
         );
-        assert!(value > 0.0 && baseline > 0.0);
-        assert!((ratio - value / baseline).abs() < 1e-9);
-        assert_eq!(r["unit"], "MiB/s");
-        assert_eq!(r["met"], ratio >= r["target"].as_f64().unwrap());
+        assert!(value > 0.0 && baseline > 0.0, "{r}");
+        // Oriented so that higher is better: rates over, costs under the baseline.
+        let expected = if r["unit"] == "MiB/s" { value / baseline } else { baseline / value };
+        assert!((ratio - expected).abs() < 1e-9, "{r}");
+        assert!(["MiB/s", "us", "B/page"].contains(&r["unit"].as_str().unwrap()), "{r}");
+        match r["target"].as_f64() {
+            Some(target) => assert_eq!(r["met"], ratio >= target, "{r}"),
+            None => assert_eq!(r["met"], Value::Null, "{r}"),
+        }
     }
+    let metadata = results.iter().find(|r| r["name"] == "metadata-bytes-per-page").unwrap();
+    assert!(metadata["value"].as_f64().unwrap() < 10.0, "single-digit bytes per page: {metadata}");
 }

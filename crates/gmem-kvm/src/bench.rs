@@ -50,6 +50,104 @@ pub fn first_touch(touch_guest: &[u8], mib: u64, backing: Backing) -> Result<Dur
     }
 }
 
+/// Round trips of the `convbench` guest (request -> guest resumed), per
+/// request, timed by the guest's TSC around the `out` instruction.
+#[derive(Clone, Copy, Debug)]
+pub struct ConversionTimes {
+    /// A bare port-I/O exit (console byte): the baseline.
+    pub bare_exit: Duration,
+    /// Converting one 4 KiB page (alternately to shared and to private).
+    pub convert_4k: Duration,
+    /// Converting a 2 MiB range.
+    pub convert_2m: Duration,
+}
+
+/// Runs the `convbench` guest once and returns its per-request times.
+pub fn conversions(convbench_guest: &[u8]) -> Result<ConversionTimes> {
+    const RAM: u64 = 32 << 20;
+    let (vm, _file) = Vm::with_ram(RAM)?;
+    let image = GuestImage::parse(convbench_guest, RAM)?;
+    vm.load(&image, RAM, 1)?;
+    let config =
+        RunConfig { vcpus: 1, timeout: Some(Duration::from_secs(600)), echo_console: false };
+    let report = vm.run(&image, RAM, &config, &|_, _| {})?;
+    let console = String::from_utf8_lossy(&report.console).replace('\0', "");
+    if report.outcome != Outcome::Exit(0) {
+        return Err(Error::Unsupported(format!(
+            "the convbench guest did not exit 0: {:?}: {console}",
+            report.outcome
+        )));
+    }
+    let per_request = |key: &str| -> Option<f64> {
+        let field = console.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+        let (cycles, count) = field.split_once('/')?;
+        Some(cycles.parse::<f64>().ok()? / count.parse::<f64>().ok()?)
+    };
+    let ns_per_cycle = 1.0 / tsc_cycles_per_ns();
+    let time = |key: &str| {
+        per_request(key)
+            .map(|cycles| Duration::from_secs_f64(cycles * ns_per_cycle * 1e-9))
+            .ok_or_else(|| Error::Unsupported(format!("no {key} in the guest's report: {console}")))
+    };
+    Ok(ConversionTimes {
+        bare_exit: time("bare=")?,
+        convert_4k: time("c4k=")?,
+        convert_2m: time("c2m=")?,
+    })
+}
+
+/// The host's TSC rate, against the monotonic clock over 50 ms. Guests
+/// read the same counter (KVM does not scale it here).
+fn tsc_cycles_per_ns() -> f64 {
+    let tsc = || {
+        // SAFETY: rdtsc only reads the time-stamp counter; every x86-64
+        // CPU has it.
+        unsafe { std::arch::x86_64::_rdtsc() }
+    };
+    let (start, cycles) = (Instant::now(), tsc());
+    std::thread::sleep(Duration::from_millis(50));
+    let cycles = tsc() - cycles;
+    cycles as f64 / start.elapsed().as_nanos() as f64
+}
+
+/// Per-page metadata of a sparse guest: what gmem keeps per 4 KiB page
+/// of RAM (states and mapping bitmaps) and the resident memory the
+/// process grew by when the VM and its RAM were set up.
+#[derive(Clone, Copy, Debug)]
+pub struct Metadata {
+    /// Pages of guest RAM.
+    pub pages: u64,
+    /// Bytes of per-page metadata, from the data structures.
+    pub bytes_per_page: f64,
+    /// Growth of the process's resident memory, per page of RAM.
+    pub resident_bytes_per_page: f64,
+}
+
+/// Sets up a VM with `ram` bytes of (untouched) RAM and measures its
+/// per-page metadata.
+pub fn metadata(ram: u64) -> Result<Metadata> {
+    let before = resident_bytes()?;
+    let (vm, _file) = Vm::with_ram(ram)?;
+    let after = resident_bytes()?;
+    let stats = vm.stats().memory;
+    Ok(Metadata {
+        pages: stats.pages,
+        bytes_per_page: stats.metadata_bytes as f64 / stats.pages as f64,
+        resident_bytes_per_page: after.saturating_sub(before) as f64 / stats.pages as f64,
+    })
+}
+
+/// The process's resident memory (`VmRSS`).
+fn resident_bytes() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(Error::io("read status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| Error::Unsupported("no VmRSS in /proc/self/status".into()))
+}
+
 /// The median of `samples` (which must not be empty).
 pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();

@@ -19,7 +19,8 @@
 //! pages that gmem put there after checking that they are shared, so a stale
 //! host pointer to a page converted back to private faults instead of
 //! reading private data. Converting a range, in either direction, punches
-//! it from the file (with invalidation): it reads zero afterwards.
+//! it from the file (freeing the memory, with invalidation): it reads zero
+//! afterwards.
 //!
 //! Policy for guest accesses that do not match a page's state: a GPA has one
 //! mapping in the guest, and an access always reaches the page's current
@@ -431,9 +432,9 @@ impl GuestMemory {
     /// Converts `[gpa, gpa + size)` to shared (`attributes` 0) or private
     /// ([`ATTRIBUTE_PRIVATE`]), whole or not at all: `EINVAL` for an
     /// unaligned or empty range, one outside guest RAM, or unknown attribute
-    /// bits. Pages whose state changes are discarded (punched, with
-    /// invalidation) and read zero afterwards; pages already in that state
-    /// keep their content. Returns how many pages changed state.
+    /// bits. Pages whose state changes are discarded (see
+    /// [`discard`](Self::discard)) and read zero afterwards; pages already
+    /// in that state keep their content. Returns how many pages changed state.
     pub(crate) fn convert(&self, gpa: Gpa, size: u64, attributes: u64) -> Result<u64> {
         if attributes & !ATTRIBUTE_PRIVATE != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -454,13 +455,7 @@ impl GuestMemory {
         let mut changed = 0;
         for (slot, pages) in &covering {
             for run in slot.shared.runs(pages.clone(), !shared) {
-                let first = slot.file_pages(&run);
-                let bytes = first.bytes();
-                slot.binding.file().fallocate(
-                    gmem::Fallocate::PunchHole,
-                    FileOffset(bytes.start),
-                    bytes.end - bytes.start,
-                )?;
+                self.discard(slot, run.clone())?;
                 slot.shared.set(run.clone(), shared);
                 changed += run.end - run.start;
             }
@@ -468,6 +463,20 @@ impl GuestMemory {
         self.counters.conversions.fetch_add(1, Ordering::Relaxed);
         self.counters.converted_pages.fetch_add(changed, Ordering::Relaxed);
         Ok(changed)
+    }
+
+    /// Discards slot pages `run`, whose state is changing (the caller holds
+    /// the slot's states for writing): a punch, with invalidation.
+    fn discard(&self, slot: &Slot, run: Range<u64>) -> Result<()> {
+        // The kernel unmaps the pages from every window, the host view
+        // included; the invalidation callback forgets them.
+        let bytes = slot.file_pages(&run).bytes();
+        slot.binding.file().fallocate(
+            gmem::Fallocate::PunchHole,
+            FileOffset(bytes.start),
+            bytes.end - bytes.start,
+        )?;
+        Ok(())
     }
 
     /// Runs `access` on the host address of `[gpa, gpa + len)` if every page

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use gmem::{Fallocate, FileOffset, PageRange, PrivateMemFile, PAGE_SIZE};
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
 use crate::boot::{self, GuestImage, BOOT_INFO, STACK_SIZE};
@@ -452,6 +452,9 @@ impl Vm {
         if self.has_run.load(Ordering::SeqCst) {
             return Err(Error::NotPermitted("a VM runs once; create a new one".into()));
         }
+        if self.fd.check_extension_int(Cap::SyncRegs) & SyncReg::Register as i32 == 0 {
+            return Err(Error::Unsupported("KVM lacks KVM_CAP_SYNC_REGS for registers".into()));
+        }
         let vcpus: Vec<VcpuFd> = (0..config.vcpus)
             .map(|i| {
                 let vcpu =
@@ -591,6 +594,10 @@ impl Vm {
         on_sync: SyncHandler<'_>,
     ) {
         let stop = |why: String| self.control.stop(Outcome::Error(format!("vCPU {index}: {why}")));
+        // KVM copies the registers into kvm_run on every exit, and back in
+        // when marked dirty: on kvm_pvm hosts a KVM_GET_REGS/KVM_SET_REGS
+        // pair costs about as much as the exit itself.
+        vcpu.set_sync_valid_reg(SyncReg::Register);
         while !self.control.stopping.load(Ordering::SeqCst) {
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
@@ -620,7 +627,7 @@ impl Vm {
                 }
                 VcpuExit::IoOut(port @ (ports::SYNC | ports::CONVERT), _) => port,
                 VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => {
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = vcpu.sync_regs().regs.rip;
                     return stop(format!("access to unknown port {port:#x} at RIP {rip:#x}"));
                 }
                 VcpuExit::Hlt => return,
@@ -631,7 +638,7 @@ impl Vm {
                 VcpuExit::InternalError => {
                     // SAFETY: KVM filled the `internal` member for this exit.
                     let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = vcpu.sync_regs().regs.rip;
                     // Suberror 1 is an emulation failure; on kvm_pvm hosts any
                     // guest SSE instruction ends this way.
                     return stop(format!(
@@ -648,8 +655,8 @@ impl Vm {
                 }
                 other => return stop(format!("unexpected exit {other:?}")),
             };
-            let Ok(mut regs) = vcpu.get_regs() else { return stop("KVM_GET_REGS failed".into()) };
-            regs.rax = match port {
+            let regs = vcpu.sync_regs().regs;
+            let rax = match port {
                 ports::SYNC => {
                     let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
                     on_sync(self, regs.rdi);
@@ -663,9 +670,8 @@ impl Vm {
                     }
                 }
             };
-            if vcpu.set_regs(&regs).is_err() {
-                return stop("KVM_SET_REGS failed".into());
-            }
+            vcpu.sync_regs_mut().regs.rax = rax;
+            vcpu.set_sync_dirty_reg(SyncReg::Register);
         }
     }
 }
