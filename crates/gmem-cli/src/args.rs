@@ -74,6 +74,11 @@ pub(crate) struct RunArgs {
     /// Pages served per fault (a power of two) on the user-space backend.
     #[arg(long, default_value_t = gmem_kvm::memory::DEFAULT_FAULT_AROUND_PAGES)]
     pub(crate) fault_around: u64,
+    /// Also take KVM_HC_MAP_GPA_RANGE hypercalls (vmcall, RAX = 12) as
+    /// conversion requests, where KVM offers hypercall exits. Off by
+    /// default: on kvm_pvm hosts a vmcall hangs the vCPU regardless.
+    #[arg(long)]
+    pub(crate) hypercall_exits: bool,
     /// Print one JSON object on stdout at the end (console still on stderr).
     #[arg(long)]
     pub(crate) json: bool,

@@ -157,7 +157,7 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
                 let result = match (&record.denied, &record.data) {
                     (Some(why), _) => format!("denied: {why}"),
                     (None, Some(data)) => match text(data) {
-                        Some(text) => format!("ok: {} ({text:?})", hex(data)),
+                        Some(text) => format!("ok: {text:?} ({} bytes)", data.len()),
                         None => format!("ok: {}", hex(data)),
                     },
                     (None, None) => "ok".into(),
@@ -171,9 +171,16 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
         }
     };
     let timeout = (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout));
-    let config = RunConfig { vcpus: args.vcpus, timeout, echo_console: true };
+    let config = RunConfig {
+        timeout,
+        echo_console: true,
+        hypercall_exits: args.hypercall_exits,
+        ..RunConfig::new(args.vcpus)
+    };
     let report = match vm.run(&image, args.mem, &config, &on_sync) {
         Ok(report) => report,
+        // Asked for what this host cannot do (hypercall exits): a bad argument.
+        Err(e) if e.errno() == gmem_kvm::Errno::OPNOTSUPP => return fail(BAD_INPUT, e),
         Err(e) => return fail(VM_ERROR, format!("cannot run the VM: {e}")),
     };
 

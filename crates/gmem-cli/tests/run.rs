@@ -30,7 +30,53 @@ fn demo_exits_zero() {
     let out = gmem(&["run", "--vcpus", "2"]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     assert!(stderr(&out).contains("gmem demo: 2 vCPU(s) filled 4 MiB of private memory"));
+    assert!(
+        stderr(&out).contains("\"hello from the guest, through a shared page\""),
+        "the host prints the message the demo shares: {}",
+        stderr(&out)
+    );
     assert!(out.stdout.is_empty(), "without --json stdout stays empty");
+}
+
+#[test]
+fn sync_read_and_write_follow_the_page_states() {
+    if !kvm() {
+        return;
+    }
+    // The convert guest shares 0x600000 at stage 1 and takes it back at
+    // stage 2; 0x601000 stays private.
+    let out = gmem(&[
+        "run",
+        "--guest",
+        "convert",
+        "--json",
+        "--sync",
+        "1:read:0x600000:11",
+        "--sync",
+        "1:write:0x600040:686f73742d3e6775",
+        "--sync",
+        "1:read:0x601000:8",
+        "--sync",
+        "2:read:0x600000:8",
+        "--sync",
+        "2:write:0x600000:00",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let v = json(&out);
+    let syncs = v["syncs"].as_array().unwrap();
+    let results: Vec<_> = syncs.iter().map(|s| s["result"].as_str().unwrap()).collect();
+    assert_eq!(results, ["ok", "ok", "denied", "denied", "denied"]);
+    assert_eq!(syncs[0]["data_hex"], hex_of(b"guest->host"));
+    assert_eq!(syncs[2]["data_hex"], Value::Null);
+    assert!(syncs[2]["detail"].as_str().unwrap().contains("0x601000"), "{}", syncs[2]);
+    let stats = &v["stats"];
+    assert_eq!(stats["conversions"], 4);
+    assert_eq!(stats["conversion_requests"], 12);
+    assert_eq!(stats["host_denials"], 3);
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]
@@ -71,6 +117,7 @@ fn json_has_the_abi_fields() {
     assert!(stats["pages_served"].as_u64().unwrap() > 16);
     assert!(stats["invalidations"].as_u64().unwrap() >= 1);
     assert_eq!(stats["conversions"], 0);
+    assert_eq!(stats["conversion_requests"], 0);
     assert_eq!(stats["host_denials"], 2);
 }
 

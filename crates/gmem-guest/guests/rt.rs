@@ -62,6 +62,19 @@ pub fn convert(gpa: u64, size: u64, attrs: u64) -> i64 {
     ret
 }
 
+/// `vmcall` KVM_HC_MAP_GPA_RANGE (12): the same request as [`convert`],
+/// in pages; only where the VMM enabled hypercall exits.
+pub fn map_gpa_range(gpa: u64, pages: u64, attrs: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: a hypercall the VMM answers in RAX; rbx is reserved by LLVM,
+    // so it is swapped in and out around the call.
+    unsafe {
+        asm!("xchg rbx, {gpa}", "vmcall", "xchg rbx, {gpa}", gpa = inout(reg) gpa => _,
+             in("rcx") pages, in("rdx") attrs, inout("rax") 12i64 => ret)
+    };
+    ret
+}
+
 /// Port 0xE9 with one byte: the cheapest exit to the VMM.
 pub fn console(byte: u8) {
     // SAFETY: a console port write.

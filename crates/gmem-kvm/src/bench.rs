@@ -37,16 +37,23 @@ pub fn first_touch(touch_guest: &[u8], mib: u64, backing: Backing) -> Result<Dur
             vm
         }
     };
-    let image = GuestImage::parse(touch_guest, ram)?;
+    Ok(run_to_success(&vm, touch_guest, ram)?.1)
+}
+
+/// Loads `guest` into `vm` (`ram` bytes of RAM at GPA 0) and runs it on
+/// one vCPU; returns its console output and how long the run took. An
+/// error unless the guest exits 0.
+fn run_to_success(vm: &Vm, guest: &[u8], ram: u64) -> Result<(String, Duration)> {
+    let image = GuestImage::parse(guest, ram)?;
     vm.load(&image, ram, 1)?;
-    let config =
-        RunConfig { vcpus: 1, timeout: Some(Duration::from_secs(600)), echo_console: false };
+    let config = RunConfig { timeout: Some(Duration::from_secs(600)), ..RunConfig::new(1) };
     let start = Instant::now();
     let report = vm.run(&image, ram, &config, &|_, _| {})?;
     let elapsed = start.elapsed();
+    let console = String::from_utf8_lossy(&report.console).replace('\0', "");
     match report.outcome {
-        Outcome::Exit(0) => Ok(elapsed),
-        other => Err(Error::Unsupported(format!("the touch guest did not exit 0: {other:?}"))),
+        Outcome::Exit(0) => Ok((console, elapsed)),
+        other => Err(Error::Unsupported(format!("the guest did not exit 0: {other:?}: {console}"))),
     }
 }
 
@@ -66,18 +73,7 @@ pub struct ConversionTimes {
 pub fn conversions(convbench_guest: &[u8]) -> Result<ConversionTimes> {
     const RAM: u64 = 32 << 20;
     let (vm, _file) = Vm::with_ram(RAM)?;
-    let image = GuestImage::parse(convbench_guest, RAM)?;
-    vm.load(&image, RAM, 1)?;
-    let config =
-        RunConfig { vcpus: 1, timeout: Some(Duration::from_secs(600)), echo_console: false };
-    let report = vm.run(&image, RAM, &config, &|_, _| {})?;
-    let console = String::from_utf8_lossy(&report.console).replace('\0', "");
-    if report.outcome != Outcome::Exit(0) {
-        return Err(Error::Unsupported(format!(
-            "the convbench guest did not exit 0: {:?}: {console}",
-            report.outcome
-        )));
-    }
+    let (console, _) = run_to_success(&vm, convbench_guest, RAM)?;
     let per_request = |key: &str| -> Option<f64> {
         let field = console.split_whitespace().find_map(|w| w.strip_prefix(key))?;
         let (cycles, count) = field.split_once('/')?;

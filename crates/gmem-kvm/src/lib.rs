@@ -14,7 +14,7 @@
 //! let (vm, _file) = Vm::with_ram(ram)?;
 //! let image = GuestImage::parse(gmem_guest::demo(), ram)?;
 //! vm.load(&image, ram, 1)?;
-//! let config = RunConfig { vcpus: 1, timeout: None, echo_console: false };
+//! let config = RunConfig::new(1);
 //! let report = vm.run(&image, ram, &config, &|_, _| {})?;
 //! assert_eq!(report.outcome, Outcome::Exit(0));
 //! # Ok::<(), gmem_kvm::Error>(())
@@ -33,7 +33,9 @@ mod vm;
 pub use boot::GuestImage;
 pub use error::{Errno, Error, Result};
 pub use memory::MemoryStats;
-pub use vm::{ports, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats};
+pub use vm::{
+    ports, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats, KVM_HC_MAP_GPA_RANGE,
+};
 
 /// A guest physical address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -48,7 +48,21 @@ pub struct RunConfig {
     pub timeout: Option<Duration>,
     /// Echo console output to stderr as it comes.
     pub echo_console: bool,
+    /// Take KVM_HC_MAP_GPA_RANGE hypercalls as conversion requests
+    /// (KVM_CAP_EXIT_HYPERCALL). Off by default: on kvm_pvm hosts a
+    /// `vmcall` hangs the vCPU, with or without it.
+    pub hypercall_exits: bool,
 }
+
+impl RunConfig {
+    /// `vcpus` vCPUs, no timeout, no echo, no hypercall exits.
+    pub fn new(vcpus: u32) -> Self {
+        Self { vcpus, timeout: None, echo_console: false, hypercall_exits: false }
+    }
+}
+
+/// `KVM_HC_MAP_GPA_RANGE`: the hypercall number of a conversion request.
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
 
 /// The result of a run.
 #[derive(Debug, Clone)]
@@ -455,6 +469,9 @@ impl Vm {
         if self.fd.check_extension_int(Cap::SyncRegs) & SyncReg::Register as i32 == 0 {
             return Err(Error::Unsupported("KVM lacks KVM_CAP_SYNC_REGS for registers".into()));
         }
+        if config.hypercall_exits {
+            self.enable_hypercall_exits()?;
+        }
         let vcpus: Vec<VcpuFd> = (0..config.vcpus)
             .map(|i| {
                 let vcpu =
@@ -501,6 +518,39 @@ impl Vm {
         });
         let outcome = self.control.outcome().clone().unwrap_or(Outcome::Error("stopped".into()));
         Ok(RunReport { outcome, console: console.into_inner().unwrap_or_else(|p| p.into_inner()) })
+    }
+
+    /// Asks KVM to exit to us on KVM_HC_MAP_GPA_RANGE; `EOPNOTSUPP` where
+    /// the kernel cannot.
+    fn enable_hypercall_exits(&self) -> Result<()> {
+        let mask = 1u64 << KVM_HC_MAP_GPA_RANGE;
+        let supported = self.fd.check_extension_int(Cap::ExitHypercall);
+        if (supported as u64) & mask == 0 {
+            return Err(Error::Unsupported(format!(
+                "hypercall exits: KVM_CAP_EXIT_HYPERCALL offers {supported:#x}, without \
+                 KVM_HC_MAP_GPA_RANGE"
+            )));
+        }
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
+            ..Default::default()
+        };
+        cap.args[0] = mask;
+        self.fd.enable_cap(&cap).map_err(Error::kvm("KVM_ENABLE_CAP(EXIT_HYPERCALL)"))
+    }
+
+    /// Carries out a guest's conversion request; RAX for the guest: 0 or
+    /// a negative errno.
+    fn guest_convert(&self, gpa: u64, size: Option<u64>, attributes: u64) -> u64 {
+        self.conversion_requests.fetch_add(1, Ordering::Relaxed);
+        let result = match size {
+            Some(size) => self.memory.convert(Gpa(gpa), size, attributes),
+            None => Err(Error::InvalidArgument("conversion: the page count overflows".into())),
+        };
+        match result {
+            Ok(_) => 0,
+            Err(e) => (-i64::from(e.errno().raw_os_error())) as u64,
+        }
     }
 
     /// Waits until the VM stops or the deadline passes.
@@ -630,6 +680,12 @@ impl Vm {
                     let rip = vcpu.sync_regs().regs.rip;
                     return stop(format!("access to unknown port {port:#x} at RIP {rip:#x}"));
                 }
+                // Only KVM_HC_MAP_GPA_RANGE exits are enabled.
+                VcpuExit::Hypercall(call) => {
+                    let [gpa, pages, attributes, ..] = call.args;
+                    *call.ret = self.guest_convert(gpa, pages.checked_mul(PAGE_SIZE), attributes);
+                    continue;
+                }
                 VcpuExit::Hlt => return,
                 VcpuExit::Shutdown => return stop("triple fault (shutdown)".into()),
                 VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _) => {
@@ -662,13 +718,7 @@ impl Vm {
                     on_sync(self, regs.rdi);
                     0
                 }
-                _ => {
-                    self.conversion_requests.fetch_add(1, Ordering::Relaxed);
-                    match self.memory.convert(Gpa(regs.rdi), regs.rsi, regs.rdx) {
-                        Ok(_) => 0,
-                        Err(e) => (-i64::from(e.errno().raw_os_error())) as u64,
-                    }
-                }
+                _ => self.guest_convert(regs.rdi, Some(regs.rsi), regs.rdx),
             };
             vcpu.sync_regs_mut().regs.rax = rax;
             vcpu.set_sync_dirty_reg(SyncReg::Register);

@@ -113,8 +113,7 @@ fn a_guest_that_never_exits_times_out_without_hanging() {
     let (vm, _f) = Vm::with_ram(RAM).unwrap();
     let image = GuestImage::parse(gmem_guest::guest("spin").unwrap(), RAM).unwrap();
     vm.load(&image, RAM, 2).unwrap();
-    let config =
-        RunConfig { vcpus: 2, timeout: Some(Duration::from_millis(500)), echo_console: false };
+    let config = RunConfig { timeout: Some(Duration::from_millis(500)), ..RunConfig::new(2) };
     let start = Instant::now();
     let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
     assert_eq!(report.outcome, Outcome::Timeout);
@@ -131,8 +130,7 @@ fn an_unknown_port_stops_the_vm_with_its_number_and_rip() {
     let (vm, _f) = Vm::with_ram(RAM).unwrap();
     let image = GuestImage::parse(gmem_guest::guest("badport").unwrap(), RAM).unwrap();
     vm.load(&image, RAM, 1).unwrap();
-    let config =
-        RunConfig { vcpus: 1, timeout: Some(Duration::from_secs(30)), echo_console: false };
+    let config = RunConfig { timeout: Some(Duration::from_secs(30)), ..RunConfig::new(1) };
     let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
     match report.outcome {
         Outcome::Error(message) => {

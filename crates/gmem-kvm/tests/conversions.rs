@@ -228,3 +228,30 @@ fn stale_host_pointers_fault_instead_of_reading_private_data() {
     assert!(!stdout.contains("from a private page"), "{stdout}");
     assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}: {stdout}", out.status);
 }
+
+/// KVM_HC_MAP_GPA_RANGE exits are opt-in. Where the kernel delivers them
+/// the guest converts by hypercall; on kvm_pvm hosts a `vmcall` never
+/// leaves the guest, and the timeout must still end the run.
+#[test]
+fn hypercall_exits_convert_or_time_out_but_never_hang() {
+    if !kvm() {
+        return;
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let image = gmem_kvm::GuestImage::parse(gmem_guest::guest("hypercall").unwrap(), RAM).unwrap();
+    vm.load(&image, RAM, 1).unwrap();
+    let config = gmem_kvm::RunConfig {
+        timeout: Some(std::time::Duration::from_secs(2)),
+        hypercall_exits: true,
+        ..gmem_kvm::RunConfig::new(1)
+    };
+    let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
+    match report.outcome {
+        Outcome::Exit(code) => {
+            assert_eq!(code, 0, "{}", console(&report));
+            assert_eq!(vm.stats().conversion_requests, 3);
+        }
+        Outcome::Timeout => assert_eq!(vm.stats().conversion_requests, 0),
+        Outcome::Error(e) => panic!("{e}"),
+    }
+}

@@ -10,7 +10,7 @@ pub use gmem_kvm::test_support::kvm_available as kvm;
 pub const RAM: u64 = 64 << 20;
 
 pub fn config(vcpus: u32) -> RunConfig {
-    RunConfig { vcpus, timeout: Some(Duration::from_secs(60)), echo_console: false }
+    RunConfig { timeout: Some(Duration::from_secs(60)), ..RunConfig::new(vcpus) }
 }
 
 /// Loads the built-in guest `name` into `vm` and runs it.
