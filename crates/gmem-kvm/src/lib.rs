@@ -7,6 +7,11 @@
 //! truncations of the files reach the VM's invalidation callback and the
 //! guest then reads fresh zero pages.
 //!
+//! Pages are private or shared: the guest converts them through port 0xF0
+//! of GUEST_ABI v1 (or [`Vm::convert`]), and the host reaches shared pages
+//! only, through [`Vm::read_guest`]/[`Vm::write_guest`] or the vm-memory
+//! view of [`shared`].
+//!
 //! ```no_run
 //! use gmem_kvm::{GuestImage, RunConfig, Vm, Outcome};
 //!
