@@ -3,7 +3,7 @@
 //! The seed's "KVM side", made real: a [`Vm`] binds itself as the owner of
 //! GUEST-sealed [`gmem::PrivateMemFile`]s, maps them into KVM-only windows
 //! and serves every first guest touch through userfaultfd and get-and-lock
-//! (see [`memory`](crate::memory) for the path of a page). Punches and
+//! (see [`memory`] for the path of a page). Punches and
 //! truncations of the files reach the VM's invalidation callback and the
 //! guest then reads fresh zero pages.
 //!

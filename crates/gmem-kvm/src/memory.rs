@@ -6,7 +6,7 @@
 //! window; the fault thread calls get-and-lock for a batch of pages around
 //! it (fault-around), maps the ones not yet mapped with `UFFDIO_CONTINUE`
 //! and drops the guard. A punch or truncate on the file calls
-//! [`GuestMemory`]'s invalidation callback, which forgets the pages; the
+//! `GuestMemory`'s invalidation callback, which forgets the pages; the
 //! kernel then frees them, unmapping them from the window, and KVM's MMU
 //! notifier zaps its own mappings. The next access faults again and gets a
 //! fresh zero page.
