@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gmem_kvm::{native, Gpa, GuestImage, Outcome, RunConfig, Vm};
+use gmem_kvm::{probe, Gpa, GuestImage, Outcome, RunConfig, Vm};
 use serde_json::json;
 
 use crate::args::{Action, Backend, RunArgs, SyncSpec};
@@ -45,13 +45,13 @@ fn choose_backend(asked: Backend) -> Result<(&'static str, String), String> {
     if asked == Backend::Userspace {
         return Ok(("userspace", "asked for".into()));
     }
-    let why_not_native = match native::probe() {
-        Ok(support) => support.usable().err().unwrap_or_default(),
-        Err(e) => format!("probing guest_memfd failed: {e}"),
-    };
+    let host = probe::host().map_err(|e| format!("probing the host failed: {e}"))?;
     match asked {
-        Backend::Native => Err(format!("--backend native is not available here: {why_not_native}")),
-        _ => Ok(("userspace", format!("native guest_memfd not used: {why_not_native}"))),
+        Backend::Native => Err(format!(
+            "--backend native is not available here: {}",
+            host.native.usable().err().unwrap_or_default()
+        )),
+        _ => host.auto_backend().map(|choice| (choice.backend, choice.reason)),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `gmem run` end to end: exit statuses, `--json` fields, bad arguments.
+//! The `gmem` binary end to end: probe, run, check and bench; exit
+//! statuses, `--json` shapes, bad arguments.
 
 use std::process::{Command, Output};
 
@@ -162,6 +163,12 @@ fn bad_arguments_exit_2_with_a_message() {
         (&["run", "--guest", &bad_elf], "bad guest image"),
         (&["run", "--backend", "native"], "native"),
         (&["run", "--backend", "bogus"], "bogus"),
+        (&["bench", "--reps", "0"], "reps"),
+        (&["bench", "--mib", "lots"], "mib"),
+        (&["bench", "--plot"], "--plot"),
+        (&["probe", "--verbose"], "--verbose"),
+        (&["check", "extra"], "extra"),
+        (&["frobnicate"], "frobnicate"),
     ];
     for (args, needle) in cases {
         if args.contains(&"native") && !std::path::Path::new("/dev/kvm").exists() {
@@ -179,12 +186,18 @@ fn bench_json_has_ratios() {
     if !kvm() {
         return;
     }
-    let out = gmem(&["bench", "--quick", "--json"]);
+    let plot = std::env::temp_dir().join(format!("gmem-bench-{}.svg", std::process::id()));
+    let out = gmem(&["bench", "--quick", "--json", "--plot", plot.to_str().unwrap()]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    let _ = std::fs::remove_file(&plot);
+    assert!(svg.starts_with("<svg") && svg.contains("convert-4k"), "{svg}");
     let v = json(&out);
     let results = v["results"].as_array().unwrap();
     let names: Vec<_> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    for name in ["first-touch", "convert-4k", "convert-2m", "metadata-bytes-per-page"] {
+    for name in
+        ["first-touch", "populate", "punch", "convert-4k", "convert-2m", "metadata-bytes-per-page"]
+    {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
     for r in results {
@@ -205,4 +218,91 @@ fn bench_json_has_ratios() {
     }
     let metadata = results.iter().find(|r| r["name"] == "metadata-bytes-per-page").unwrap();
     assert!(metadata["value"].as_f64().unwrap() < 10.0, "single-digit bytes per page: {metadata}");
+}
+
+#[test]
+fn probe_json_reports_the_host_and_the_backend() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["probe", "--json"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["kvm"]["api_version"], 12);
+    for key in ["supported", "flags", "mmap", "init_shared", "serves_guest"] {
+        assert!(v["guest_memfd"].get(key).is_some(), "guest_memfd.{key} missing: {v}");
+    }
+    for key in ["user_memory2", "memory_attributes", "memory_fault_info", "exit_hypercall"] {
+        assert!(v.get(key).is_some(), "{key} missing: {v}");
+    }
+    assert_eq!(v["userfaultfd"]["usable"], true, "the user-space backend runs here");
+    assert!(v["memlock"].get("soft").is_some());
+    assert_eq!(v["auto_backend"], "userspace");
+    assert!(!v["auto_reason"].as_str().unwrap().is_empty());
+    let table = gmem(&["probe"]);
+    assert_eq!(status(&table), 0);
+    let text = String::from_utf8_lossy(&table.stdout);
+    for row in ["KVM API version", "KVM_CAP_GUEST_MEMFD", "userfaultfd features", "--backend auto"]
+    {
+        assert!(text.contains(row), "{row} missing: {text}");
+    }
+}
+
+/// Without /dev/kvm (hidden in a mount namespace of the child): a clear
+/// message and exit status 1. Needs root for the namespace.
+#[test]
+fn probe_without_dev_kvm_exits_1() {
+    if !kvm() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: hiding /dev/kvm needs root");
+        return;
+    }
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gmem"));
+    command.args(["probe", "--json"]);
+    let hide_dev = || {
+        use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
+        // SAFETY: the child is single-threaded between fork and exec, so a
+        // new mount namespace for it breaks no other thread's assumptions.
+        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }?;
+        mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)?;
+        mount("none", "/dev", "tmpfs", MountFlags::empty(), None)?;
+        Ok(())
+    };
+    // SAFETY: between fork and exec the hook makes only async-signal-safe
+    // system calls (unshare, mount) on memory prepared before the fork.
+    unsafe { command.pre_exec(hide_dev) };
+    let out = command.output().unwrap();
+    assert_eq!(status(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no /dev/kvm"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "no JSON when there is nothing to report");
+}
+
+#[test]
+fn check_passes_here_and_json_has_the_rows() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["check", "--json"]);
+    let v = json(&out);
+    let checks = v["checks"].as_array().unwrap();
+    let failed: Vec<_> = checks.iter().filter(|c| c["status"] == "fail").collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert_eq!(status(&out), 0, "exit 0 when nothing fails");
+    for c in checks {
+        assert!(["userspace", "native"].contains(&c["backend"].as_str().unwrap()), "{c}");
+        assert!(["pass", "fail", "unsupported"].contains(&c["status"].as_str().unwrap()), "{c}");
+        assert!(c["errno"].is_null() || c["errno"].as_i64().is_some(), "{c}");
+        assert!(!c["name"].as_str().unwrap().is_empty() && c["detail"].is_string(), "{c}");
+    }
+    let row = |name: &str, backend: &str| {
+        checks.iter().find(|c| c["name"] == name && c["backend"] == backend).cloned()
+    };
+    assert_eq!(row("seed test program", "userspace").unwrap()["errno"], 1, "EPERM");
+    let twice = row("bind the same file range twice", "native").unwrap();
+    assert_eq!((twice["status"].as_str(), twice["errno"].as_i64()), (Some("pass"), Some(22)));
+    let foreign = row("bind to another VM", "userspace").unwrap();
+    assert!(foreign["detail"].as_str().unwrap().contains("deliberate"), "{foreign}");
 }

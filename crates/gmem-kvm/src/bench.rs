@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use gmem::PAGE_SIZE;
+
 use crate::error::{Error, Result};
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 
@@ -106,42 +108,114 @@ fn tsc_cycles_per_ns() -> f64 {
     cycles as f64 / start.elapsed().as_nanos() as f64
 }
 
-/// Per-page metadata of a sparse guest: what gmem keeps per 4 KiB page
-/// of RAM (states and mapping bitmaps) and the resident memory the
-/// process grew by when the VM and its RAM were set up.
-#[derive(Clone, Copy, Debug)]
-pub struct Metadata {
-    /// Pages of guest RAM.
-    pub pages: u64,
-    /// Bytes of per-page metadata, from the data structures.
-    pub bytes_per_page: f64,
-    /// Growth of the process's resident memory, per page of RAM.
-    pub resident_bytes_per_page: f64,
-}
-
-/// Sets up a VM with `ram` bytes of (untouched) RAM and measures its
-/// per-page metadata.
-pub fn metadata(ram: u64) -> Result<Metadata> {
-    let before = resident_bytes()?;
+/// Bytes of per-page metadata (page states and mapping bitmaps) gmem keeps
+/// for a guest with `ram` bytes of untouched RAM, per 4 KiB page.
+pub fn metadata_bytes_per_page(ram: u64) -> Result<f64> {
     let (vm, _file) = Vm::with_ram(ram)?;
-    let after = resident_bytes()?;
     let stats = vm.stats().memory;
-    Ok(Metadata {
-        pages: stats.pages,
-        bytes_per_page: stats.metadata_bytes as f64 / stats.pages as f64,
-        resident_bytes_per_page: after.saturating_sub(before) as f64 / stats.pages as f64,
-    })
+    Ok(stats.metadata_bytes as f64 / stats.pages as f64)
 }
 
-/// The process's resident memory (`VmRSS`).
-fn resident_bytes() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(Error::io("read status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| Error::Unsupported("no VmRSS in /proc/self/status".into()))
+/// Times of writing `mib` MiB into fresh memory: gmem's launch-time
+/// [`Vm::populate`] of private memory, and a plain `memcpy` into a fresh
+/// anonymous mapping (page faults included in both).
+pub fn populate(mib: u64) -> Result<(Duration, Duration)> {
+    let len = mib << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let (vm, _file) = Vm::with_ram(len + (2 << 20))?;
+    let start = Instant::now();
+    vm.populate(Gpa(0), &data)?;
+    let gmem = start.elapsed();
+
+    let size = usize::try_from(len).map_err(|_| Error::InvalidArgument("too large".into()))?;
+    // SAFETY: a new private anonymous mapping at a kernel-chosen address,
+    // unmapped below and referred to by nothing else.
+    let dst = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            size,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .map_err(Error::os("mmap"))?;
+    let start = Instant::now();
+    // SAFETY: `dst` is a fresh writable mapping of `size` bytes, disjoint from `data`.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.cast::<u8>(), size) };
+    let memcpy = start.elapsed();
+    // SAFETY: the mapping made above; nothing refers to it any more.
+    unsafe { rustix::mm::munmap(dst, size) }.map_err(Error::os("munmap"))?;
+    Ok((gmem, memcpy))
+}
+
+/// Times of punching `mib` MiB of allocated pages out of a file.
+#[derive(Clone, Copy, Debug)]
+pub struct PunchTimes {
+    /// A GUEST-sealed gmem file bound to an owner, with invalidation.
+    pub gmem: Duration,
+    /// A plain memfd: `fallocate(PUNCH_HOLE)` and nothing else.
+    pub memfd: Duration,
+    /// The kernel's guest_memfd, where KVM has it.
+    pub guest_memfd: Option<Duration>,
+}
+
+/// An owner that only counts invalidated pages.
+#[derive(Default)]
+struct Counter(std::sync::atomic::AtomicU64);
+
+impl gmem::GuestOwner for Counter {
+    fn invalidate_page_range(&self, _file: gmem::FileId, pages: gmem::PageRange) {
+        self.0.fetch_add(pages.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Punches `mib` MiB of allocated pages from a gmem file (its owner told
+/// about every page), a plain memfd and, where KVM has one, a guest_memfd.
+pub fn punch(mib: u64) -> Result<PunchTimes> {
+    use gmem::{Fallocate, FileOffset, PageIndex, PageRange, PrivateMemFile};
+    use rustix::fs::FallocateFlags;
+    let len = mib << 20;
+    let punch_flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    let timed = |punch: &dyn Fn() -> Result<()>| -> Result<Duration> {
+        let start = Instant::now();
+        punch()?;
+        Ok(start.elapsed())
+    };
+
+    let file = std::sync::Arc::new(PrivateMemFile::new_guest("bench-punch")?);
+    file.set_len(len)?;
+    let owner = std::sync::Arc::new(Counter::default());
+    let binding = file.bind(&owner)?;
+    drop(binding.get_and_lock_range(PageRange::new(PageIndex(0), PageIndex(len / PAGE_SIZE)))?);
+    let gmem = timed(&|| Ok(file.fallocate(Fallocate::PunchHole, FileOffset(0), len)?))?;
+    let told = owner.0.load(std::sync::atomic::Ordering::Relaxed);
+    if told != len / PAGE_SIZE {
+        return Err(Error::Unsupported(format!("the owner was told of {told} pages, not all")));
+    }
+
+    let memfd = rustix::fs::memfd_create("bench-punch", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(Error::os("memfd_create"))?;
+    rustix::fs::ftruncate(&memfd, len).map_err(Error::os("ftruncate"))?;
+    rustix::fs::fallocate(&memfd, FallocateFlags::KEEP_SIZE, 0, len)
+        .map_err(Error::os("fallocate"))?;
+    let raw = timed(&|| {
+        rustix::fs::fallocate(&memfd, punch_flags, 0, len).map_err(Error::os("fallocate"))
+    })?;
+
+    let kvm = kvm_ioctls::Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
+    let guest_memfd = if kvm.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_MEMFD.into()) > 0 {
+        let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        let native = crate::native::GuestMemfd::create(&vm, len, 0)?;
+        rustix::fs::fallocate(native.fd(), FallocateFlags::KEEP_SIZE, 0, len)
+            .map_err(Error::os("fallocate guest_memfd"))?;
+        Some(timed(&|| {
+            rustix::fs::fallocate(native.fd(), punch_flags, 0, len)
+                .map_err(Error::os("fallocate guest_memfd"))
+        })?)
+    } else {
+        None
+    };
+    Ok(PunchTimes { gmem, memfd: raw, guest_memfd })
 }
 
 /// The median of `samples` (which must not be empty).

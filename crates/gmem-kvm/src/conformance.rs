@@ -9,16 +9,78 @@ use gmem::{Fallocate, FileOffset, PrivateMemFile, PAGE_SIZE};
 use kvm_ioctls::Kvm;
 use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
+use rustix::mm::MapFlags;
 
 use crate::error::{Error, Result};
-use crate::native::GuestMemfd;
+use crate::native::{
+    GuestMemfd, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
+};
 use crate::{Gpa, Vm};
+
+/// What the kernel's guest_memfd answers, per its selftests and docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Success.
+    Ok,
+    /// This errno.
+    Errno(Errno),
+    /// Some error (the selftests check only that it fails).
+    Fails,
+}
+
+impl Expect {
+    /// Whether `result` (`None` for success) is what is expected.
+    pub fn matches(self, result: Option<Errno>) -> bool {
+        match self {
+            Expect::Ok => result.is_none(),
+            Expect::Errno(errno) => result == Some(errno),
+            Expect::Fails => result.is_some(),
+        }
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expect::Ok => f.write_str("success"),
+            Expect::Errno(errno) => write!(f, "{}", errno_name(Some(*errno))),
+            Expect::Fails => f.write_str("an error"),
+        }
+    }
+}
+
+/// `EINVAL`-style name of an errno; "success" for `None`.
+pub fn errno_name(errno: Option<Errno>) -> String {
+    let Some(errno) = errno else { return "success".into() };
+    let names = [
+        (Errno::PERM, "EPERM"),
+        (Errno::INVAL, "EINVAL"),
+        (Errno::EXIST, "EEXIST"),
+        (Errno::BUSY, "EBUSY"),
+        (Errno::NODEV, "ENODEV"),
+        (Errno::SPIPE, "ESPIPE"),
+        (Errno::OPNOTSUPP, "EOPNOTSUPP"),
+        (Errno::BADF, "EBADF"),
+        (Errno::NOMEM, "ENOMEM"),
+        (Errno::FAULT, "EFAULT"),
+        (Errno::DEADLK, "EDEADLK"),
+        (Errno::ACCESS, "EACCES"),
+        (Errno::NOENT, "ENOENT"),
+        (Errno::NOSYS, "ENOSYS"),
+    ];
+    names
+        .iter()
+        .find(|(e, _)| *e == errno)
+        .map_or_else(|| format!("errno {}", errno.raw_os_error()), |(_, n)| (*n).to_string())
+}
 
 /// One operation on both backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Comparison {
     /// What was done.
     pub name: &'static str,
+    /// What the kernel should answer.
+    pub expected: Expect,
     /// The kernel guest_memfd's result: `None` for success.
     pub kernel: Option<Errno>,
     /// gmem's result: `None` for success.
@@ -60,42 +122,49 @@ pub fn compare() -> Result<Vec<Comparison>> {
     ours.set_len(SIZE)?;
     let fd = native.fd();
     let mut out = Vec::new();
-    let mut add =
-        |name, kernel, gmem, deliberate| out.push(Comparison { name, kernel, gmem, deliberate });
+    let mut add = |name, expected, kernel, gmem, deliberate| {
+        out.push(Comparison { name, expected, kernel, gmem, deliberate })
+    };
 
     add(
         "create with an unaligned size",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(GuestMemfd::create(&vm, PAGE_SIZE + 1, 0)),
         gmem_errno(PrivateMemFile::new_guest("x").and_then(|f| f.set_len(PAGE_SIZE + 1))),
         None,
     );
     add(
         "create with size 0",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(GuestMemfd::create(&vm, 0, 0)),
         gmem_errno(PrivateMemFile::new_guest("x").and_then(|f| f.set_len(0))),
         Some("a gmem file is sized after creation (the seed's ftruncate); size 0 is its starting point"),
     );
     add(
         "create with unknown flags",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(GuestMemfd::create(&vm, SIZE, 1 << 40)),
         gmem_errno(ours.add_seals(gmem::Seals::from_bits_retain(1 << 30))),
         None,
     );
     add(
         "read",
+        Expect::Fails,
         errno_of(rustix::io::pread(fd, &mut [0u8; 8], 0)),
         gmem_errno(ours.read_at(&mut [0u8; 8], FileOffset(0))),
         Some("the seed's GUEST seal refuses host reads with EPERM; guest_memfd has no read method (pread: ESPIPE)"),
     );
     add(
         "write",
+        Expect::Fails,
         errno_of(rustix::io::pwrite(fd, b"x", 0)),
         gmem_errno(ours.write_at(b"x", FileOffset(0))),
         Some("the seed's GUEST seal refuses host writes with EPERM; guest_memfd has no write method (pwrite: ESPIPE)"),
     );
     add(
         "mmap without the MMAP flag",
-        kernel_mmap_errno(fd),
+        Expect::Errno(Errno::NODEV),
+        map_errno(fd, MapFlags::SHARED),
         gmem_errno(ours.map(FileOffset(0), 4096, false)),
         Some("the seed refuses mmap of a sealed file with EPERM; guest_memfd says ENODEV"),
     );
@@ -103,24 +172,28 @@ pub fn compare() -> Result<Vec<Comparison>> {
     let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
     add(
         "punch an unaligned offset",
+        Expect::Errno(Errno::INVAL),
         errno_of(rustix::fs::fallocate(fd, punch, 1, PAGE_SIZE)),
         gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(1), PAGE_SIZE)),
         None,
     );
     add(
         "punch an unaligned length",
+        Expect::Errno(Errno::INVAL),
         errno_of(rustix::fs::fallocate(fd, punch, 0, PAGE_SIZE + 1)),
         gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(0), PAGE_SIZE + 1)),
         None,
     );
     add(
         "allocate, keeping the size",
+        Expect::Ok,
         errno_of(rustix::fs::fallocate(fd, keep, 0, SIZE)),
         gmem_errno(ours.fallocate(Fallocate::AllocateKeepSize, FileOffset(0), SIZE)),
         None,
     );
     add(
         "allocate past the end, keeping the size",
+        Expect::Errno(Errno::INVAL),
         errno_of(rustix::fs::fallocate(fd, keep, SIZE - PAGE_SIZE, 2 * PAGE_SIZE)),
         gmem_errno(ours.fallocate(
             Fallocate::AllocateKeepSize,
@@ -131,6 +204,7 @@ pub fn compare() -> Result<Vec<Comparison>> {
     );
     add(
         "allocate, growing the file",
+        Expect::Errno(Errno::OPNOTSUPP),
         errno_of(rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, 2 * SIZE)),
         gmem_errno(ours.fallocate(Fallocate::Allocate, FileOffset(0), 2 * SIZE)),
         Some("a gmem file can grow (the seed's shmem file could); guest_memfd has a fixed size"),
@@ -138,18 +212,21 @@ pub fn compare() -> Result<Vec<Comparison>> {
     ours.set_len(SIZE)?;
     add(
         "punch an aligned range",
+        Expect::Ok,
         errno_of(rustix::fs::fallocate(fd, punch, 0, PAGE_SIZE)),
         gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(0), PAGE_SIZE)),
         None,
     );
     add(
         "ftruncate to an aligned size",
+        Expect::Fails,
         errno_of(rustix::fs::ftruncate(fd, SIZE)),
         gmem_errno(ours.set_len(SIZE)),
         Some("the seed allows page-aligned ftruncate on a sealed file; guest_memfd refuses any"),
     );
     add(
         "file size",
+        Expect::Ok,
         (rustix::fs::fstat(fd).map(|s| s.st_size as u64).ok() != Some(SIZE))
             .then_some(Errno::INVAL),
         (ours.size() != SIZE).then_some(Errno::INVAL),
@@ -159,18 +236,21 @@ pub fn compare() -> Result<Vec<Comparison>> {
     // Binding to memslots.
     add(
         "bind a range",
+        Expect::Ok,
         kvm_errno(native.bind(&vm, 0, 0, SIZE / 2, 0, 0)),
         kvm_errno(gvm.add_private_memory(Gpa(0), &ours, FileOffset(0), SIZE / 2)),
         None,
     );
     add(
         "bind the same file range twice",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(native.bind(&vm, 1, 1 << 30, SIZE / 2, 0, 0)),
         kvm_errno(gvm.add_private_memory(Gpa(1 << 30), &ours, FileOffset(0), SIZE / 2)),
         None,
     );
     add(
         "bind another file range over a bound GPA range",
+        Expect::Errno(Errno::EXIST),
         kvm_errno(
             GuestMemfd::create(&vm, SIZE, 0).and_then(|g| g.bind(&vm, 5, SIZE / 4, SIZE / 2, 0, 0)),
         ),
@@ -188,18 +268,21 @@ pub fn compare() -> Result<Vec<Comparison>> {
     );
     add(
         "bind an unaligned offset",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(native.bind(&vm, 2, 2 << 30, PAGE_SIZE, 1, 0)),
         kvm_errno(gvm.add_private_memory(Gpa(2 << 30), &ours, FileOffset(1), PAGE_SIZE)),
         None,
     );
     add(
         "bind past the end of the file",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(native.bind(&vm, 3, 3 << 30, SIZE, SIZE / 2, 0)),
         kvm_errno(gvm.add_private_memory(Gpa(3 << 30), &ours, FileOffset(SIZE / 2), SIZE)),
         None,
     );
     add(
         "bind to another VM",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(native.bind(&other_vm, 0, 0, SIZE / 2, SIZE / 2, 0)),
         kvm_errno(other_gvm.add_private_memory(Gpa(0), &ours, FileOffset(SIZE / 2), SIZE / 2)),
         Some(
@@ -208,6 +291,7 @@ pub fn compare() -> Result<Vec<Comparison>> {
     );
     add(
         "bind an unaligned size",
+        Expect::Errno(Errno::INVAL),
         kvm_errno(native.bind(&vm, 4, 4 << 30, PAGE_SIZE + 1, SIZE / 2, 0)),
         kvm_errno(gvm.add_private_memory(Gpa(4 << 30), &ours, FileOffset(SIZE / 2), PAGE_SIZE + 1)),
         None,
@@ -215,6 +299,7 @@ pub fn compare() -> Result<Vec<Comparison>> {
     drop((vm, other_vm, gvm, other_gvm));
     add(
         "punch after the VM is gone",
+        Expect::Ok,
         errno_of(rustix::fs::fallocate(fd, punch, 0, SIZE)),
         gmem_errno(ours.fallocate(Fallocate::PunchHole, FileOffset(0), SIZE)),
         None,
@@ -222,11 +307,75 @@ pub fn compare() -> Result<Vec<Comparison>> {
     Ok(out)
 }
 
-/// The errno of mapping the first page of `fd` shared and read-only.
-fn kernel_mmap_errno(fd: &std::os::fd::OwnedFd) -> Option<Errno> {
-    use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+/// An operation of the kernel selftests' guest_memfd checklist that gmem
+/// has no counterpart for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelCheck {
+    /// What was done.
+    pub name: String,
+    /// What the kernel should answer.
+    pub expected: Expect,
+    /// What it answered: `None` for success.
+    pub kernel: Option<Errno>,
+}
+
+/// Runs the kernel-only part of the guest_memfd checklist: creation with
+/// each flag KVM offers, mmap rules, punch without KEEP_SIZE, binding a
+/// descriptor that is not a guest_memfd, the block size. Needs /dev/kvm
+/// with KVM_CAP_GUEST_MEMFD.
+pub fn kernel_only() -> Result<Vec<KernelCheck>> {
+    let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+    let flags =
+        u64::try_from(kvm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into())).unwrap_or(0);
+    let mut out = Vec::new();
+    let mut add = |name: String, expected, kernel| out.push(KernelCheck { name, expected, kernel });
+    for (flag, flag_name) in
+        [(GUEST_MEMFD_FLAG_MMAP, "MMAP"), (GUEST_MEMFD_FLAG_INIT_SHARED, "INIT_SHARED")]
+    {
+        if flags & flag != 0 {
+            let created = GuestMemfd::create(&vm, SIZE, flag | (flags & GUEST_MEMFD_FLAG_MMAP));
+            add(format!("create with flag {flag_name}"), Expect::Ok, kvm_errno(created));
+        }
+    }
+    if flags & GUEST_MEMFD_FLAG_MMAP != 0 {
+        let mappable = GuestMemfd::create(&vm, SIZE, GUEST_MEMFD_FLAG_MMAP)?;
+        let fd = mappable.fd();
+        add("mmap shared with the MMAP flag".into(), Expect::Ok, map_errno(fd, MapFlags::SHARED));
+        add(
+            "mmap private with the MMAP flag".into(),
+            Expect::Errno(Errno::INVAL),
+            map_errno(fd, MapFlags::PRIVATE),
+        );
+    }
+    let plain = GuestMemfd::create(&vm, SIZE, 0)?;
+    add(
+        "punch without KEEP_SIZE".into(),
+        Expect::Errno(Errno::OPNOTSUPP),
+        errno_of(rustix::fs::fallocate(plain.fd(), FallocateFlags::PUNCH_HOLE, 0, PAGE_SIZE)),
+    );
+    let blksize = rustix::fs::fstat(plain.fd()).map(|st| st.st_blksize as u64);
+    add(
+        "block size is the page size".into(),
+        Expect::Ok,
+        (blksize.ok() != Some(PAGE_SIZE)).then_some(Errno::INVAL),
+    );
+    let memfd = rustix::fs::memfd_create("not-guest-memfd", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(Error::os("memfd_create"))?;
+    rustix::fs::ftruncate(&memfd, SIZE).map_err(Error::os("ftruncate"))?;
+    add(
+        "bind a descriptor that is not a guest_memfd".into(),
+        Expect::Errno(Errno::INVAL),
+        kvm_errno(GuestMemfd::pretend(memfd).bind(&vm, 0, 0, SIZE, 0, 0)),
+    );
+    Ok(out)
+}
+
+/// The errno of mapping the first page of `fd` read-only with `flags`.
+fn map_errno(fd: &std::os::fd::OwnedFd, flags: MapFlags) -> Option<Errno> {
+    use rustix::mm::{mmap, munmap, ProtFlags};
     // SAFETY: a new mapping at a kernel-chosen address, unmapped below.
-    let map = unsafe { mmap(std::ptr::null_mut(), 4096, ProtFlags::READ, MapFlags::SHARED, fd, 0) };
+    let map = unsafe { mmap(std::ptr::null_mut(), 4096, ProtFlags::READ, flags, fd, 0) };
     map.map(|ptr| {
         // SAFETY: the 4096-byte mapping just made; nothing refers to it.
         let _ = unsafe { munmap(ptr, 4096) };

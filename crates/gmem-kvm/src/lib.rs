@@ -27,10 +27,12 @@
 
 pub mod bench;
 pub mod boot;
+pub mod check;
 pub mod conformance;
 mod error;
 pub mod memory;
 pub mod native;
+pub mod probe;
 pub mod shared;
 mod uffd;
 mod vm;

@@ -87,6 +87,12 @@ impl GuestMemfd {
         Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) } })
     }
 
+    /// Any descriptor posing as a guest_memfd, for checking that KVM
+    /// refuses what is not one.
+    pub(crate) fn pretend(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
     /// The descriptor, for system calls a conformance check makes on it.
     pub fn fd(&self) -> &OwnedFd {
         &self.fd

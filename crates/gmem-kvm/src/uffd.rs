@@ -37,7 +37,15 @@ impl Userfaultfd {
         Self::open(UFFD_FEATURE_SIGBUS, "UFFDIO_API (shmem MISSING|MINOR, SIGBUS)")
     }
 
-    fn open(extra_features: u32, op: &'static str) -> Result<Self> {
+    /// The features this kernel's userfaultfd offers (`UFFD_FEATURE_*`).
+    pub(crate) fn supported_features() -> Result<u64> {
+        let uffd = Self::create()?;
+        let mut api = uffdio_api { api: UFFD_API.into(), features: 0, ioctls: 0 };
+        uffd.ioctl(UFFDIO_API, &mut api, "UFFDIO_API")?;
+        Ok(api.features)
+    }
+
+    fn create() -> Result<Self> {
         let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: creates a new descriptor; no memory is affected until a
         // range is registered.
@@ -45,7 +53,11 @@ impl Userfaultfd {
             op: "userfaultfd (needs root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)",
             errno,
         })?;
-        let uffd = Self { fd };
+        Ok(Self { fd })
+    }
+
+    fn open(extra_features: u32, op: &'static str) -> Result<Self> {
+        let uffd = Self::create()?;
         let mut api = uffdio_api {
             api: UFFD_API.into(),
             features: (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | extra_features)

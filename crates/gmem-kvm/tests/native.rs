@@ -54,3 +54,24 @@ fn gmem_matches_guest_memfd_or_differs_deliberately() {
     assert_eq!(by_name("read").gmem, Some(Errno::PERM));
     assert_eq!(by_name("punch after the VM is gone").gmem, None);
 }
+
+#[test]
+fn guest_memfd_answers_as_its_selftests_expect() {
+    if !kvm() {
+        return;
+    }
+    if !native::probe().unwrap().guest_memfd {
+        eprintln!("SKIPPED: this kernel has no guest_memfd");
+        return;
+    }
+    let mut seen = Vec::new();
+    for c in conformance::compare().unwrap() {
+        seen.push((c.name.to_string(), c.expected, c.kernel));
+    }
+    for k in conformance::kernel_only().unwrap() {
+        seen.push((k.name, k.expected, k.kernel));
+    }
+    assert!(seen.len() > 25, "{seen:?}");
+    let wrong: Vec<_> = seen.iter().filter(|(_, expected, got)| !expected.matches(*got)).collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

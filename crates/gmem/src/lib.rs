@@ -61,6 +61,7 @@ mod file;
 mod locks;
 mod mapping;
 mod seals;
+pub mod seed;
 mod types;
 
 pub use error::{Errno, Error, Result};

@@ -1,96 +1,23 @@
 //! The seed's own tests, ported: its userspace test program (and each `#if 0`
-//! variant), its debugfs harness flow, and one test per defect of the seed.
+//! variant) and its debugfs harness flow (in `gmem::seed`, which `gmem
+//! check` runs too), and one test per defect of the seed.
 
 mod common;
 
 use std::sync::Arc;
 
 use common::{errno, guest_file, Recorder};
-use gmem::{Errno, Fallocate, FileOffset, PageIndex, PageRange, PrivateMemFile, Seals, PAGE_SIZE};
+use gmem::{Errno, Fallocate, FileOffset, PageIndex, PageRange, PrivateMemFile, PAGE_SIZE};
 
-/// The seed's userspace program, step by step, with the seed's errnos.
+/// The seed's userspace program (and each `#if 0` variant) and its debugfs
+/// harness flow, as `gmem check` runs them: every one must pass.
 #[test]
-fn seed_test_program() {
-    let file = Arc::new(PrivateMemFile::new("memfd_guest").unwrap());
-    file.add_seals(Seals::GUEST).unwrap();
-    file.set_len(2 << 20).unwrap();
-
-    assert_eq!(errno(file.write_at(b"test", FileOffset(0))), Errno::PERM);
-    assert_eq!(errno(file.read_at(&mut [0; 4], FileOffset(0))), Errno::PERM);
-    assert_eq!(errno(file.map(FileOffset(0), 4096, false)), Errno::PERM);
-
-    let owner = Arc::new(Recorder::default());
-    let binding = file.bind(&owner).unwrap();
-    drop(binding.get_and_lock(PageIndex(0x100)).unwrap());
-    drop(binding.get_and_lock(PageIndex(0x1)).unwrap());
-    file.set_len(0).unwrap();
-    drop(binding);
-    assert!(!file.is_bound());
-    assert_eq!(file.stats().allocated_pages, 0);
-}
-
-/// `#if 0` variant 1: a write before sealing makes the seal fail with EBUSY.
-#[test]
-fn seal_after_write_is_busy() {
-    let file = PrivateMemFile::new("memfd_guest").unwrap();
-    assert_eq!(file.write_at(b"test", FileOffset(0)).unwrap(), 4);
-    assert_eq!(errno(file.add_seals(Seals::GUEST)), Errno::BUSY);
-    assert!(!file.is_guest());
-}
-
-/// `#if 0` variant 2: ftruncate before sealing → EBUSY.
-#[test]
-fn seal_after_ftruncate_is_busy() {
-    let file = PrivateMemFile::new("memfd_guest").unwrap();
-    file.set_len(4096).unwrap();
-    assert_eq!(errno(file.add_seals(Seals::GUEST)), Errno::BUSY);
-    // Back to size 0, sealing works.
-    file.set_len(0).unwrap();
-    file.add_seals(Seals::GUEST).unwrap();
-}
-
-/// `#if 0` variant 3: mmap before sealing → EBUSY, even at size 0; after the
-/// mapping is gone sealing works.
-#[test]
-fn seal_while_mapped_is_busy() {
-    let file = PrivateMemFile::new("memfd_guest").unwrap();
-    let map = file.map(FileOffset(0), 4096, false).unwrap();
-    assert_eq!(errno(file.add_seals(Seals::GUEST)), Errno::BUSY);
-    drop(map);
-    file.add_seals(Seals::GUEST).unwrap();
-    assert_eq!(file.seals().unwrap() & Seals::GUEST, Seals::GUEST);
-}
-
-/// The debugfs harness: bind, get-and-lock at 0x100 and 0x1, truncate to 0:
-/// the callback sees exactly those pages; unbind.
-#[test]
-fn debugfs_harness_flow() {
-    let file = guest_file(2 << 20);
-    let owner = Arc::new(Recorder::default());
-    let binding = file.bind(&owner).unwrap();
-    for page in [0x100, 0x1] {
-        let guard = binding.get_and_lock(PageIndex(page)).unwrap();
-        assert_eq!(guard.pages(), PageRange::new(PageIndex(page), PageIndex(page + 1)));
-        assert_eq!(guard.offset(), FileOffset(page * PAGE_SIZE));
-        let frames = guard.frames().unwrap();
-        assert_eq!(frames.len(), 1);
-        assert_ne!(frames[0], 0, "as root, pagemap shows the frame");
+fn seed_flows_pass() {
+    let checks = gmem::seed::checks();
+    assert_eq!(checks.len(), 5);
+    for check in checks {
+        assert!(check.outcome.is_ok(), "{}: {:?}", check.name, check.outcome);
     }
-    assert_eq!(file.stats().allocated_pages, 2);
-    assert_eq!(file.stats().locked_pages, 0);
-    file.set_len(0).unwrap();
-    let seen = owner.seen.lock().unwrap().clone();
-    assert_eq!(
-        seen,
-        [
-            (file.id(), PageRange::new(PageIndex(0x1), PageIndex(0x2))),
-            (file.id(), PageRange::new(PageIndex(0x100), PageIndex(0x101))),
-        ]
-    );
-    let stats = file.stats();
-    assert_eq!((stats.invalidations, stats.invalidated_pages, stats.allocated_pages), (2, 2, 0));
-    drop(binding);
-    assert!(!file.is_bound());
 }
 
 /// Seed defect: `guest_owner` was never stored, so a second owner was never

@@ -1,0 +1,150 @@
+//! `gmem probe`: what this host supports and what gmem will use.
+
+use gmem_kvm::native::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use gmem_kvm::probe::{self, HostReport};
+use serde_json::{json, Value};
+
+/// `gmem probe` arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ProbeArgs {
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `gmem probe`; exit status 1 when /dev/kvm is missing or closed to us.
+pub(crate) fn probe(args: &ProbeArgs) -> u8 {
+    let host = match probe::host() {
+        Ok(host) => host,
+        Err(e) => {
+            let hint = match e.errno() {
+                gmem_kvm::Errno::NOENT => "no /dev/kvm: KVM is not available on this host",
+                gmem_kvm::Errno::ACCESS | gmem_kvm::Errno::PERM => {
+                    "no permission to open /dev/kvm: run as root or join the kvm group"
+                }
+                _ => "KVM is not usable here",
+            };
+            eprintln!("gmem probe: {hint} ({e})");
+            return 1;
+        }
+    };
+    let auto = host.auto_backend();
+    if args.json {
+        println!("{}", report_json(&host, &auto));
+    } else {
+        for (name, value) in rows(&host, &auto) {
+            println!("{name:34} {value}");
+        }
+    }
+    0
+}
+
+fn yes(value: bool) -> &'static str {
+    if value {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn limit(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "unlimited".into(), |b| format!("{} KiB", b / 1024))
+}
+
+fn flag_names(flags: u64) -> String {
+    let mut names = Vec::new();
+    if flags & GUEST_MEMFD_FLAG_MMAP != 0 {
+        names.push("MMAP");
+    }
+    if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+        names.push("INIT_SHARED");
+    }
+    format!("{flags:#x} ({})", if names.is_empty() { "none".into() } else { names.join("|") })
+}
+
+type Auto = Result<probe::Choice, String>;
+
+fn rows(host: &HostReport, auto: &Auto) -> Vec<(&'static str, String)> {
+    let n = &host.native;
+    let uffd = match &host.userfaultfd {
+        Ok(features) => format!(
+            "{features:#x} ({})",
+            match host.userspace_usable() {
+                Ok(()) => "shmem MISSING, MINOR and SIGBUS: enough for gmem".into(),
+                Err(why) => why,
+            }
+        ),
+        Err(why) => format!("unusable: {why}"),
+    };
+    let serves = match &n.serves_guest {
+        Ok(true) => "yes (checked with a tiny guest)".into(),
+        Ok(false) => "no: a tiny guest read userspace_addr, not guest_memfd".into(),
+        Err(why) => format!("unknown: {why}"),
+    };
+    vec![
+        ("/dev/kvm", "opened".into()),
+        ("KVM API version", host.api_version.to_string()),
+        ("VM types (KVM_CAP_VM_TYPES)", format!("{:#x}", n.vm_types)),
+        ("KVM_CAP_GUEST_MEMFD", yes(n.guest_memfd).into()),
+        ("guest_memfd flags (cap 244)", flag_names(n.guest_memfd_flags)),
+        ("KVM_CAP_USER_MEMORY2", yes(n.user_memory2).into()),
+        ("KVM_CAP_MEMORY_ATTRIBUTES", format!("{:#x}", n.memory_attributes)),
+        ("KVM_CAP_MEMORY_FAULT_INFO", yes(host.memory_fault_info).into()),
+        (
+            "KVM_CAP_EXIT_HYPERCALL",
+            format!(
+                "{:#x} (KVM_HC_MAP_GPA_RANGE: {})",
+                host.exit_hypercall,
+                yes(host.map_gpa_range_exits())
+            ),
+        ),
+        ("KVM_CAP_SYNC_REGS", format!("{:#x}", host.sync_regs)),
+        ("guest_memfd serves guest faults", serves),
+        ("userfaultfd features", uffd),
+        (
+            "RLIMIT_MEMLOCK (soft / hard)",
+            format!(
+                "{} / {}{}",
+                limit(host.memlock.0),
+                limit(host.memlock.1),
+                if host.root { " (root: CAP_IPC_LOCK, no limit applies)" } else { "" }
+            ),
+        ),
+        (
+            "--backend auto",
+            match auto {
+                Ok(choice) => format!("{} ({})", choice.backend, choice.reason),
+                Err(why) => format!("none: {why}"),
+            },
+        ),
+    ]
+}
+
+fn report_json(host: &HostReport, auto: &Auto) -> Value {
+    let n = &host.native;
+    json!({
+        "kvm": { "device": "/dev/kvm", "api_version": host.api_version, "vm_types": n.vm_types },
+        "guest_memfd": {
+            "supported": n.guest_memfd,
+            "flags": n.guest_memfd_flags,
+            "mmap": n.guest_memfd_flags & GUEST_MEMFD_FLAG_MMAP != 0,
+            "init_shared": n.guest_memfd_flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0,
+            "serves_guest": n.serves_guest.as_ref().ok(),
+            "serves_guest_detail": n.serves_guest.as_ref().err(),
+        },
+        "user_memory2": n.user_memory2,
+        "memory_attributes": n.memory_attributes,
+        "memory_fault_info": host.memory_fault_info,
+        "exit_hypercall": host.exit_hypercall,
+        "map_gpa_range_exits": host.map_gpa_range_exits(),
+        "sync_regs": host.sync_regs,
+        "userfaultfd": {
+            "features": host.userfaultfd.as_ref().ok(),
+            "error": host.userfaultfd.as_ref().err(),
+            "usable": host.userspace_usable().is_ok(),
+        },
+        "memlock": { "soft": host.memlock.0, "hard": host.memlock.1, "root": host.root },
+        "auto_backend": auto.as_ref().ok().map(|c| c.backend),
+        "auto_reason": match auto { Ok(c) => c.reason.clone(), Err(why) => why.clone() },
+    })
+}

@@ -1,0 +1,152 @@
+//! `gmem check`: a conformance suite for any host. Three parts:
+//!
+//! - the seed's own flows on the user-space backend ([`gmem::seed`]);
+//! - the kernel selftests' guest_memfd checklist on the kernel's
+//!   guest_memfd, each result against what the selftests expect;
+//! - the same operation sequences on both backends
+//!   ([`conformance::compare`]), gmem's errno against the kernel's: where
+//!   they differ, the row says whether it is deliberate, and why.
+
+use rustix::io::Errno;
+
+use crate::conformance::{self, errno_name, Comparison, Expect};
+use crate::native;
+
+/// Which backend a check ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// gmem's user-space backend.
+    Userspace,
+    /// The kernel's guest_memfd.
+    Native,
+}
+
+impl Backend {
+    /// `"userspace"` or `"native"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Userspace => "userspace",
+            Backend::Native => "native",
+        }
+    }
+}
+
+/// How a check went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// As expected.
+    Pass,
+    /// Not as expected: a bug in gmem or in the kernel.
+    Fail,
+    /// This host cannot run it; the detail says why.
+    Unsupported,
+}
+
+impl Status {
+    /// `"pass"`, `"fail"` or `"unsupported"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Fail => "fail",
+            Status::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Where it ran.
+    pub backend: Backend,
+    /// How it went.
+    pub status: Status,
+    /// The errno seen; `None` for success or where none applies.
+    pub errno: Option<Errno>,
+    /// What was seen and expected, or why it could not run.
+    pub detail: String,
+}
+
+/// Runs every check. Never fails as a whole: what cannot run is reported
+/// as unsupported, with the reason.
+pub fn run() -> Vec<Check> {
+    let mut checks: Vec<Check> = gmem::seed::checks()
+        .into_iter()
+        .map(|seed| {
+            let (status, detail) = match seed.outcome {
+                Ok(detail) => (Status::Pass, detail),
+                Err(detail) => (Status::Fail, detail),
+            };
+            let name = seed.name.to_string();
+            Check { name, backend: Backend::Userspace, status, errno: seed.errno, detail }
+        })
+        .collect();
+    let why_not = match native::probe() {
+        Ok(support) if support.guest_memfd => None,
+        Ok(_) => Some("this kernel has no guest_memfd (KVM_CAP_GUEST_MEMFD)".to_string()),
+        Err(e) => Some(format!("cannot probe KVM: {e}")),
+    };
+    if let Some(why) = why_not {
+        checks.push(Check {
+            name: "guest_memfd checklist and side-by-side comparison".into(),
+            backend: Backend::Native,
+            status: Status::Unsupported,
+            errno: None,
+            detail: why,
+        });
+        return checks;
+    }
+    match conformance::kernel_only() {
+        Ok(kernel) => {
+            checks.extend(kernel.into_iter().map(|k| native_row(k.name, k.expected, k.kernel)))
+        }
+        Err(e) => checks.push(failed("guest_memfd checklist", Backend::Native, e)),
+    }
+    match conformance::compare() {
+        Ok(comparisons) => {
+            for c in comparisons {
+                checks.push(native_row(c.name.into(), c.expected, c.kernel));
+                checks.push(userspace_row(&c));
+            }
+        }
+        Err(e) => checks.push(failed("side-by-side comparison", Backend::Userspace, e)),
+    }
+    checks
+}
+
+fn failed(name: &str, backend: Backend, error: crate::Error) -> Check {
+    Check {
+        name: name.into(),
+        backend,
+        status: Status::Fail,
+        errno: Some(error.errno()),
+        detail: format!("could not run: {error}"),
+    }
+}
+
+/// The kernel's answer against the selftests' expectation.
+fn native_row(name: String, expected: Expect, kernel: Option<Errno>) -> Check {
+    let seen = errno_name(kernel);
+    let (status, detail) = if expected.matches(kernel) {
+        (Status::Pass, format!("{seen}, as the selftests expect"))
+    } else {
+        (Status::Fail, format!("{seen}; the selftests expect {expected}"))
+    };
+    Check { name, backend: Backend::Native, status, errno: kernel, detail }
+}
+
+/// gmem's answer against the kernel's.
+fn userspace_row(c: &Comparison) -> Check {
+    let (gmem, kernel) = (errno_name(c.gmem), errno_name(c.kernel));
+    let (status, detail) = match (c.gmem == c.kernel, c.deliberate) {
+        (true, _) => (Status::Pass, format!("{gmem}, same as the kernel")),
+        (false, Some(why)) => {
+            (Status::Pass, format!("{gmem}, kernel {kernel}: deliberate difference: {why}"))
+        }
+        (false, None) => {
+            (Status::Fail, format!("{gmem}, kernel {kernel}: an undocumented difference (bug)"))
+        }
+    };
+    Check { name: c.name.into(), backend: Backend::Userspace, status, errno: c.gmem, detail }
+}
