@@ -157,6 +157,11 @@ fn first_touch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result
             samples.push(time);
         }
     }
+    let why_not_native = match gmem_kvm::native::probe() {
+        Ok(native) => native.usable().err().unwrap_or_default(),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("\ngmem bench: first touch on native guest_memfd not measured: {why_not_native}");
     let rate = |samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
     let plain = (rate(&mut samples[0]), "plain KVM memory");
     for (&pages, samples) in fault_arounds.iter().zip(samples.iter_mut().skip(1)) {
