@@ -139,14 +139,11 @@ fn native_row(name: String, expected: Expect, kernel: Option<Errno>) -> Check {
 /// gmem's answer against the kernel's.
 fn userspace_row(c: &Comparison) -> Check {
     let (gmem, kernel) = (errno_name(c.gmem), errno_name(c.kernel));
-    let (status, detail) = match (c.gmem == c.kernel, c.deliberate) {
-        (true, _) => (Status::Pass, format!("{gmem}, same as the kernel")),
-        (false, Some(why)) => {
-            (Status::Pass, format!("{gmem}, kernel {kernel}: deliberate difference: {why}"))
-        }
-        (false, None) => {
-            (Status::Fail, format!("{gmem}, kernel {kernel}: an undocumented difference (bug)"))
-        }
+    let status = if c.conforms() { Status::Pass } else { Status::Fail };
+    let detail = match c.deliberate {
+        _ if c.gmem == c.kernel => format!("{gmem}, same as the kernel"),
+        Some(why) => format!("{gmem}, kernel {kernel}: deliberate difference: {why}"),
+        None => format!("{gmem}, kernel {kernel}: an undocumented difference (bug)"),
     };
     Check { name: c.name.into(), backend: Backend::Userspace, status, errno: c.gmem, detail }
 }

@@ -411,6 +411,13 @@ impl GuestMemory {
     pub(crate) fn slot_of(&self, gpa: Gpa) -> Option<Arc<Slot>> {
         self.slots().iter().find(|s| s.contains(gpa)).cloned()
     }
+
+    /// The slot holding all of `[gpa, gpa + len)`; `EINVAL` if none does.
+    pub(crate) fn slot_holding(&self, gpa: Gpa, len: u64) -> Result<Arc<Slot>> {
+        self.slot_of(gpa)
+            .filter(|s| len <= s.size - (gpa.0 - s.gpa.0))
+            .ok_or_else(|| outside(gpa, len))
+    }
 }
 
 impl GuestMemory {
@@ -489,10 +496,7 @@ impl GuestMemory {
         len: u64,
         access: impl FnOnce(*mut u8) -> T,
     ) -> Result<T> {
-        let slot = self
-            .slot_of(gpa)
-            .filter(|s| len <= s.size - (gpa.0 - s.gpa.0))
-            .ok_or_else(|| outside(gpa, len))?;
+        let slot = self.slot_holding(gpa, len)?;
         if len == 0 {
             return Ok(access(std::ptr::null_mut()));
         }
@@ -542,7 +546,7 @@ impl GuestMemory {
 
 fn outside(gpa: Gpa, len: u64) -> Error {
     Error::InvalidArgument(format!(
-        "{:#x}..{:#x} is not inside guest RAM",
+        "{:#x}..{:#x} is not inside guest RAM (one memslot)",
         gpa.0,
         gpa.0.saturating_add(len)
     ))

@@ -326,16 +326,7 @@ impl Vm {
     }
 
     fn host_range(&self, gpa: Gpa, len: u64) -> Result<(Arc<crate::memory::Slot>, FileOffset)> {
-        let slot =
-            self.memory.slot_of(gpa).filter(|s| len <= s.size - (gpa.0 - s.gpa.0)).ok_or_else(
-                || {
-                    Error::InvalidArgument(format!(
-                        "{:#x}..{:#x} is not inside one memslot",
-                        gpa.0,
-                        gpa.0.saturating_add(len)
-                    ))
-                },
-            )?;
+        let slot = self.memory.slot_holding(gpa, len)?;
         let offset = slot.offset_of(gpa);
         Ok((slot, offset))
     }
