@@ -57,6 +57,12 @@ pub enum Error {
         /// What the thread holds.
         held: String,
     },
+    /// Part of the range is being invalidated right now; try again: `EAGAIN`.
+    #[error("{op}: part of the range is being invalidated; try again")]
+    Again {
+        /// The refused operation.
+        op: &'static str,
+    },
     /// The file's size or a range of it cannot be represented: `EINVAL` / `EFBIG`.
     #[error("{op}: bad argument: {why}")]
     InvalidArgument {
@@ -96,6 +102,7 @@ impl Error {
             | Error::NotGuestFile
             | Error::InvalidArgument { .. } => Errno::INVAL,
             Error::WouldDeadlock { .. } => Errno::DEADLK,
+            Error::Again { .. } => Errno::AGAIN,
             Error::MemlockLimit { errno, .. } | Error::Os { errno, .. } => *errno,
         }
     }

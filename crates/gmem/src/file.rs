@@ -13,8 +13,11 @@
 //!   seals are the kernel's own. `F_SEAL_WRITE`/`F_SEAL_FUTURE_WRITE` cannot
 //!   be used for the GUEST seal, since they would forbid the writable windows
 //!   KVM needs.
-//! - Pages live only in mappings locked in RAM (`mlock2(MLOCK_ONFAULT)`, so
-//!   never swapped), excluded from core dumps and from forked children.
+//! - Every allocated page is mapped in the file's frame window, the one
+//!   mapping locked in RAM (`mlock2(MLOCK_ONFAULT)`, so never swapped): the
+//!   file costs its size in `RLIMIT_MEMLOCK`, once, however many windows an
+//!   owner maps. Every mapping of a sealed file is excluded from core dumps
+//!   and from forked children.
 //! - Not enforceable from user space: code of this process that opens
 //!   `/proc/self/fd/N` or reads `/proc/self/mem`, ptrace by a privileged
 //!   process, and page migration (the kernel may still migrate locked pages;
@@ -29,7 +32,7 @@ use rustix::io::Errno;
 use rustix::mm::ProtFlags;
 
 use crate::error::{Error, Result};
-use crate::locks::{PageLocks, ResizeLock};
+use crate::locks::{LockToken, PageLocks, ResizeLock};
 use crate::mapping::{HostMapping, Mapping, OwnerWindow};
 use crate::seals::Seals;
 use crate::types::{FileOffset, PageIndex, PageRange, PAGE_SIZE};
@@ -302,7 +305,9 @@ impl PrivateMemFile {
         })
     }
 
-    /// The frame window a file of `size` bytes needs (sealed files only).
+    /// The frame window a file of `size` bytes needs (sealed files only),
+    /// with the pages allocated so far (and kept by the new size) already
+    /// mapped, so that they stay locked when the old window goes.
     fn window_for(&self, inode: &Inode, size: u64) -> Result<Option<Mapping>> {
         if !inode.guest || size == 0 {
             return Ok(None);
@@ -316,7 +321,13 @@ impl PrivateMemFile {
             ProtFlags::READ | ProtFlags::WRITE,
             "map frame window",
         )?;
-        map.lock_private()?;
+        map.lock_in_ram()?;
+        map.keep_private()?;
+        let kept = PageRange::new(PageIndex(0), PageIndex(inode.size.min(size) / PAGE_SIZE));
+        for run in self.allocated_runs(kept)? {
+            let bytes = run.bytes();
+            map.populate_write(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
+        }
         Ok(Some(map))
     }
 
@@ -397,15 +408,19 @@ impl PrivateMemFile {
         if pages.is_empty() {
             return free(self, &mut self.inode_mut());
         }
-        self.pages.begin_invalidate(pages, op)?;
-        let result = self.allocated_runs(pages).and_then(|runs| {
-            for run in runs {
-                self.invalidate(run);
+        /// Ends the invalidation however the owner's callback returns
+        /// (a panicking callback must not leave the pages fenced forever).
+        struct Invalidating<'a>(&'a PageLocks, LockToken);
+        impl Drop for Invalidating<'_> {
+            fn drop(&mut self) {
+                self.0.end_invalidate(self.1);
             }
-            free(self, &mut self.inode_mut())
-        });
-        self.pages.end_invalidate(pages);
-        result
+        }
+        let _invalidating = Invalidating(&self.pages, self.pages.begin_invalidate(pages, op)?);
+        for run in self.allocated_runs(pages)? {
+            self.invalidate(run);
+        }
+        free(self, &mut self.inode_mut())
     }
 
     /// Allocated runs of pages inside `pages` (`SEEK_DATA`/`SEEK_HOLE`).
@@ -535,32 +550,34 @@ impl Binding {
     /// of the file (the seed's `SGP_WRITE` allocated there; gmem does not).
     /// Waits while any page of the run is locked or being invalidated.
     pub fn get_and_lock_range(&self, pages: PageRange) -> Result<PageGuard<'_>> {
+        self.lock_range(pages, false)
+    }
+
+    /// As [`get_and_lock_range`](Self::get_and_lock_range), but fails with
+    /// `EAGAIN` instead of waiting while part of the run is being
+    /// invalidated: for a caller that may hold up the invalidation itself
+    /// (e.g. through a lock the owner's callback takes).
+    pub fn get_and_lock_range_or_again(&self, pages: PageRange) -> Result<PageGuard<'_>> {
+        self.lock_range(pages, true)
+    }
+
+    fn lock_range(&self, pages: PageRange, again_if_invalidating: bool) -> Result<PageGuard<'_>> {
         if pages.is_empty() {
             return Err(Error::InvalidArgument { op: "get-and-lock", why: "empty page range" });
         }
         let file = &*self.file;
-        file.pages.lock(pages)?;
-        let guard = PageGuard { binding: self, pages };
+        let token = file.pages.lock(pages, again_if_invalidating)?;
+        let guard = PageGuard { binding: self, pages, token };
         let inode = file.inode();
         if pages.end.0 > inode.size / PAGE_SIZE {
             return Err(Error::PastEof { page: PageIndex(pages.end.0 - 1), size: inode.size });
         }
-        // Allocate without mapping (mapping them into the frame window too
-        // cost a quarter of the first-touch rate). shmem leaves freshly
-        // fallocated pages "not uptodate", which SEEK_DATA reports as holes,
-        // so invalidation would miss them; fallocating them again zeroes
-        // them and marks them uptodate. They are locked in RAM once mapped
-        // into a locked window: the owner's, or the frame window.
+        // Allocate by faulting the pages into the frame window: zero-filled,
+        // "uptodate" (so SEEK_DATA sees them for invalidation) and locked in
+        // RAM from the start, by the one mapping charged to RLIMIT_MEMLOCK.
+        let window = inode.window.as_ref().ok_or(Error::PastEof { page: pages.start, size: 0 })?;
         let bytes = pages.bytes();
-        for _ in 0..2 {
-            fs::fallocate(
-                &file.fd,
-                FallocateFlags::KEEP_SIZE,
-                bytes.start,
-                bytes.end - bytes.start,
-            )
-            .map_err(|errno| Error::Os { op: "fallocate", errno })?;
-        }
+        window.populate_write(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
         drop(inode);
         Ok(guard)
     }
@@ -586,7 +603,7 @@ impl Binding {
             ProtFlags::READ | ProtFlags::WRITE,
             op,
         )?;
-        map.lock_private()?;
+        map.keep_private()?;
         Ok(OwnerWindow::new(map, offset.0))
     }
 }
@@ -604,6 +621,7 @@ impl Drop for Binding {
 pub struct PageGuard<'a> {
     binding: &'a Binding,
     pages: PageRange,
+    token: LockToken,
 }
 
 impl PageGuard<'_> {
@@ -618,15 +636,15 @@ impl PageGuard<'_> {
         self.pages.start.offset()
     }
 
-    /// Physical frame numbers of the locked pages (from `/proc/self/pagemap`;
-    /// 0 where the kernel hides them from an unprivileged process). Faults
-    /// the pages into the frame window to find them.
+    /// Physical frame numbers of the locked pages (from `/proc/self/pagemap`
+    /// of the frame window, which maps them; 0 where the kernel hides them
+    /// from an unprivileged process).
     pub fn frames(&self) -> Result<Vec<u64>> {
         use std::os::unix::fs::FileExt;
         let inode = self.binding.file.inode();
-        let window = inode.window.as_ref().expect("locked pages have a frame window");
+        // Locked pages lie inside the file, so the window exists and maps them.
+        let window = inode.window.as_ref().ok_or(Error::PastEof { page: self.pages.start, size: 0 })?;
         let bytes = self.pages.bytes();
-        window.populate_write(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
         let pagemap =
             std::fs::File::open("/proc/self/pagemap").map_err(Error::io("open pagemap"))?;
         let first = (window.addr() as u64 + bytes.start) / PAGE_SIZE;
@@ -681,6 +699,6 @@ impl PageGuard<'_> {
 
 impl Drop for PageGuard<'_> {
     fn drop(&mut self) {
-        self.binding.file.pages.unlock(self.pages);
+        self.binding.file.pages.unlock(self.token);
     }
 }

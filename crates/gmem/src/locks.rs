@@ -2,10 +2,11 @@
 //!
 //! The seed used the kernel's page lock (get_lock_pfn locks, put_unlock_pfn
 //! unlocks, truncation waits) and the inode lock. Here a page lock is a run of
-//! pages recorded with the thread that holds it; an invalidation marks its run
-//! as pending, which both waits for the holders and keeps new lockers out
-//! until the pages are gone. A thread that would wait for itself gets
-//! `EDEADLK` instead of hanging (the kernel would hang).
+//! pages recorded with a token (what unlocks it, from any thread) and the
+//! thread that took it; an invalidation marks its run as pending, which both
+//! waits for the holders and keeps new lockers out until the pages are gone.
+//! A thread that would wait for itself gets `EDEADLK` instead of hanging (the
+//! kernel would hang).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -24,7 +25,13 @@ pub(crate) fn current_thread() -> u64 {
 struct Held {
     pages: PageRange,
     thread: u64,
+    token: u64,
 }
+
+/// What unlocks a run taken with [`PageLocks::lock`] or
+/// [`PageLocks::begin_invalidate`], from whichever thread drops it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LockToken(u64);
 
 #[derive(Debug, Default)]
 struct Table {
@@ -49,6 +56,15 @@ impl Table {
         }
         Ok(free)
     }
+
+    fn invalidating(&self, pages: PageRange) -> bool {
+        self.invalidating.iter().any(|h| h.pages.overlaps(&pages))
+    }
+}
+
+fn next_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Locks on runs of pages, and runs being invalidated.
@@ -63,48 +79,60 @@ impl PageLocks {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits until no other thread holds or invalidates part of `pages`;
+    /// with `again_if_invalidating`, an invalidation in progress is
+    /// `EAGAIN` instead of a wait.
     fn wait_free(
         &self,
         pages: PageRange,
         op: &'static str,
+        again_if_invalidating: bool,
     ) -> Result<(MutexGuard<'_, Table>, u64)> {
         let me = current_thread();
         let mut table = self.table();
-        while !table.free(pages, op, me)? {
+        loop {
+            if again_if_invalidating && table.invalidating(pages) {
+                return Err(Error::Again { op });
+            }
+            if table.free(pages, op, me)? {
+                return Ok((table, me));
+            }
             table = self.changed.wait(table).unwrap_or_else(|p| p.into_inner());
         }
-        Ok((table, me))
     }
 
-    /// Locks `pages`, waiting for holders and invalidations of any of them.
-    pub(crate) fn lock(&self, pages: PageRange) -> Result<()> {
-        let (mut table, thread) = self.wait_free(pages, "get-and-lock")?;
-        table.locked.push(Held { pages, thread });
-        Ok(())
+    /// Locks `pages`, waiting for holders and invalidations of any of them
+    /// (or, with `again_if_invalidating`, failing with `EAGAIN` while part
+    /// of them is being invalidated).
+    pub(crate) fn lock(&self, pages: PageRange, again_if_invalidating: bool) -> Result<LockToken> {
+        let (mut table, thread) = self.wait_free(pages, "get-and-lock", again_if_invalidating)?;
+        let token = next_token();
+        table.locked.push(Held { pages, thread, token });
+        Ok(LockToken(token))
     }
 
-    /// Releases a run locked with [`PageLocks::lock`] by this thread.
-    pub(crate) fn unlock(&self, pages: PageRange) {
-        self.remove(pages, |t| &mut t.locked);
+    /// Releases a run locked with [`PageLocks::lock`], from any thread.
+    pub(crate) fn unlock(&self, token: LockToken) {
+        self.remove(token, |t| &mut t.locked);
     }
 
     /// Marks `pages` as being invalidated once no thread holds any of them.
-    pub(crate) fn begin_invalidate(&self, pages: PageRange, op: &'static str) -> Result<()> {
-        let (mut table, thread) = self.wait_free(pages, op)?;
-        table.invalidating.push(Held { pages, thread });
-        Ok(())
+    pub(crate) fn begin_invalidate(&self, pages: PageRange, op: &'static str) -> Result<LockToken> {
+        let (mut table, thread) = self.wait_free(pages, op, false)?;
+        let token = next_token();
+        table.invalidating.push(Held { pages, thread, token });
+        Ok(LockToken(token))
     }
 
     /// Ends an invalidation started with [`PageLocks::begin_invalidate`].
-    pub(crate) fn end_invalidate(&self, pages: PageRange) {
-        self.remove(pages, |t| &mut t.invalidating);
+    pub(crate) fn end_invalidate(&self, token: LockToken) {
+        self.remove(token, |t| &mut t.invalidating);
     }
 
-    fn remove(&self, pages: PageRange, list: impl FnOnce(&mut Table) -> &mut Vec<Held>) {
-        let me = current_thread();
+    fn remove(&self, token: LockToken, list: impl FnOnce(&mut Table) -> &mut Vec<Held>) {
         let mut table = self.table();
         let list = list(&mut table);
-        if let Some(i) = list.iter().position(|h| h.pages == pages && h.thread == me) {
+        if let Some(i) = list.iter().position(|h| h.token == token.0) {
             list.swap_remove(i);
         }
         drop(table);

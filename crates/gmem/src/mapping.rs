@@ -51,9 +51,10 @@ impl Mapping {
         Ok(Self { ptr, len })
     }
 
-    /// Locks the pages of the mapping in RAM as they are faulted in, and
-    /// keeps the mapping out of core dumps and child processes.
-    pub(crate) fn lock_private(&self) -> Result<()> {
+    /// Locks the pages of the mapping in RAM as they are faulted in
+    /// (`mlock2(MLOCK_ONFAULT)`). The kernel charges the whole length to
+    /// `RLIMIT_MEMLOCK`, so a file has one such mapping: its frame window.
+    pub(crate) fn lock_in_ram(&self) -> Result<()> {
         // SAFETY: the range is exactly this mapping, owned by `self`.
         unsafe { mm::mlock_with(self.ptr.as_ptr(), self.len, MlockFlags::ONFAULT) }.map_err(
             |errno| match errno {
@@ -62,7 +63,11 @@ impl Mapping {
                 }
                 errno => Error::Os { op: "mlock2", errno },
             },
-        )?;
+        )
+    }
+
+    /// Keeps the mapping out of core dumps and forked children.
+    pub(crate) fn keep_private(&self) -> Result<()> {
         for advice in [Advice::LinuxDontFork, Advice::LinuxDontDump] {
             // SAFETY: advice that changes no content, on this mapping only.
             unsafe { mm::madvise(self.ptr.as_ptr(), self.len, advice) }
@@ -74,16 +79,10 @@ impl Mapping {
     /// Faults in (allocating where needed) the bytes `offset..offset + len`
     /// for writing, as a write access would.
     pub(crate) fn populate_write(&self, offset: usize, len: usize) -> Result<()> {
-        debug_assert!(offset + len <= self.len);
-        // SAFETY: the range lies inside this mapping; populating changes no
-        // content (new shmem pages are zero-filled).
-        unsafe {
-            mm::madvise(
-                self.ptr.as_ptr().wrapping_byte_add(offset),
-                len,
-                Advice::LinuxPopulateWrite,
-            )
-        }
+        let at = self.span(offset, len)?;
+        // SAFETY: the range lies inside this mapping (checked by span);
+        // populating changes no content (new shmem pages are zero-filled).
+        unsafe { mm::madvise(at.cast(), len, Advice::LinuxPopulateWrite) }
         .map_err(|errno| Error::Os { op: "MADV_POPULATE_WRITE", errno })
     }
 
@@ -95,28 +94,31 @@ impl Mapping {
         self.len
     }
 
-    /// Copies `src` into the mapping at `offset`.
-    pub(crate) fn write(&self, offset: usize, src: &[u8]) {
-        assert!(offset + src.len() <= self.len, "write past the mapping");
-        // SAFETY: the destination lies inside the mapping (checked above) and
-        // cannot overlap `src`, a Rust slice outside it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.addr().wrapping_add(offset), src.len())
+    /// The mapping's address of `len` bytes at `offset`; `EINVAL` where
+    /// they do not lie inside it (checked without overflow).
+    fn span(&self, offset: usize, len: usize) -> Result<*mut u8> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.addr().wrapping_add(offset)),
+            _ => Err(Error::InvalidArgument { op: "mapping access", why: "outside the mapping" }),
         }
     }
 
-    /// Copies bytes at `offset` of the mapping into `dst`.
-    pub(crate) fn read(&self, offset: usize, dst: &mut [u8]) {
-        assert!(offset + dst.len() <= self.len, "read past the mapping");
-        // SAFETY: the source lies inside the mapping (checked above) and
+    /// Copies `src` into the mapping at `offset`; `EINVAL` past the end.
+    pub(crate) fn write(&self, offset: usize, src: &[u8]) -> Result<()> {
+        let dst = self.span(offset, src.len())?;
+        // SAFETY: the destination lies inside the mapping (checked by span)
+        // and cannot overlap `src`, a Rust slice outside it.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes at `offset` of the mapping into `dst`; `EINVAL` past the end.
+    pub(crate) fn read(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let src = self.span(offset, dst.len())?;
+        // SAFETY: the source lies inside the mapping (checked by span) and
         // cannot overlap `dst`, a Rust slice outside it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.addr().wrapping_add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        }
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
     }
 }
 
@@ -158,13 +160,14 @@ impl HostMapping {
         self.map.len() == 0
     }
 
-    /// Copies `src` into the mapping at `offset`. Panics past the end.
-    pub fn write(&self, offset: usize, src: &[u8]) {
+    /// Copies `src` into the mapping at `offset`; `EINVAL` if any byte
+    /// would land past the end (offsets near `usize::MAX` included).
+    pub fn write(&self, offset: usize, src: &[u8]) -> Result<()> {
         self.map.write(offset, src)
     }
 
-    /// Copies bytes at `offset` into `dst`. Panics past the end.
-    pub fn read(&self, offset: usize, dst: &mut [u8]) {
+    /// Copies bytes at `offset` into `dst`; `EINVAL` past the end.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.map.read(offset, dst)
     }
 }
@@ -176,8 +179,9 @@ impl Drop for HostMapping {
 }
 
 /// The owner's window on a GUEST-sealed file: a shared, read-write mapping
-/// locked in RAM, kept out of core dumps and children, that gmem never reads
-/// or writes. KVM maps guest memory from it (its address becomes a memslot's
+/// kept out of core dumps and children, that gmem never reads or writes.
+/// Its pages are locked in RAM by the file's frame window, which holds every
+/// allocated page, so a window costs no `RLIMIT_MEMLOCK`. KVM maps guest memory from it (its address becomes a memslot's
 /// `userspace_addr`); the owner serves its pages with get-and-lock.
 #[derive(Debug)]
 pub struct OwnerWindow {

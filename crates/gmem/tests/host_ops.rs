@@ -23,15 +23,15 @@ fn unsealed_file_reads_writes_and_maps() {
 
     file.set_len(2 * PAGE_SIZE).unwrap();
     let map = file.map(FileOffset(0), 2 * PAGE_SIZE as usize, true).unwrap();
-    map.read(4090, &mut buf);
+    map.read(4090, &mut buf).unwrap();
     assert_eq!(&buf, b"hello");
-    map.write(PAGE_SIZE as usize, b"via map");
+    map.write(PAGE_SIZE as usize, b"via map").unwrap();
     let mut back = [0u8; 7];
     file.read_at(&mut back, FileOffset(PAGE_SIZE)).unwrap();
     assert_eq!(&back, b"via map");
 
     file.fallocate(Fallocate::PunchHole, FileOffset(PAGE_SIZE), PAGE_SIZE).unwrap();
-    map.read(PAGE_SIZE as usize, &mut back);
+    map.read(PAGE_SIZE as usize, &mut back).unwrap();
     assert_eq!(back, [0; 7], "a punched page reads zero through the mapping");
     assert_eq!(file.size(), 2 * PAGE_SIZE, "punch keeps the size");
 
