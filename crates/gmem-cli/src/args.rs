@@ -72,7 +72,7 @@ pub(crate) struct RunArgs {
     #[arg(long = "sync", value_name = "N:ACTION", value_parser = parse_sync)]
     pub(crate) syncs: Vec<SyncSpec>,
     /// Pages served per fault (a power of two) on the user-space backend.
-    #[arg(long, default_value_t = gmem_kvm::memory::DEFAULT_FAULT_AROUND_PAGES)]
+    #[arg(long, default_value_t = gmem_kvm::DEFAULT_FAULT_AROUND_PAGES)]
     pub(crate) fault_around: u64,
     /// Also take KVM_HC_MAP_GPA_RANGE hypercalls (vmcall, RAX = 12) as
     /// conversion requests, where KVM offers hypercall exits. Off by

@@ -1,7 +1,7 @@
 //! `gmem check`: the conformance suite, as a table or one JSON object.
 
-use gmem_kvm::check::{self, Status};
-use gmem_kvm::conformance::errno_name;
+use gmem_runner::check::{self, Status};
+use gmem_runner::conformance::errno_name;
 use serde_json::json;
 
 /// `gmem check` arguments.

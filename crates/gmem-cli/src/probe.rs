@@ -107,7 +107,11 @@ fn rows(host: &HostReport, auto: &Auto) -> Vec<(&'static str, String)> {
                 "{} / {}{}",
                 limit(host.memlock.0),
                 limit(host.memlock.1),
-                if host.root { " (root: CAP_IPC_LOCK, no limit applies)" } else { "" }
+                if host.ipc_lock {
+                    " (CAP_IPC_LOCK is effective: no limit applies)"
+                } else {
+                    " (no effective CAP_IPC_LOCK: guest RAM must fit the soft limit)"
+                }
             ),
         ),
         (
@@ -143,7 +147,7 @@ fn report_json(host: &HostReport, auto: &Auto) -> Value {
             "error": host.userfaultfd.as_ref().err(),
             "usable": host.userspace_usable().is_ok(),
         },
-        "memlock": { "soft": host.memlock.0, "hard": host.memlock.1, "root": host.root },
+        "memlock": { "soft": host.memlock.0, "hard": host.memlock.1, "root": host.root, "cap_ipc_lock": host.ipc_lock },
         "auto_backend": auto.as_ref().ok().map(|c| c.backend),
         "auto_reason": match auto { Ok(c) => c.reason.clone(), Err(why) => why.clone() },
     })

@@ -3,7 +3,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gmem_kvm::{probe, Gpa, GuestImage, Outcome, RunConfig, Vm};
+use gmem_kvm::probe;
+use gmem_runner::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 use serde_json::json;
 
 use crate::args::{Action, Backend, RunArgs, SyncSpec};
@@ -125,7 +126,7 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
         Ok(bytes) => bytes,
         Err(e) => return fail(BAD_INPUT, e),
     };
-    if let Err(e) = gmem_kvm::boot::check_machine(args.mem, args.vcpus) {
+    if let Err(e) = gmem_runner::boot::check_machine(args.mem, args.vcpus) {
         return fail(BAD_INPUT, e);
     }
     let image = match GuestImage::parse(&bytes, args.mem) {

@@ -39,6 +39,9 @@ pub enum Error {
     /// The host cannot do it (`EOPNOTSUPP`), e.g. native guest_memfd that does not serve guests.
     #[error("{0}")]
     Unsupported(String),
+    /// A guest page fault that could not be served.
+    #[error(transparent)]
+    Fault(Box<crate::faults::FaultError>),
 }
 
 impl Error {
@@ -52,18 +55,22 @@ impl Error {
             Error::NotPermitted(_) => Errno::PERM,
             Error::BadImage(_) => Errno::NOEXEC,
             Error::Unsupported(_) => Errno::OPNOTSUPP,
+            Error::Fault(fault) => fault.errno(),
         }
     }
 
-    pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    /// An error for a failed kvm-ioctls call, keeping its errno.
+    pub fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |e| Error::Kvm { op, errno: Errno::from_raw_os_error(e.errno()) }
     }
 
-    pub(crate) fn os(op: &'static str) -> impl FnOnce(Errno) -> Error {
+    /// An error for a failed system call.
+    pub fn os(op: &'static str) -> impl FnOnce(Errno) -> Error {
         move |errno| Error::Os { op, errno }
     }
 
-    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    /// An error for a failed `std` I/O call, keeping its errno.
+    pub fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |e| Error::Os { op, errno: Errno::from_io_error(&e).unwrap_or(Errno::IO) }
     }
 }

@@ -1,48 +1,76 @@
-//! # gmem-kvm: KVM guests whose RAM is served from gmem private memory
+//! # gmem-kvm: guest private memory for your own KVM VMM
 //!
-//! The seed's "KVM side", made real: a [`Vm`] binds itself as the owner of
-//! GUEST-sealed [`gmem::PrivateMemFile`]s, maps them into KVM-only windows
-//! and serves every first guest touch through userfaultfd and get-and-lock
-//! (see [`memory`] for the path of a page). Punches and
-//! truncations of the files reach the VM's invalidation callback and the
-//! guest then reads fresh zero pages.
+//! The library a VMM adopts to back guest RAM with gmem's sealed
+//! [`gmem::PrivateMemFile`]s. It has no VM, no vCPU, no run loop and no
+//! signal handler: the VMM keeps its own `kvm_ioctls::VmFd`, slot numbering
+//! and vCPU loop (and kicks its vCPUs its own way, e.g. `immediate_exit`).
 //!
-//! Pages are private or shared: the guest converts them through port 0xF0
-//! of GUEST_ABI v1 (or [`Vm::convert`]), and the host reaches shared pages
-//! only, through [`Vm::read_guest`]/[`Vm::write_guest`] or the vm-memory
-//! view of [`shared`].
+//! - [`GuestMemory`]: the VM's guest memory and the owner of its files.
+//!   [`GuestMemory::add_region`] registers a [`RegionSpec`] with KVM (the
+//!   one `unsafe` call, as in kvm-ioctls).
+//! - [`faults`]: serve guest first touches from your event loop
+//!   ([`GuestMemory::fault_fd`] + [`GuestMemory::serve_faults`]) or from a
+//!   thread ([`GuestMemory::start_fault_server`]); a fault that cannot be
+//!   served ends `KVM_RUN` instead of hanging it.
+//! - [`convert`]: one conversion primitive ([`GuestMemory::convert`]),
+//!   decoding of GUEST_ABI's port request and of `KVM_HC_MAP_GPA_RANGE`
+//!   exits, and [`MemoryListener`]s told of every discard and conversion.
+//! - Host access that never faults: [`GuestMemory::read`] /
+//!   [`GuestMemory::write`], and a vm-memory view ([`GuestMemory::shared`])
+//!   that holds conversions off while a device uses it.
+//! - [`probe`]: what the host offers, and which backend to use;
+//!   [`harden`]: opt-in process hardening.
 //!
-//! ```no_run
-//! use gmem_kvm::{GuestImage, RunConfig, Vm, Outcome};
+//! ## Example: a VM with one private region
 //!
-//! let ram = 64 << 20;
-//! let (vm, _file) = Vm::with_ram(ram)?;
-//! let image = GuestImage::parse(gmem_guest::demo(), ram)?;
-//! vm.load(&image, ram, 1)?;
-//! let config = RunConfig::new(1);
-//! let report = vm.run(&image, ram, &config, &|_, _| {})?;
-//! assert_eq!(report.outcome, Outcome::Exit(0));
+//! ```
+//! use std::sync::Arc;
+//! use gmem::{FileOffset, PrivateMemFile};
+//! use gmem_kvm::{GuestMemory, Gpa, PageState, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! # if !std::path::Path::new("/dev/kvm").exists() { return Ok(()); }
+//! let kvm = kvm_ioctls::Kvm::new().unwrap();
+//! let vm = kvm.create_vm().unwrap();
+//! let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
+//! let file = Arc::new(PrivateMemFile::new_guest("guest-ram")?);
+//! file.set_len(16 << 20)?;
+//! let spec = RegionSpec { slot: 0, gpa: Gpa(0), file, file_offset: FileOffset(0), size: 16 << 20 };
+//! // SAFETY: `vm` is this memory's VM, and `memory` outlives its use.
+//! let region = unsafe { memory.add_region(&vm, spec) }?;
+//! let _faults = memory.start_fault_server(|e| eprintln!("{e}"))?;
+//! // ... create vCPUs on `vm` and run them; the guest's RAM is private.
+//!
+//! // The host reaches shared pages only.
+//! assert_eq!(memory.read(Gpa(0x1000), &mut [0; 8]).unwrap_err().errno(), gmem::Errno::PERM);
+//! memory.convert(Gpa(0x1000), 0x1000, PageState::Shared)?;
+//! memory.shared().write_obj(0xfeed_u64, GuestAddress(0x1000)).unwrap();
+//! let mut back = [0; 8];
+//! memory.read(Gpa(0x1000), &mut back)?;
+//! assert_eq!(u64::from_le_bytes(back), 0xfeed);
+//! memory.remove_region(&vm, region.slot())?;
 //! # Ok::<(), gmem_kvm::Error>(())
 //! ```
 
-pub mod bench;
-pub mod boot;
-pub mod check;
-pub mod conformance;
+mod access;
+mod bits;
+pub mod convert;
 mod error;
+pub mod faults;
+pub mod harden;
+mod host;
 pub mod memory;
 pub mod native;
 pub mod probe;
+mod region;
 pub mod shared;
 mod uffd;
-mod vm;
 
-pub use boot::GuestImage;
+pub use convert::ConversionRequest;
 pub use error::{Errno, Error, Result};
-pub use memory::MemoryStats;
-pub use vm::{
-    ports, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats, KVM_HC_MAP_GPA_RANGE,
-};
+pub use faults::{FaultError, FaultServer};
+pub use memory::{GuestMemory, MemoryListener, MemoryStats, DEFAULT_FAULT_AROUND_PAGES};
+pub use region::{PageState, PrivateRegion, RegionSpec};
 
 /// A guest physical address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

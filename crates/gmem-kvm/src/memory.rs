@@ -1,43 +1,27 @@
-//! Guest memory served from private-memory files (the user-space backend).
+//! A VM's guest memory: the private regions a VMM registered, the owner of
+//! their files, and the listeners told of every discard and conversion.
 //!
-//! The VM binds itself as each file's owner and maps the file into a
-//! KVM-only window (a memslot's `userspace_addr`) registered with
-//! userfaultfd. The first guest access to a page makes KVM fault on the
-//! window; the fault thread calls get-and-lock for a batch of pages around
-//! it (fault-around), maps the ones not yet mapped with `UFFDIO_CONTINUE`
-//! and drops the guard. A punch or truncate on the file calls
-//! `GuestMemory`'s invalidation callback, which forgets the pages; the
-//! kernel then frees them, unmapping them from the window, and KVM's MMU
-//! notifier zaps its own mappings. The next access faults again and gets a
-//! fresh zero page.
-//!
-//! Every page is also private or shared (all private at launch), one bit per
-//! page. Shared pages stay in the same file, in place (where upstream
-//! guest_memfd is heading), so no GPA is ever backed twice and no conversion
-//! splits a VMA. The host reaches shared pages through a second window, the
-//! *host view*, registered with a userfaultfd in SIGBUS mode: it holds only
-//! pages that gmem put there after checking that they are shared, so a stale
-//! host pointer to a page converted back to private faults instead of
-//! reading private data. Converting a range, in either direction, punches
-//! it from the file (freeing the memory, with invalidation): it reads zero
-//! afterwards.
-//!
-//! Policy for guest accesses that do not match a page's state: a GPA has one
-//! mapping in the guest, and an access always reaches the page's current
-//! backing. A guest that touches a page it converted to shared sees the
-//! shared content (what the host wrote, else zero); there is no implicit
-//! conversion and no exit. Only host accesses are checked.
+//! The path of a page: the VMM registers a region ([`GuestMemory::add_region`]),
+//! which binds the memory as the file's owner and maps a KVM-only window,
+//! registered with userfaultfd, as the memslot. A guest's first touch makes
+//! KVM fault on the window; fault serving ([`crate::faults`]) runs
+//! get-and-lock on a batch around the page and maps it. A punch, truncate
+//! or conversion reaches [`GuestOwner::invalidate_page_range`] here, which
+//! waits for host accesses to end, forgets the pages and tells the
+//! listeners; the kernel then frees the pages (unmapping them from every
+//! window) and KVM's MMU notifier zaps its own mappings.
 
-use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
-use gmem::{
-    Binding, FileId, FileOffset, GuestOwner, OwnerWindow, PageIndex, PageRange, PrivateMemFile,
-    PAGE_SIZE,
-};
+use gmem::{FileId, FileOffset, GuestOwner, PageRange, PAGE_SIZE};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
 
+use crate::access::AccessLock;
+use crate::bits::PageBits;
 use crate::error::{Error, Result};
+use crate::region::{PageState, PrivateRegion, RegionSpec};
 use crate::uffd::Userfaultfd;
 use crate::Gpa;
 
@@ -46,278 +30,248 @@ use crate::Gpa;
 /// memory, with sequential read-ahead): 0.15x for 1 page per fault, about
 /// 1.07x for 64 and 1.15x for 512. The userfaultfd round trip is what
 /// batching pays for; the cost is that a touch allocates up to 2 MiB of the
-/// guest's RAM around it (`--fault-around` trades it back).
+/// guest's RAM around it.
 pub const DEFAULT_FAULT_AROUND_PAGES: u64 = 512;
 
-/// `KVM_MEMORY_ATTRIBUTE_PRIVATE`: the only attribute bit a conversion may carry.
-pub const ATTRIBUTE_PRIVATE: u64 = kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
-
-/// One bit per page of a slot.
-#[derive(Debug)]
-struct PageBits(Box<[AtomicU64]>);
-
-impl PageBits {
-    fn new(pages: u64) -> Self {
-        Self((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+/// Told of changes to guest memory, as QEMU's RamDiscardListener or a
+/// VFIO/vhost backend needs to be. Called on the thread that made the
+/// change, with no page of the range reachable by the host; a panic is
+/// caught and counted ([`MemoryStats::listener_panics`]).
+pub trait MemoryListener: Send + Sync {
+    /// `[gpa, gpa + len)` was discarded (punch, truncate or conversion):
+    /// it reads zero from now on. Drop any mapping or DMA of it.
+    fn discarded(&self, gpa: Gpa, len: u64) {
+        let _ = (gpa, len);
     }
 
-    fn get(&self, page: u64) -> bool {
-        self.0[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
-    }
-
-    fn set(&self, pages: Range<u64>, value: bool) {
-        let mut page = pages.start;
-        while page < pages.end {
-            // Whole words at once where the range covers them.
-            let bits = (64 - page % 64).min(pages.end - page);
-            let mask = if bits == 64 { u64::MAX } else { ((1 << bits) - 1) << (page % 64) };
-            let word = &self.0[(page / 64) as usize];
-            if value {
-                word.fetch_or(mask, Ordering::AcqRel);
-            } else {
-                word.fetch_and(!mask, Ordering::AcqRel);
-            }
-            page += bits;
-        }
-    }
-
-    /// Maximal runs inside `pages` whose bits are `value`.
-    fn runs(&self, pages: Range<u64>, value: bool) -> Vec<Range<u64>> {
-        let mut runs = Vec::new();
-        let mut start = None;
-        for page in pages.start..=pages.end {
-            let hit = page < pages.end && self.get(page) == value;
-            match (hit, start) {
-                (true, None) => start = Some(page),
-                (false, Some(first)) => {
-                    runs.push(first..page);
-                    start = None;
-                }
-                _ => {}
-            }
-        }
-        runs
-    }
-
-    fn heap_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.0)
-    }
-}
-
-/// A private memslot: guest physical range ↔ file range, through the owner window.
-#[derive(Debug)]
-pub(crate) struct Slot {
-    pub(crate) id: u32,
-    pub(crate) gpa: Gpa,
-    pub(crate) size: u64,
-    pub(crate) file_offset: u64,
-    pub(crate) file_id: FileId,
-    pub(crate) binding: Binding,
-    pub(crate) window: OwnerWindow,
-    /// Pages mapped in `window` (KVM's view).
-    mapped: PageBits,
-    /// Pages that are shared (clear: private).
-    shared: PageBits,
-    /// The host's view of shared pages (SIGBUS on anything not put there).
-    host_view: OwnerWindow,
-    /// Pages mapped in `host_view`.
-    host_mapped: PageBits,
-    /// Conversions take it for writing; host accesses for reading, so that
-    /// a page's state cannot change while the host touches it.
-    states: RwLock<()>,
-    /// End (slot page) of the batch served last, for sequential read-ahead.
-    last_batch_end: AtomicU64,
-}
-
-impl Slot {
-    fn pages(&self) -> u64 {
-        self.size / PAGE_SIZE
-    }
-
-    fn window_addr(&self) -> u64 {
-        self.window.as_ptr() as u64
-    }
-
-    /// Slot pages of `[gpa, gpa + len)`, which the slot contains.
-    fn pages_of(&self, gpa: Gpa, len: u64) -> Range<u64> {
-        let start = (gpa.0 - self.gpa.0) / PAGE_SIZE;
-        start..(gpa.0 - self.gpa.0 + len).div_ceil(PAGE_SIZE)
-    }
-
-    pub(crate) fn read_states(&self) -> RwLockReadGuard<'_, ()> {
-        self.states.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write_states(&self) -> RwLockWriteGuard<'_, ()> {
-        self.states.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Bytes of per-page metadata (the three bitmaps).
-    fn metadata_bytes(&self) -> usize {
-        self.mapped.heap_bytes() + self.shared.heap_bytes() + self.host_mapped.heap_bytes()
-    }
-
-    /// File pages of the slot-relative pages `pages`.
-    fn file_pages(&self, pages: &Range<u64>) -> PageRange {
-        let first = self.file_offset / PAGE_SIZE;
-        PageRange::new(PageIndex(first + pages.start), PageIndex(first + pages.end))
-    }
-
-    pub(crate) fn contains(&self, gpa: Gpa) -> bool {
-        gpa.0 >= self.gpa.0 && gpa.0 - self.gpa.0 < self.size
-    }
-
-    /// File offset of `gpa`, which the slot contains.
-    pub(crate) fn offset_of(&self, gpa: Gpa) -> FileOffset {
-        FileOffset(self.file_offset + (gpa.0 - self.gpa.0))
+    /// `[gpa, gpa + len)` changed to `state`.
+    fn converted(&self, gpa: Gpa, len: u64, state: PageState) {
+        let _ = (gpa, len, state);
     }
 }
 
 /// Counters of guest memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {
-    /// Pages mapped into the guest by the fault thread.
+    /// Pages mapped into the guest by fault serving.
     pub pages_served: u64,
     /// Faults handled (each serves up to a fault-around batch).
     pub faults: u64,
+    /// Faults that could not be served: their page was fenced off.
+    pub fenced_pages: u64,
     /// Invalidation callbacks received from the files.
     pub invalidations: u64,
     /// Pages those callbacks covered.
     pub invalidated_pages: u64,
-    /// Conversion requests carried out.
+    /// Conversions carried out.
     pub conversions: u64,
     /// Pages whose state those conversions changed.
     pub converted_pages: u64,
     /// Host accesses refused because a page is private.
     pub host_denials: u64,
-    /// Bytes of per-page metadata (states and mapping bitmaps) of all slots.
+    /// Listener calls that panicked.
+    pub listener_panics: u64,
+    /// Bytes of per-page metadata (states and mapping bitmaps) of all regions.
     pub metadata_bytes: u64,
-    /// Pages of guest RAM in all slots.
+    /// Pages of guest RAM in all regions.
     pub pages: u64,
 }
 
 #[derive(Default)]
-struct Counters {
-    pages_served: AtomicU64,
-    faults: AtomicU64,
-    invalidations: AtomicU64,
-    invalidated_pages: AtomicU64,
-    conversions: AtomicU64,
-    converted_pages: AtomicU64,
-    host_denials: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) pages_served: AtomicU64,
+    pub(crate) faults: AtomicU64,
+    pub(crate) fenced_pages: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) invalidated_pages: AtomicU64,
+    pub(crate) conversions: AtomicU64,
+    pub(crate) converted_pages: AtomicU64,
+    pub(crate) host_denials: AtomicU64,
+    pub(crate) listener_panics: AtomicU64,
+}
+
+/// A region being registered with KVM: its ranges count for overlaps.
+#[derive(Clone)]
+struct Reserved {
+    gpa: std::ops::Range<u64>,
+    file: FileId,
+    file_range: std::ops::Range<u64>,
 }
 
 /// The guest memory of one VM, and the owner of its files.
-pub(crate) struct GuestMemory {
-    slots: RwLock<Vec<Arc<Slot>>>,
-    uffd: Userfaultfd,
-    /// Registered on every slot's host view: SIGBUS, never an event.
-    host_uffd: Userfaultfd,
-    fault_around: u64,
-    counters: Counters,
+///
+/// Shared as `Arc<GuestMemory>`: fault serving, device threads and the
+/// VMM's vCPU loop all use it at once. It creates no thread of its own
+/// (see [`GuestMemory::start_fault_server`] for the one it can start on
+/// request), installs no signal handler and keeps no global state.
+pub struct GuestMemory {
+    regions: RwLock<Vec<Arc<PrivateRegion>>>,
+    reserved: Mutex<Vec<Reserved>>,
+    pub(crate) uffd: Userfaultfd,
+    /// Registered on every region's host view: SIGBUS, never an event.
+    pub(crate) host_uffd: Userfaultfd,
+    pub(crate) fault_around: u64,
+    pub(crate) access: AccessLock,
+    listeners: RwLock<Vec<Arc<dyn MemoryListener>>>,
+    launched: AtomicBool,
+    pub(crate) counters: Counters,
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory").field("regions", &self.regions().len()).finish_non_exhaustive()
+    }
 }
 
 impl GuestOwner for GuestMemory {
     fn invalidate_page_range(&self, file: FileId, pages: PageRange) {
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         self.counters.invalidated_pages.fetch_add(pages.len(), Ordering::Relaxed);
-        for slot in self.slots().iter().filter(|s| s.file_id == file) {
-            let first = slot.file_offset / PAGE_SIZE;
-            let start = pages.start.0.max(first);
-            let end = pages.end.0.min(first + slot.pages());
-            if start < end {
-                // The kernel unmaps the pages from the window when it frees
-                // them, right after this returns; forget them now, while
-                // their locks keep the fault thread off.
-                slot.mapped.set(start - first..end - first, false);
-                slot.host_mapped.set(start - first..end - first, false);
+        // Wait for host accesses to the file's pages to end (a conversion or
+        // punch of ours already holds it). A thread that holds a host access
+        // itself and punches the file directly cannot be made to wait for
+        // itself: it goes on, and only its own stale slices could fault.
+        let _exclusive = self.access.exclusive("invalidate").ok();
+        for region in self.regions().iter().filter(|r| r.file_id == file) {
+            if let Some(run) = region.region_pages(pages) {
+                // The kernel unmaps the pages from every window right after
+                // this returns; forget them now, while their locks keep
+                // fault serving off.
+                region.mapped.set(run.clone(), false);
+                region.host_mapped.set(run.clone(), false);
+                let gpa = region.gpa_of(run.start);
+                self.notify(|l| l.discarded(gpa, (run.end - run.start) * PAGE_SIZE));
             }
         }
     }
 }
 
 impl GuestMemory {
-    pub(crate) fn new(fault_around: u64) -> Result<Self> {
-        if fault_around == 0 || !fault_around.is_power_of_two() {
+    /// Guest memory with no region yet, serving `fault_around` pages (a
+    /// power of two, at most 512) per fault; `EINVAL` otherwise. Opens its
+    /// two userfaultfds (root, `CAP_SYS_PTRACE` or
+    /// `vm.unprivileged_userfaultfd=1`).
+    pub fn new(fault_around: u64) -> Result<Arc<Self>> {
+        if fault_around == 0 || !fault_around.is_power_of_two() || fault_around > 512 {
             return Err(Error::InvalidArgument(format!(
-                "fault-around must be a power of two of pages, not {fault_around}"
+                "fault-around must be a power of two of pages up to 512, not {fault_around}"
             )));
         }
-        Ok(Self {
-            slots: RwLock::new(Vec::new()),
+        Ok(Arc::new(Self {
+            regions: RwLock::new(Vec::new()),
+            reserved: Mutex::new(Vec::new()),
             uffd: Userfaultfd::new()?,
             host_uffd: Userfaultfd::new_sigbus()?,
             fault_around,
+            access: AccessLock::default(),
+            listeners: RwLock::new(Vec::new()),
+            launched: AtomicBool::new(false),
             counters: Counters::default(),
-        })
+        }))
     }
 
-    pub(crate) fn slots(&self) -> RwLockReadGuard<'_, Vec<Arc<Slot>>> {
-        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    /// The registered regions, in registration order.
+    pub fn regions(&self) -> RwLockReadGuard<'_, Vec<Arc<PrivateRegion>>> {
+        self.regions.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn uffd(&self) -> &Userfaultfd {
-        &self.uffd
+    /// Adds a private region and registers it with KVM as memslot
+    /// `spec.slot` (`KVM_SET_USER_MEMORY_REGION`). The memory becomes the
+    /// file's owner. All or nothing: where KVM refuses, nothing stays.
+    ///
+    /// `EINVAL` for unaligned or empty ranges, ranges past the file's end, a
+    /// file range already bound (as guest_memfd) or a file that is not
+    /// GUEST-sealed; `EEXIST` for a GPA range or slot id already taken;
+    /// `EPERM` for a file another VM owns; KVM's errno where it refuses.
+    ///
+    /// # Safety
+    ///
+    /// `vm` must be the VM this memory serves, and the memslot must not be
+    /// replaced or deleted by other means, nor the VM run once this
+    /// `GuestMemory` is dropped unless [`remove_region`](Self::remove_region)
+    /// deleted the slot first: KVM keeps writing to `userspace_addr`, a
+    /// mapping this memory owns (the same promise as kvm-ioctls'
+    /// `set_user_memory_region`).
+    pub unsafe fn add_region(
+        self: &Arc<Self>,
+        vm: &VmFd,
+        spec: RegionSpec,
+    ) -> Result<Arc<PrivateRegion>> {
+        let region = self.reserve(&spec)?;
+        let kvm_region = kvm_userspace_memory_region {
+            slot: spec.slot,
+            flags: 0,
+            guest_phys_addr: spec.gpa.0,
+            memory_size: spec.size,
+            userspace_addr: region.userspace_addr(),
+        };
+        // SAFETY: the window is a live mapping of `size` bytes owned by the
+        // region; the caller promised it outlives the memslot.
+        let registered = unsafe { vm.set_user_memory_region(kvm_region) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"));
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        reserved.retain(|r| r.gpa.start != spec.gpa.0);
+        if registered.is_ok() {
+            self.regions.write().unwrap_or_else(|p| p.into_inner()).push(region.clone());
+        }
+        registered.map(|()| region)
     }
 
-    /// Binds `file` to `owner` (this memory), maps `[offset, offset + size)`
-    /// of it as a window and registers the window for fault serving.
-    /// `EINVAL` for unaligned or empty ranges and for a file range already
-    /// bound (as guest_memfd), `EEXIST` for a GPA range that overlaps a slot,
-    /// `EPERM` for a file bound to another VM.
-    pub(crate) fn add_slot(
-        owner: &Arc<Self>,
-        id: u32,
-        gpa: Gpa,
-        file: &Arc<PrivateMemFile>,
-        offset: FileOffset,
-        size: u64,
-    ) -> Result<Arc<Slot>> {
-        if gpa.0 % PAGE_SIZE != 0 || offset.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0
-        {
+    /// Checks `spec` against every region and reservation, and builds the
+    /// region, reserved until KVM has it (KVM is called without our locks:
+    /// it waits for vCPUs in faults that only we can serve).
+    fn reserve(self: &Arc<Self>, spec: &RegionSpec) -> Result<Arc<PrivateRegion>> {
+        let RegionSpec { slot, gpa, ref file, file_offset: FileOffset(offset), size } = *spec;
+        if gpa.0 % PAGE_SIZE != 0 || offset % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
             return Err(Error::InvalidArgument(format!(
-                "memslot gpa {:#x}, offset {:#x}, size {:#x}: must be page-aligned and non-empty",
-                gpa.0, offset.0, size
+                "region gpa {:#x}, offset {offset:#x}, size {size:#x}: must be page-aligned and non-empty",
+                gpa.0
             )));
         }
-        let gpa_end = gpa
-            .0
-            .checked_add(size)
-            .ok_or_else(|| Error::InvalidArgument("memslot wraps".into()))?;
-        for slot in owner.slots().iter() {
-            if gpa.0 < slot.gpa.0 + slot.size && slot.gpa.0 < gpa_end {
+        let (Some(gpa_end), Some(file_end)) = (gpa.0.checked_add(size), offset.checked_add(size))
+        else {
+            return Err(Error::InvalidArgument("region wraps".into()));
+        };
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let regions = self.regions();
+        let taken = regions
+            .iter()
+            .map(|r| Reserved {
+                gpa: r.gpa.0..r.gpa.0 + r.size,
+                file: r.file_id,
+                file_range: r.file_offset..r.file_offset + r.size,
+            })
+            .chain(reserved.iter().cloned());
+        for other in taken {
+            if gpa.0 < other.gpa.end && other.gpa.start < gpa_end {
                 return Err(Error::Exists(format!(
-                    "memslot {:#x}..{:#x} overlaps slot {} at {:#x}..{:#x}",
-                    gpa.0,
-                    gpa_end,
-                    slot.id,
-                    slot.gpa.0,
-                    slot.gpa.0 + slot.size
+                    "region {:#x}..{gpa_end:#x} overlaps {:#x}..{:#x}",
+                    gpa.0, other.gpa.start, other.gpa.end
                 )));
             }
-            if slot.file_id == file.id()
-                && offset.0 < slot.file_offset + slot.size
-                && slot.file_offset < offset.0 + size
+            if other.file == file.id() && offset < other.file_range.end && other.file_range.start < file_end
             {
                 // EINVAL, not EEXIST: what the kernel's guest_memfd returns.
                 return Err(Error::InvalidArgument(format!(
-                    "file range {:#x}..{:#x} is already bound to slot {}",
-                    offset.0,
-                    offset.0 + size,
-                    slot.id
+                    "file range {offset:#x}..{file_end:#x} is already bound"
                 )));
             }
         }
-        let binding = file.bind(owner)?;
-        let window = binding.map_window(offset, size)?;
-        owner.uffd.register(window.as_ptr() as u64, size)?;
-        let host_view = binding.map_window(offset, size)?;
-        owner.host_uffd.register(host_view.as_ptr() as u64, size)?;
-        let slot = Arc::new(Slot {
-            id,
+        if regions.iter().any(|r| r.slot == slot) {
+            return Err(Error::Exists(format!("memslot {slot} is taken")));
+        }
+        drop(regions);
+        let binding = file.bind(self)?;
+        let window = binding.map_window(FileOffset(offset), size)?;
+        self.uffd.register(window.as_ptr() as u64, size)?;
+        let host_view = binding.map_window(FileOffset(offset), size)?;
+        self.host_uffd.register(host_view.as_ptr() as u64, size)?;
+        reserved.push(Reserved { gpa: gpa.0..gpa_end, file: file.id(), file_range: offset..file_end });
+        Ok(Arc::new(PrivateRegion {
+            slot,
             gpa,
             size,
-            file_offset: offset.0,
+            file_offset: offset,
             file_id: file.id(),
             binding,
             window,
@@ -325,228 +279,145 @@ impl GuestMemory {
             shared: PageBits::new(size / PAGE_SIZE),
             host_view,
             host_mapped: PageBits::new(size / PAGE_SIZE),
-            states: RwLock::new(()),
             last_batch_end: AtomicU64::new(u64::MAX),
-        });
-        owner.slots.write().unwrap_or_else(|p| p.into_inner()).push(slot.clone());
-        Ok(slot)
+        }))
     }
 
-    /// Serves the fault at window address `addr`: get-and-lock a batch of
-    /// pages around it, map the unmapped ones, unlock. When the fault lands
-    /// right after the batch served before (a sequential toucher), the next
-    /// batch is mapped too, while the woken vCPU already runs (read-ahead).
-    pub(crate) fn serve(&self, addr: u64) -> Result<()> {
-        let slot = self
-            .slots()
+    /// Deletes memslot `slot` from KVM, then forgets the region (its
+    /// windows go once nothing else holds it). `EINVAL` for an unknown slot.
+    pub fn remove_region(&self, vm: &VmFd, slot: u32) -> Result<Arc<PrivateRegion>> {
+        let region = self
+            .regions()
             .iter()
-            .find(|s| addr >= s.window_addr() && addr < s.window_addr() + s.size)
+            .find(|r| r.slot == slot)
             .cloned()
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!("fault at {addr:#x} outside every window"))
-            })?;
-        let page = (addr - slot.window_addr()) / PAGE_SIZE;
-        let start = page & !(self.fault_around - 1);
-        let served = self.serve_batch(&slot, start)?;
-        if served == 0 {
-            // Another fault mapped the page first; wake whoever waits on it.
-            self.uffd.wake(slot.window_addr() + page * PAGE_SIZE, PAGE_SIZE)?;
-        }
-        let next = start + self.fault_around;
-        if slot.last_batch_end.swap(next, Ordering::Relaxed) == start && next < slot.pages() {
-            self.serve_batch(&slot, next)?;
-            slot.last_batch_end.store(next + self.fault_around, Ordering::Relaxed);
-        }
-        self.counters.faults.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+            .ok_or_else(|| Error::InvalidArgument(format!("no region in memslot {slot}")))?;
+        let delete = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.gpa.0,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: deleting a memslot maps nothing; KVM stops using the window.
+        unsafe { vm.set_user_memory_region(delete) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+        self.regions.write().unwrap_or_else(|p| p.into_inner()).retain(|r| r.slot != slot);
+        Ok(region)
     }
 
-    /// Maps the unmapped pages of the batch starting at slot page `start`;
-    /// returns how many it mapped.
-    fn serve_batch(&self, slot: &Slot, start: u64) -> Result<u64> {
-        let batch = start..(start + self.fault_around).min(slot.pages());
-        let guard = slot.binding.get_and_lock_range(slot.file_pages(&batch))?;
-        let mut served = 0;
-        let mut run_start = None;
-        for p in batch.start..=batch.end {
-            let unmapped = p < batch.end && !slot.mapped.get(p);
-            match (unmapped, run_start) {
-                (true, None) => run_start = Some(p),
-                (false, Some(first)) => {
-                    served += self.map_run(slot, first..p)?;
-                    run_start = None;
-                }
-                _ => {}
+    /// Tells `listener` of every later discard and conversion.
+    pub fn add_listener(&self, listener: Arc<dyn MemoryListener>) {
+        self.listeners.write().unwrap_or_else(|p| p.into_inner()).push(listener);
+    }
+
+    pub(crate) fn notify(&self, call: impl Fn(&dyn MemoryListener)) {
+        for listener in self.listeners.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            let call = std::panic::AssertUnwindSafe(|| call(listener.as_ref()));
+            if std::panic::catch_unwind(call).is_err() {
+                self.counters.listener_panics.fetch_add(1, Ordering::Relaxed);
             }
         }
-        drop(guard);
-        self.counters.pages_served.fetch_add(served, Ordering::Relaxed);
-        Ok(served)
     }
 
-    /// Maps the slot pages `run` (locked by the caller) into the window,
-    /// skipping pages the kernel already has mapped. Returns pages mapped.
-    fn map_run(&self, slot: &Slot, run: Range<u64>) -> Result<u64> {
-        let addr = slot.window_addr() + run.start * PAGE_SIZE;
-        let mapped = self.uffd.continue_range(addr, (run.end - run.start) * PAGE_SIZE)?;
-        slot.mapped.set(run, true);
-        Ok(mapped / PAGE_SIZE)
+    /// The region holding `gpa`.
+    pub fn region_of(&self, gpa: Gpa) -> Option<Arc<PrivateRegion>> {
+        self.regions().iter().find(|r| r.contains(gpa)).cloned()
     }
 
-    pub(crate) fn stats(&self) -> MemoryStats {
-        MemoryStats {
-            pages_served: self.counters.pages_served.load(Ordering::Relaxed),
-            faults: self.counters.faults.load(Ordering::Relaxed),
-            invalidations: self.counters.invalidations.load(Ordering::Relaxed),
-            invalidated_pages: self.counters.invalidated_pages.load(Ordering::Relaxed),
-            conversions: self.counters.conversions.load(Ordering::Relaxed),
-            converted_pages: self.counters.converted_pages.load(Ordering::Relaxed),
-            host_denials: self.counters.host_denials.load(Ordering::Relaxed),
-            metadata_bytes: self.slots().iter().map(|s| s.metadata_bytes() as u64).sum(),
-            pages: self.slots().iter().map(|s| s.pages()).sum(),
-        }
+    /// The state of the page holding `gpa`; `None` outside every region.
+    pub fn page_state(&self, gpa: Gpa) -> Option<PageState> {
+        self.region_of(gpa)?.page_state(gpa)
     }
 
-    /// The slot holding `gpa`.
-    pub(crate) fn slot_of(&self, gpa: Gpa) -> Option<Arc<Slot>> {
-        self.slots().iter().find(|s| s.contains(gpa)).cloned()
-    }
-
-    /// The slot holding all of `[gpa, gpa + len)`; `EINVAL` if none does.
-    pub(crate) fn slot_holding(&self, gpa: Gpa, len: u64) -> Result<Arc<Slot>> {
-        self.slot_of(gpa)
-            .filter(|s| len <= s.size - (gpa.0 - s.gpa.0))
+    /// The region holding all of `[gpa, gpa + len)`; `EINVAL` if none does.
+    pub(crate) fn region_holding(&self, gpa: Gpa, len: u64) -> Result<Arc<PrivateRegion>> {
+        self.region_of(gpa)
+            .filter(|r| len <= r.size - (gpa.0 - r.gpa.0))
             .ok_or_else(|| outside(gpa, len))
     }
-}
 
-impl GuestMemory {
-    /// Slots covering `[gpa, gpa + len)` without a gap, in GPA order, each
-    /// with the slot pages of the range; `EINVAL` where RAM has a hole.
-    fn slots_covering(&self, gpa: Gpa, len: u64) -> Result<Vec<(Arc<Slot>, Range<u64>)>> {
+    /// Regions covering `[gpa, gpa + len)` without a gap, in GPA order,
+    /// each with its pages of the range; `EINVAL` where RAM has a hole.
+    pub(crate) fn regions_covering(
+        &self,
+        gpa: Gpa,
+        len: u64,
+    ) -> Result<Vec<(Arc<PrivateRegion>, std::ops::Range<u64>)>> {
         let end = gpa.0.checked_add(len).ok_or_else(|| outside(gpa, len))?;
         let mut covering = Vec::new();
         let mut at = gpa.0;
         while at < end {
-            let slot = self.slot_of(Gpa(at)).ok_or_else(|| outside(gpa, len))?;
-            let upto = end.min(slot.gpa.0 + slot.size);
-            covering.push((slot.clone(), slot.pages_of(Gpa(at), upto - at)));
+            let region = self.region_of(Gpa(at)).ok_or_else(|| outside(gpa, len))?;
+            let upto = end.min(region.gpa.0 + region.size);
+            covering.push((region.clone(), region.pages_of(Gpa(at), upto - at)));
             at = upto;
         }
         Ok(covering)
     }
 
-    /// Converts `[gpa, gpa + size)` to shared (`attributes` 0) or private
-    /// ([`ATTRIBUTE_PRIVATE`]), whole or not at all: `EINVAL` for an
-    /// unaligned or empty range, one outside guest RAM, or unknown attribute
-    /// bits. Pages whose state changes are discarded (see
-    /// [`discard`](Self::discard)) and read zero afterwards; pages already
-    /// in that state keep their content. Returns how many pages changed state.
-    pub(crate) fn convert(&self, gpa: Gpa, size: u64, attributes: u64) -> Result<u64> {
-        if attributes & !ATTRIBUTE_PRIVATE != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "conversion: unknown attribute bits {:#x}",
-                attributes & !ATTRIBUTE_PRIVATE
-            )));
+    /// Launch-time populate: copies `bytes` into private memory at `gpa`
+    /// (the one host write a sealed file accepts, like guest_memfd's
+    /// populate, or SEV's LAUNCH_UPDATE_DATA). `EPERM` after
+    /// [`finish_launch`](Self::finish_launch); `EINVAL` outside one region.
+    pub fn populate(&self, gpa: Gpa, bytes: &[u8]) -> Result<()> {
+        if self.launched.load(Ordering::SeqCst) {
+            return Err(Error::NotPermitted("populate: the launch is finished".into()));
         }
-        if size == 0 || gpa.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "conversion of {:#x}+{size:#x}: must be page-aligned and non-empty",
-                gpa.0
-            )));
+        if bytes.is_empty() {
+            return Ok(());
         }
-        let shared = attributes == 0;
-        let covering = self.slots_covering(gpa, size)?;
-        // In GPA order, as every taker of several of these locks does.
-        let _states: Vec<_> = covering.iter().map(|(slot, _)| slot.write_states()).collect();
-        let mut changed = 0;
-        for (slot, pages) in &covering {
-            for run in slot.shared.runs(pages.clone(), !shared) {
-                self.discard(slot, run.clone())?;
-                slot.shared.set(run.clone(), shared);
-                changed += run.end - run.start;
-            }
-        }
-        self.counters.conversions.fetch_add(1, Ordering::Relaxed);
-        self.counters.converted_pages.fetch_add(changed, Ordering::Relaxed);
-        Ok(changed)
-    }
-
-    /// Discards slot pages `run`, whose state is changing (the caller holds
-    /// the slot's states for writing): a punch, with invalidation.
-    fn discard(&self, slot: &Slot, run: Range<u64>) -> Result<()> {
-        // The kernel unmaps the pages from every window, the host view
-        // included; the invalidation callback forgets them.
-        let bytes = slot.file_pages(&run).bytes();
-        slot.binding.file().fallocate(
-            gmem::Fallocate::PunchHole,
-            FileOffset(bytes.start),
-            bytes.end - bytes.start,
-        )?;
+        let region = self.region_holding(gpa, bytes.len() as u64)?;
+        let offset = region.file_offset + (gpa.0 - region.gpa.0);
+        let pages = PageRange::covering(offset, bytes.len() as u64);
+        let guard = region.binding.get_and_lock_range(pages)?;
+        guard.write(offset - pages.start.offset().0, bytes)?;
         Ok(())
     }
 
-    /// Runs `access` on the host address of `[gpa, gpa + len)` if every page
-    /// of it is shared, with the pages locked and mapped in the host view;
-    /// `EPERM` naming the first private page otherwise, `EINVAL` for a
-    /// range that is not inside one slot.
-    pub(crate) fn host_access<T>(
-        &self,
-        gpa: Gpa,
-        len: u64,
-        access: impl FnOnce(*mut u8) -> T,
-    ) -> Result<T> {
-        let slot = self.slot_holding(gpa, len)?;
-        if len == 0 {
-            return Ok(access(std::ptr::null_mut()));
-        }
-        let pages = slot.pages_of(gpa, len);
-        let _states = slot.read_states();
-        self.check_shared(&slot, pages.clone())?;
-        let _locked = slot.binding.get_and_lock_range(slot.file_pages(&pages))?;
-        self.map_locked(&slot, pages)?;
-        Ok(access(slot.host_view.as_ptr().wrapping_add((gpa.0 - slot.gpa.0) as usize)))
+    /// Ends the launch: from now on [`populate`](Self::populate) is `EPERM`
+    /// and private memory is the guest's alone. Call it before the first
+    /// vCPU runs.
+    pub fn finish_launch(&self) {
+        self.launched.store(true, Ordering::SeqCst);
     }
 
-    /// `EPERM` naming the first private page of `pages`, counted as a denial.
-    pub(crate) fn check_shared(&self, slot: &Slot, pages: Range<u64>) -> Result<()> {
-        match slot.shared.runs(pages, false).first() {
-            None => Ok(()),
-            Some(private) => {
-                self.counters.host_denials.fetch_add(1, Ordering::Relaxed);
-                Err(Error::NotPermitted(format!(
-                    "GPA {:#x} is private: the host may not access it",
-                    slot.gpa.0 + private.start * PAGE_SIZE
-                )))
-            }
-        }
-    }
-
-    /// Maps the shared slot `pages` into the host view, allocating them
-    /// where needed; returns their host address. The caller holds the
-    /// slot's states (read) so that they stay shared.
-    pub(crate) fn map_host_view(&self, slot: &Slot, pages: Range<u64>) -> Result<*mut u8> {
-        if !slot.host_mapped.runs(pages.clone(), false).is_empty() {
-            let _locked = slot.binding.get_and_lock_range(slot.file_pages(&pages))?;
-            self.map_locked(slot, pages.clone())?;
-        }
-        Ok(slot.host_view.as_ptr().wrapping_add((pages.start * PAGE_SIZE) as usize))
-    }
-
-    /// Maps the unmapped `pages` (locked by the caller) into the host view.
-    fn map_locked(&self, slot: &Slot, pages: Range<u64>) -> Result<()> {
-        for run in slot.host_mapped.runs(pages, false) {
-            let addr = slot.host_view.as_ptr() as u64 + run.start * PAGE_SIZE;
-            self.host_uffd.continue_range(addr, (run.end - run.start) * PAGE_SIZE)?;
-            slot.host_mapped.set(run, true);
-        }
+    /// Discards `[gpa, gpa + len)` from its backing (private or shared): a
+    /// hole punch on the file, with invalidation; the guest reads zero there
+    /// afterwards. Waits for host accesses to the memory to end; `EDEADLK`
+    /// if this thread holds one. `EINVAL` for unaligned ranges or ranges
+    /// outside one region.
+    pub fn punch(&self, gpa: Gpa, len: u64) -> Result<()> {
+        let region = self.region_holding(gpa, len)?;
+        let _exclusive = self.access.exclusive("punch")?;
+        let offset = region.file_offset + (gpa.0 - region.gpa.0);
+        region.file().fallocate(gmem::Fallocate::PunchHole, FileOffset(offset), len)?;
         Ok(())
+    }
+
+    /// The memory's counters.
+    pub fn stats(&self) -> MemoryStats {
+        let c = &self.counters;
+        let regions = self.regions();
+        MemoryStats {
+            pages_served: c.pages_served.load(Ordering::Relaxed),
+            faults: c.faults.load(Ordering::Relaxed),
+            fenced_pages: c.fenced_pages.load(Ordering::Relaxed),
+            invalidations: c.invalidations.load(Ordering::Relaxed),
+            invalidated_pages: c.invalidated_pages.load(Ordering::Relaxed),
+            conversions: c.conversions.load(Ordering::Relaxed),
+            converted_pages: c.converted_pages.load(Ordering::Relaxed),
+            host_denials: c.host_denials.load(Ordering::Relaxed),
+            listener_panics: c.listener_panics.load(Ordering::Relaxed),
+            metadata_bytes: regions.iter().map(|r| r.metadata_bytes() as u64).sum(),
+            pages: regions.iter().map(|r| r.pages()).sum(),
+        }
     }
 }
 
-fn outside(gpa: Gpa, len: u64) -> Error {
+pub(crate) fn outside(gpa: Gpa, len: u64) -> Error {
     Error::InvalidArgument(format!(
-        "{:#x}..{:#x} is not inside guest RAM (one memslot)",
+        "{:#x}..{:#x} is not inside guest RAM (one region)",
         gpa.0,
         gpa.0.saturating_add(len)
     ))

@@ -88,8 +88,8 @@ impl GuestMemfd {
     }
 
     /// Any descriptor posing as a guest_memfd, for checking that KVM
-    /// refuses what is not one.
-    pub(crate) fn pretend(fd: OwnedFd) -> Self {
+    /// refuses what is not one (KVM checks the file's type itself).
+    pub fn from_fd(fd: OwnedFd) -> Self {
         Self { fd }
     }
 
@@ -100,7 +100,14 @@ impl GuestMemfd {
 
     /// Binds `[offset, offset + size)` at `gpa` in `slot` with
     /// KVM_SET_USER_MEMORY_REGION2; `userspace_addr` may be 0.
-    pub fn bind(
+    ///
+    /// # Safety
+    ///
+    /// `userspace_addr` is 0 (no shared backing) or the address of a
+    /// mapping of at least `size` bytes that no Rust reference points into
+    /// and that stays mapped until the slot is deleted or the VM is gone:
+    /// the guest writes to it.
+    pub unsafe fn bind(
         &self,
         vm: &VmFd,
         slot: u32,
@@ -119,8 +126,7 @@ impl GuestMemfd {
             guest_memfd: self.fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: callers pass a `userspace_addr` mapping of at least `size`
-        // bytes that outlives the VM, or 0 (no shared backing).
+        // SAFETY: the caller's promise on `userspace_addr` (see above).
         unsafe { vm.set_user_memory_region2(region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION2"))
     }
@@ -179,7 +185,10 @@ fn serves_guest(vm: &VmFd, flags: u64) -> Result<bool> {
         bytes[0] = marker;
         bytes[CODE_AT..CODE_AT + CODE.len()].copy_from_slice(&CODE);
     }
-    gmem.bind(vm, 0, 0, SIZE as u64, 0, user_map.0.as_ptr() as u64)?;
+    // SAFETY: `user_map` is a scratch mapping of SIZE bytes, referred to
+    // by no Rust reference while the vCPU runs, and this VM's only vCPU
+    // runs in this function only, while `user_map` lives.
+    unsafe { gmem.bind(vm, 0, 0, SIZE as u64, 0, user_map.0.as_ptr() as u64) }?;
     let mut vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
     let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     sregs.cs.base = 0;

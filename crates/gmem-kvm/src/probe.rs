@@ -11,7 +11,7 @@ use linux_raw_sys::general::{
 use crate::error::{Error, Result};
 use crate::native::{self, NativeSupport};
 use crate::uffd::Userfaultfd;
-use crate::KVM_HC_MAP_GPA_RANGE;
+use crate::convert::KVM_HC_MAP_GPA_RANGE;
 
 /// The host, as gmem sees it.
 #[derive(Debug, Clone)]
@@ -30,8 +30,11 @@ pub struct HostReport {
     pub userfaultfd: std::result::Result<u64, String>,
     /// `RLIMIT_MEMLOCK` (soft, hard) in bytes; `None` is unlimited.
     pub memlock: (Option<u64>, Option<u64>),
-    /// Whether the process runs as root (which has `CAP_IPC_LOCK`).
+    /// Whether the process runs as root.
     pub root: bool,
+    /// Whether `CAP_IPC_LOCK` is in the calling thread's effective set, so
+    /// that `RLIMIT_MEMLOCK` does not apply (root without it is limited).
+    pub ipc_lock: bool,
 }
 
 /// A backend choice and why.
@@ -89,5 +92,7 @@ pub fn host() -> Result<HostReport> {
         userfaultfd: Userfaultfd::supported_features().map_err(|e| e.to_string()),
         memlock: (memlock.current, memlock.maximum),
         root: rustix::process::geteuid().is_root(),
+        ipc_lock: rustix::thread::capabilities(None)
+            .is_ok_and(|caps| caps.effective.contains(rustix::thread::CapabilitySet::IPC_LOCK)),
     })
 }

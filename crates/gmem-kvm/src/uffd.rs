@@ -17,6 +17,25 @@ use rustix::mm::UserfaultfdFlags;
 
 use crate::error::{Error, Result};
 
+/// An argument of a userfaultfd ioctl, tied to its request number, so that
+/// no request can be made with the wrong argument type.
+trait UffdArg {
+    const REQUEST: u32;
+}
+
+impl UffdArg for uffdio_api {
+    const REQUEST: u32 = UFFDIO_API;
+}
+impl UffdArg for uffdio_register {
+    const REQUEST: u32 = UFFDIO_REGISTER;
+}
+impl UffdArg for uffdio_continue {
+    const REQUEST: u32 = UFFDIO_CONTINUE;
+}
+impl UffdArg for uffdio_range {
+    const REQUEST: u32 = UFFDIO_WAKE;
+}
+
 /// A userfaultfd for shmem ranges, registered for missing and minor faults.
 #[derive(Debug)]
 pub(crate) struct Userfaultfd {
@@ -41,7 +60,7 @@ impl Userfaultfd {
     pub(crate) fn supported_features() -> Result<u64> {
         let uffd = Self::create()?;
         let mut api = uffdio_api { api: UFFD_API.into(), features: 0, ioctls: 0 };
-        uffd.ioctl(UFFDIO_API, &mut api, "UFFDIO_API")?;
+        uffd.ioctl(&mut api, "UFFDIO_API")?;
         Ok(api.features)
     }
 
@@ -64,15 +83,15 @@ impl Userfaultfd {
                 .into(),
             ioctls: 0,
         };
-        uffd.ioctl(UFFDIO_API, &mut api, op)?;
+        uffd.ioctl(&mut api, op)?;
         Ok(uffd)
     }
 
-    fn ioctl<T>(&self, request: u32, arg: &mut T, op: &'static str) -> Result<()> {
-        // SAFETY: `request` is a userfaultfd ioctl whose argument type is `T`
-        // (each caller pairs them as the uapi header does), and `arg` is a
-        // live, exclusive reference for the duration of the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, arg as *mut T) };
+    fn ioctl<T: UffdArg>(&self, arg: &mut T, op: &'static str) -> Result<()> {
+        // SAFETY: `T::REQUEST` is the userfaultfd ioctl whose argument type
+        // is `T` (the `UffdArg` impls pair them as the uapi header does),
+        // and `arg` is a live, exclusive reference for the whole call.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), T::REQUEST as _, arg as *mut T) };
         if ret < 0 {
             return Err(Error::io(op)(std::io::Error::last_os_error()));
         }
@@ -86,7 +105,7 @@ impl Userfaultfd {
             mode: (UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR).into(),
             ioctls: 0,
         };
-        self.ioctl(UFFDIO_REGISTER, &mut reg, "UFFDIO_REGISTER")?;
+        self.ioctl(&mut reg, "UFFDIO_REGISTER")?;
         if reg.ioctls & (1 << _UFFDIO_CONTINUE) == 0 {
             return Err(Error::Unsupported(
                 "userfaultfd: UFFDIO_CONTINUE not offered for shmem".into(),
@@ -108,7 +127,7 @@ impl Userfaultfd {
                 mode: 0,
                 mapped: 0,
             };
-            match self.ioctl(UFFDIO_CONTINUE, &mut arg, "UFFDIO_CONTINUE") {
+            match self.ioctl(&mut arg, "UFFDIO_CONTINUE") {
                 Ok(()) => return Ok(mapped + end - next),
                 // Part of the range was mapped, up to an already-mapped page.
                 Err(e) if e.errno() == Errno::AGAIN && arg.mapped > 0 => {
@@ -127,7 +146,7 @@ impl Userfaultfd {
     /// Wakes threads waiting on faults in `[addr, addr + len)`.
     pub(crate) fn wake(&self, addr: u64, len: u64) -> Result<()> {
         let mut range = uffdio_range { start: addr, len };
-        self.ioctl(UFFDIO_WAKE, &mut range, "UFFDIO_WAKE")
+        self.ioctl(&mut range, "UFFDIO_WAKE")
     }
 
     /// Reads pending page-fault addresses into `out`; returns when none is left.

@@ -6,8 +6,9 @@ mod common;
 use std::sync::Mutex;
 
 use common::{console, kvm, run, RAM};
-use gmem_kvm::memory::ATTRIBUTE_PRIVATE;
-use gmem_kvm::{Errno, Gpa, Outcome, Vm};
+use gmem_kvm::convert::ATTRIBUTE_PRIVATE;
+use gmem_kvm::Errno;
+use gmem_runner::{Gpa, Outcome, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 const PAGE: u64 = 0x60_0000;
@@ -185,9 +186,14 @@ fn the_vm_memory_view_reaches_shared_pages_only() {
         shared.read_obj::<u64>(GuestAddress(RAM)),
         Err(GuestMemoryError::InvalidGuestAddress(_))
     ));
+    // While this thread holds the view, its pages cannot be converted
+    // under it: a conversion from the same thread would wait for itself.
+    assert_eq!(vm.convert(Gpa(PAGE), 2 * 4096, ATTRIBUTE_PRIVATE).unwrap_err().errno(), Errno::DEADLK);
+    drop(shared);
     // Conversion back discards the host's bytes.
     vm.convert(Gpa(PAGE), 2 * 4096, ATTRIBUTE_PRIVATE).unwrap();
     vm.convert(Gpa(PAGE), 2 * 4096, 0).unwrap();
+    let shared = vm.shared_memory();
     assert_eq!(shared.read_obj::<u64>(GuestAddress(PAGE + 4096 - 4)).unwrap(), 0);
     assert_eq!(vm.stats().memory.host_denials, 2);
 }
@@ -238,12 +244,12 @@ fn hypercall_exits_convert_or_time_out_but_never_hang() {
         return;
     }
     let (vm, _file) = Vm::with_ram(RAM).unwrap();
-    let image = gmem_kvm::GuestImage::parse(gmem_guest::guest("hypercall").unwrap(), RAM).unwrap();
+    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("hypercall").unwrap(), RAM).unwrap();
     vm.load(&image, RAM, 1).unwrap();
-    let config = gmem_kvm::RunConfig {
+    let config = gmem_runner::RunConfig {
         timeout: Some(std::time::Duration::from_secs(2)),
         hypercall_exits: true,
-        ..gmem_kvm::RunConfig::new(1)
+        ..gmem_runner::RunConfig::new(1)
     };
     let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
     match report.outcome {

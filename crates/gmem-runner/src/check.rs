@@ -10,7 +10,7 @@
 use rustix::io::Errno;
 
 use crate::conformance::{self, errno_name, Comparison, Expect};
-use crate::native;
+use gmem_kvm::native;
 
 /// Which backend a check ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +115,7 @@ pub fn run() -> Vec<Check> {
     checks
 }
 
-fn failed(name: &str, backend: Backend, error: crate::Error) -> Check {
+fn failed(name: &str, backend: Backend, error: gmem_kvm::Error) -> Check {
     Check {
         name: name.into(),
         backend,

@@ -6,16 +6,22 @@
 use std::sync::Arc;
 
 use gmem::{Fallocate, FileOffset, PrivateMemFile, PAGE_SIZE};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
 use rustix::mm::MapFlags;
 
-use crate::error::{Error, Result};
-use crate::native::{
+use gmem_kvm::{Error, Result};
+use gmem_kvm::native::{
     GuestMemfd, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
 };
 use crate::{Gpa, Vm};
+
+/// Binds a guest_memfd range with no shared backing (`userspace_addr` 0).
+fn bind_private(native: &GuestMemfd, vm: &VmFd, slot: u32, gpa: u64, size: u64, offset: u64) -> Result<()> {
+    // SAFETY: `userspace_addr` 0 maps no host memory into the guest.
+    unsafe { native.bind(vm, slot, gpa, size, offset, 0) }
+}
 
 /// What the kernel's guest_memfd answers, per its selftests and docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,14 +243,14 @@ pub fn compare() -> Result<Vec<Comparison>> {
     add(
         "bind a range",
         Expect::Ok,
-        kvm_errno(native.bind(&vm, 0, 0, SIZE / 2, 0, 0)),
+        kvm_errno(bind_private(&native, &vm, 0, 0, SIZE / 2, 0)),
         kvm_errno(gvm.add_private_memory(Gpa(0), &ours, FileOffset(0), SIZE / 2)),
         None,
     );
     add(
         "bind the same file range twice",
         Expect::Errno(Errno::INVAL),
-        kvm_errno(native.bind(&vm, 1, 1 << 30, SIZE / 2, 0, 0)),
+        kvm_errno(bind_private(&native, &vm, 1, 1 << 30, SIZE / 2, 0)),
         kvm_errno(gvm.add_private_memory(Gpa(1 << 30), &ours, FileOffset(0), SIZE / 2)),
         None,
     );
@@ -252,7 +258,7 @@ pub fn compare() -> Result<Vec<Comparison>> {
         "bind another file range over a bound GPA range",
         Expect::Errno(Errno::EXIST),
         kvm_errno(
-            GuestMemfd::create(&vm, SIZE, 0).and_then(|g| g.bind(&vm, 5, SIZE / 4, SIZE / 2, 0, 0)),
+            GuestMemfd::create(&vm, SIZE, 0).and_then(|g| bind_private(&g, &vm, 5, SIZE / 4, SIZE / 2, 0)),
         ),
         kvm_errno(
             PrivateMemFile::new_guest("overlap")
@@ -269,21 +275,21 @@ pub fn compare() -> Result<Vec<Comparison>> {
     add(
         "bind an unaligned offset",
         Expect::Errno(Errno::INVAL),
-        kvm_errno(native.bind(&vm, 2, 2 << 30, PAGE_SIZE, 1, 0)),
+        kvm_errno(bind_private(&native, &vm, 2, 2 << 30, PAGE_SIZE, 1)),
         kvm_errno(gvm.add_private_memory(Gpa(2 << 30), &ours, FileOffset(1), PAGE_SIZE)),
         None,
     );
     add(
         "bind past the end of the file",
         Expect::Errno(Errno::INVAL),
-        kvm_errno(native.bind(&vm, 3, 3 << 30, SIZE, SIZE / 2, 0)),
+        kvm_errno(bind_private(&native, &vm, 3, 3 << 30, SIZE, SIZE / 2)),
         kvm_errno(gvm.add_private_memory(Gpa(3 << 30), &ours, FileOffset(SIZE / 2), SIZE)),
         None,
     );
     add(
         "bind to another VM",
         Expect::Errno(Errno::INVAL),
-        kvm_errno(native.bind(&other_vm, 0, 0, SIZE / 2, SIZE / 2, 0)),
+        kvm_errno(bind_private(&native, &other_vm, 0, 0, SIZE / 2, SIZE / 2)),
         kvm_errno(other_gvm.add_private_memory(Gpa(0), &ours, FileOffset(SIZE / 2), SIZE / 2)),
         Some(
             "the seed refuses a second owner with EPERM; guest_memfd says EINVAL for a foreign VM",
@@ -292,7 +298,7 @@ pub fn compare() -> Result<Vec<Comparison>> {
     add(
         "bind an unaligned size",
         Expect::Errno(Errno::INVAL),
-        kvm_errno(native.bind(&vm, 4, 4 << 30, PAGE_SIZE + 1, SIZE / 2, 0)),
+        kvm_errno(bind_private(&native, &vm, 4, 4 << 30, PAGE_SIZE + 1, SIZE / 2)),
         kvm_errno(gvm.add_private_memory(Gpa(4 << 30), &ours, FileOffset(SIZE / 2), PAGE_SIZE + 1)),
         None,
     );
@@ -366,7 +372,7 @@ pub fn kernel_only() -> Result<Vec<KernelCheck>> {
     add(
         "bind a descriptor that is not a guest_memfd".into(),
         Expect::Errno(Errno::INVAL),
-        kvm_errno(GuestMemfd::pretend(memfd).bind(&vm, 0, 0, SIZE, 0, 0)),
+        kvm_errno(bind_private(&GuestMemfd::from_fd(memfd), &vm, 0, 0, SIZE, 0)),
     );
     Ok(out)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{console, kvm, run, RAM};
 use gmem::{Errno, Fallocate, FileOffset, PrivateMemFile, PAGE_SIZE};
-use gmem_kvm::{Gpa, Outcome, Vm};
+use gmem_runner::{Gpa, Outcome, Vm};
 
 #[test]
 fn demo_guest_exits_zero_on_private_memory() {
@@ -132,7 +132,7 @@ fn populate_is_refused_after_the_vm_ran() {
     vm.populate(Gpa(0x30_0000), b"before").unwrap();
     run(&vm, "punch", 1, &|_, _| {});
     assert_eq!(vm.populate(Gpa(0x30_0000), b"after").unwrap_err().errno(), Errno::PERM);
-    let image = gmem_kvm::GuestImage::parse(gmem_guest::guest("punch").unwrap(), RAM).unwrap();
+    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("punch").unwrap(), RAM).unwrap();
     let again = vm.run(&image, RAM, &common::config(1), &|_, _| {});
     assert_eq!(again.unwrap_err().errno(), Errno::PERM, "a VM runs once");
 }

@@ -7,8 +7,8 @@ mod common;
 use std::sync::Mutex;
 
 use common::{kvm, RAM};
-use gmem_kvm::memory::ATTRIBUTE_PRIVATE;
-use gmem_kvm::{Gpa, Vm};
+use gmem_kvm::convert::ATTRIBUTE_PRIVATE;
+use gmem_runner::{Gpa, Vm};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{kvm, RAM};
 use gmem::{Errno, FileOffset, PrivateMemFile, PAGE_SIZE};
-use gmem_kvm::{Gpa, GuestImage, Outcome, RunConfig, Vm};
+use gmem_runner::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 
 fn guest_file(size: u64) -> Arc<PrivateMemFile> {
     let file = Arc::new(PrivateMemFile::new_guest("bad").unwrap());

@@ -5,7 +5,8 @@ mod common;
 
 use common::kvm;
 use gmem::Errno;
-use gmem_kvm::{conformance, native};
+use gmem_kvm::native;
+use gmem_runner::conformance;
 
 #[test]
 fn probe_reports_what_the_kernel_does() {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use gmem::PAGE_SIZE;
 
-use crate::error::{Error, Result};
+use gmem_kvm::{Error, Result};
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 
 /// Guest memory below the touched range (image, VMM region).
@@ -205,7 +205,7 @@ pub fn punch(mib: u64) -> Result<PunchTimes> {
     let kvm = kvm_ioctls::Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
     let guest_memfd = if kvm.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_MEMFD.into()) > 0 {
         let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-        let native = crate::native::GuestMemfd::create(&vm, len, 0)?;
+        let native = gmem_kvm::native::GuestMemfd::create(&vm, len, 0)?;
         rustix::fs::fallocate(native.fd(), FallocateFlags::KEEP_SIZE, 0, len)
             .map_err(Error::os("fallocate guest_memfd"))?;
         Some(timed(&|| {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gmem_kvm::{GuestImage, Outcome, RunConfig, RunReport, Vm};
+use gmem_runner::{GuestImage, Outcome, RunConfig, RunReport, Vm};
 
 pub use gmem_kvm::test_support::kvm_available as kvm;
 
@@ -14,7 +14,7 @@ pub fn config(vcpus: u32) -> RunConfig {
 }
 
 /// Loads the built-in guest `name` into `vm` and runs it.
-pub fn run(vm: &Vm, name: &str, vcpus: u32, on_sync: gmem_kvm::SyncHandler<'_>) -> RunReport {
+pub fn run(vm: &Vm, name: &str, vcpus: u32, on_sync: gmem_runner::SyncHandler<'_>) -> RunReport {
     let image = GuestImage::parse(gmem_guest::guest(name).unwrap(), RAM).unwrap();
     vm.load(&image, RAM, vcpus).unwrap();
     let report = vm.run(&image, RAM, &config(vcpus), on_sync).unwrap();

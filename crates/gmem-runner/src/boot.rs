@@ -1,12 +1,12 @@
-//! Guest images and the machine state of GUEST_ABI v1: long mode, identity
+//! Guest images and the machine of GUEST_ABI 1.1: the memory map (RAM above
+//! 3 GiB goes above 4 GiB, leaving the x86 MMIO gap), long mode, identity
 //! page tables for all of RAM, a flat GDT and the boot info, all in the
 //! VMM's region `[0, 0x200000)`.
 
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
 use object::{elf, Endianness, Object};
 
-use crate::error::{Error, Result};
-use crate::Gpa;
+use gmem_kvm::{Error, Gpa, Result};
 
 /// First GPA a guest image may use; below it is the VMM's.
 pub const IMAGE_BASE: u64 = 0x20_0000;
@@ -24,14 +24,38 @@ const PD: u64 = 0x1_2000;
 const GIB: u64 = 1 << 30;
 /// Page directories fit between `PD` and `IMAGE_BASE`: at most 64 GiB of RAM.
 pub const MAX_RAM: u64 = 64 * GIB;
+/// RAM below the MMIO gap: `[0, LOW_RAM_END)`.
+pub const LOW_RAM_END: u64 = 3 * GIB;
+/// Where RAM above the gap starts.
+pub const HIGH_RAM_START: u64 = 4 * GIB;
+
+/// The RAM regions of `ram_size` bytes, per GUEST_ABI 1.1: `(gpa, size)`,
+/// ascending, one or two.
+pub fn ram_regions(ram_size: u64) -> Vec<(Gpa, u64)> {
+    let low = ram_size.min(LOW_RAM_END);
+    let mut regions = vec![(Gpa(0), low)];
+    if ram_size > low {
+        regions.push((Gpa(HIGH_RAM_START), ram_size - low));
+    }
+    regions
+}
+
+/// One past the highest RAM GPA.
+pub fn ram_end(ram_size: u64) -> u64 {
+    ram_regions(ram_size).last().map_or(0, |(gpa, size)| gpa.0 + size)
+}
+
+/// Whether `[gpa, gpa + len)` lies in RAM (inside one region).
+pub fn in_ram(ram_size: u64, gpa: u64, len: u64) -> bool {
+    let Some(end) = gpa.checked_add(len) else { return false };
+    ram_regions(ram_size).iter().any(|(base, size)| gpa >= base.0 && end <= base.0 + size)
+}
 
 /// Flat 64-bit code and data descriptors (null, code at 0x8, data at 0x10).
 const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-pub(crate) const CODE_SELECTOR: u16 = 0x8;
-pub(crate) const DATA_SELECTOR: u16 = 0x10;
-pub(crate) const GDT_BASE: u64 = GDT;
-pub(crate) const GDT_LIMIT: u16 = (GDT_ENTRIES.len() * 8 - 1) as u16;
-pub(crate) const PAGE_TABLE_ROOT: u64 = PML4;
+const CODE_SELECTOR: u16 = 0x8;
+const DATA_SELECTOR: u16 = 0x10;
+const GDT_LIMIT: u16 = (GDT_ENTRIES.len() * 8 - 1) as u16;
 
 /// A loadable segment: bytes to copy at `gpa`; memory up to `gpa + mem_size` reads zero.
 #[derive(Debug, Clone)]
@@ -91,7 +115,7 @@ impl GuestImage {
                     "segment at {gpa:#x} lies below {IMAGE_BASE:#x} (the VMM's region)"
                 )));
             }
-            if end > ram_size {
+            if !in_ram(ram_size, gpa, mem_size) {
                 return Err(bad(format!(
                     "segment {gpa:#x}..{end:#x} does not fit in {ram_size:#x} bytes of RAM"
                 )));
@@ -120,22 +144,33 @@ impl GuestImage {
 
 /// The VMM region's content for `ram_size` bytes of RAM and `vcpus` vCPUs:
 /// (GPA, bytes) pairs to populate before the first vCPU runs.
-pub(crate) fn vmm_region(ram_size: u64, vcpus: u32) -> Vec<(Gpa, Vec<u8>)> {
-    let mut boot_info = Vec::with_capacity(24);
+pub fn vmm_region(ram_size: u64, vcpus: u32) -> Vec<(Gpa, Vec<u8>)> {
+    let regions = ram_regions(ram_size);
+    let end = ram_end(ram_size);
+    let mut boot_info = Vec::with_capacity(64);
     boot_info.extend_from_slice(&BOOT_MAGIC.to_le_bytes());
     boot_info.extend_from_slice(&ram_size.to_le_bytes());
     boot_info.extend_from_slice(&vcpus.to_le_bytes());
     boot_info.extend_from_slice(&(gmem::PAGE_SIZE as u32).to_le_bytes());
+    boot_info.extend_from_slice(&end.to_le_bytes());
+    boot_info.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    boot_info.extend_from_slice(&1u32.to_le_bytes()); // abi_minor
+    for (gpa, size) in &regions {
+        boot_info.extend_from_slice(&gpa.0.to_le_bytes());
+        boot_info.extend_from_slice(&size.to_le_bytes());
+    }
+    boot_info.extend_from_slice(&0u64.to_le_bytes()); // no devices (count, reserved)
 
     let gdt = GDT_ENTRIES.iter().flat_map(|e| e.to_le_bytes()).collect();
 
-    // Identity map with 2 MiB pages: PML4[0] → PDPT; PDPT[i] → PD i.
+    // Identity map with 2 MiB pages up to the end of RAM (the gap too:
+    // accesses there exit to the VMM as MMIO): PML4[0] → PDPT; PDPT[i] → PD i.
     const PRESENT_RW: u64 = 0b11;
     const HUGE: u64 = 1 << 7;
-    let gibs = ram_size.div_ceil(GIB);
+    let gibs = end.div_ceil(GIB);
     let pml4 = (PDPT | PRESENT_RW).to_le_bytes().to_vec();
     let pdpt = (0..gibs).flat_map(|i| ((PD + i * 0x1000) | PRESENT_RW).to_le_bytes()).collect();
-    let two_mib = ram_size.div_ceil(2 << 20);
+    let two_mib = end.div_ceil(2 << 20);
     let pd = (0..two_mib).flat_map(|j| ((j << 21) | PRESENT_RW | HUGE).to_le_bytes()).collect();
 
     vec![
@@ -159,5 +194,74 @@ pub fn check_machine(ram_size: u64, vcpus: u32) -> Result<()> {
             "RAM size {ram_size:#x}: a multiple of 2 MiB, at least 4 MiB plus 64 KiB per vCPU, at most 64 GiB"
         )));
     }
+    if ram_regions(ram_size).last().is_some_and(|(_, size)| *size < stacks) {
+        return Err(Error::InvalidArgument(format!(
+            "RAM size {ram_size:#x}: the {vcpus} vCPU stacks must fit in the RAM above 4 GiB"
+        )));
+    }
     Ok(())
+}
+
+/// Puts `vcpu` in GUEST_ABI's entry state: long mode, flat segments, the
+/// VMM's page tables, SSE enabled, RIP = `entry`, RSI = `index`, RDI = the
+/// boot info, RSP = `ram_end - index * 64 KiB`.
+pub fn init_vcpu(
+    kvm: &kvm_ioctls::Kvm,
+    vcpu: &kvm_ioctls::VcpuFd,
+    entry: u64,
+    index: u32,
+    ram_size: u64,
+) -> Result<()> {
+    use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+    let segment = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = segment(CODE_SELECTOR, 0xb, 1, 0);
+    let data = segment(DATA_SELECTOR, 0x3, 0, 1);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = GDT_LIMIT;
+    sregs.cr3 = PML4;
+    const CR0_PE: u64 = 1;
+    const CR0_MP: u64 = 1 << 1;
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_WP: u64 = 1 << 16;
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const CR4_OSFXSR: u64 = 1 << 9;
+    const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_WP | CR0_PG;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
+    let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(Error::kvm("KVM_SET_FPU"))?;
+    let regs = kvm_bindings::kvm_regs {
+        rip: entry,
+        rsp: ram_end(ram_size) - u64::from(index) * STACK_SIZE,
+        rdi: BOOT_INFO.0,
+        rsi: u64::from(index),
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))
 }

@@ -1,0 +1,135 @@
+//! Conversions between private and shared: one primitive, and the decoding
+//! of the two ways a guest asks for one (GUEST_ABI's port 0xF0 and KVM's
+//! `KVM_HC_MAP_GPA_RANGE` hypercall exit).
+
+use std::sync::atomic::Ordering;
+
+use gmem::{FileOffset, PAGE_SIZE};
+
+use crate::error::{Error, Result};
+use crate::memory::GuestMemory;
+use crate::region::PageState;
+use crate::Gpa;
+
+/// `KVM_MEMORY_ATTRIBUTE_PRIVATE`: the only attribute bit of a GUEST_ABI
+/// port 0xF0 request.
+pub const ATTRIBUTE_PRIVATE: u64 = kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
+
+/// `KVM_HC_MAP_GPA_RANGE`: the hypercall number of a conversion request.
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: the hypercall's "make private" bit.
+pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+
+/// A guest's request to convert `[gpa, gpa + len)` to `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversionRequest {
+    /// First byte.
+    pub gpa: Gpa,
+    /// Length in bytes.
+    pub len: u64,
+    /// The state asked for.
+    pub state: PageState,
+}
+
+impl ConversionRequest {
+    /// A GUEST_ABI port 0xF0 request: RDI = GPA, RSI = bytes, RDX =
+    /// attributes (0 shared, [`ATTRIBUTE_PRIVATE`] private; any other bit
+    /// `EINVAL`).
+    pub fn from_port(gpa: u64, len: u64, attributes: u64) -> Result<Self> {
+        let state = match attributes {
+            0 => PageState::Shared,
+            ATTRIBUTE_PRIVATE => PageState::Private,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "conversion: unknown attribute bits {:#x}",
+                    other & !ATTRIBUTE_PRIVATE
+                )))
+            }
+        };
+        Ok(Self { gpa: Gpa(gpa), len, state })
+    }
+
+    /// A `KVM_HC_MAP_GPA_RANGE` hypercall exit's arguments, in KVM's own
+    /// encoding: `gpa`, a page count, and attributes whose bit 4
+    /// ([`KVM_MAP_GPA_RANGE_ENCRYPTED`]) means private and whose bits 0-1
+    /// give the page size of the count (0: 4 KiB, 1: 2 MiB, 2: 1 GiB).
+    /// Any other bit, page size 3 or a length that overflows: `EINVAL`.
+    pub fn from_hypercall(gpa: u64, pages: u64, attributes: u64) -> Result<Self> {
+        let known = KVM_MAP_GPA_RANGE_ENCRYPTED | 0b11;
+        if attributes & !known != 0 || attributes & 0b11 == 3 {
+            return Err(Error::InvalidArgument(format!(
+                "MAP_GPA_RANGE: bad attributes {attributes:#x}"
+            )));
+        }
+        let page_size = [PAGE_SIZE, 2 << 20, 1 << 30][(attributes & 0b11) as usize];
+        let len = pages.checked_mul(page_size).ok_or_else(|| {
+            Error::InvalidArgument(format!("MAP_GPA_RANGE: {pages} pages overflow"))
+        })?;
+        let state = if attributes & KVM_MAP_GPA_RANGE_ENCRYPTED != 0 {
+            PageState::Private
+        } else {
+            PageState::Shared
+        };
+        Ok(Self { gpa: Gpa(gpa), len, state })
+    }
+}
+
+impl GuestMemory {
+    /// Converts `[gpa, gpa + len)` to `state`. Pages whose state changes are
+    /// discarded (a punch, with invalidation and listeners told) and read
+    /// zero afterwards, in both directions; pages already in `state` keep
+    /// their content (as KVM_SET_MEMORY_ATTRIBUTES makes a no-op of them).
+    /// Returns how many pages changed state.
+    ///
+    /// Whole or not at all: the request is checked first (`EINVAL` for an
+    /// unaligned or empty range, or one not covered by regions). The states
+    /// flip only once every discard succeeded; if a discard fails, the range
+    /// keeps its states, and the pages already discarded read zero. Waits
+    /// for host accesses to end; `EDEADLK` if this thread holds one.
+    pub fn convert(&self, gpa: Gpa, len: u64, state: PageState) -> Result<u64> {
+        if len == 0 || gpa.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "conversion of {:#x}+{len:#x}: must be page-aligned and non-empty",
+                gpa.0
+            )));
+        }
+        let covering = self.regions_covering(gpa, len)?;
+        let _exclusive = self.access.exclusive("convert")?;
+        let to_shared = state == PageState::Shared;
+        let changing: Vec<_> = covering
+            .iter()
+            .flat_map(|(region, pages)| {
+                region.shared.runs(pages.clone(), !to_shared).into_iter().map(move |run| (region, run))
+            })
+            .collect();
+        for (region, run) in &changing {
+            let bytes = region.file_pages(run).bytes();
+            region.file().fallocate(
+                gmem::Fallocate::PunchHole,
+                FileOffset(bytes.start),
+                bytes.end - bytes.start,
+            )?;
+        }
+        let mut changed = 0;
+        for (region, run) in changing {
+            region.shared.set(run.clone(), to_shared);
+            changed += run.end - run.start;
+            let gpa = region.gpa_of(run.start);
+            self.notify(|l| l.converted(gpa, (run.end - run.start) * PAGE_SIZE, state));
+        }
+        self.counters.conversions.fetch_add(1, Ordering::Relaxed);
+        self.counters.converted_pages.fetch_add(changed, Ordering::Relaxed);
+        Ok(changed)
+    }
+
+    /// Carries out a guest's request; what the guest gets back in RAX:
+    /// 0, or a negative errno.
+    pub fn convert_for_guest(&self, request: Result<ConversionRequest>) -> u64 {
+        let result = request.and_then(|r| self.convert(r.gpa, r.len, r.state));
+        match result {
+            Ok(_) => 0,
+            Err(e) => (-i64::from(e.errno().raw_os_error())) as u64,
+        }
+    }
+}

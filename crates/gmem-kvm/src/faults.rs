@@ -1,0 +1,197 @@
+//! Serving guest page faults, driven by the VMM.
+//!
+//! KVM's first touch of a page in a region's window raises a userfaultfd
+//! event. The VMM either polls [`GuestMemory::fault_fd`] in its own event
+//! loop and calls [`GuestMemory::serve_faults`], or lets
+//! [`GuestMemory::start_fault_server`] run a thread that does so and hands
+//! it the errors.
+//!
+//! A fault that cannot be served (its page was truncated away, the host is
+//! out of memory) must not leave the vCPU retrying for ever inside
+//! `KVM_RUN`, where no signal gets it out: the page is fenced off
+//! (`PROT_NONE` in the KVM window, once) and the vCPU woken, so that
+//! `KVM_RUN` returns (an MMIO exit on some hosts, `EFAULT` on others) and
+//! the VMM, told of the error, can stop the VM.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use gmem::PAGE_SIZE;
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+
+use crate::error::{Errno, Error, Result};
+use crate::memory::GuestMemory;
+use crate::region::PrivateRegion;
+use crate::Gpa;
+
+/// A guest page fault that could not be served.
+#[derive(Debug, thiserror::Error)]
+#[error("guest page fault at {gpa} could not be served (the page is fenced off): {error}")]
+pub struct FaultError {
+    /// The faulting guest address (page-aligned).
+    pub gpa: Gpa,
+    /// Why.
+    #[source]
+    pub error: Error,
+}
+
+impl FaultError {
+    /// The errno of the underlying error.
+    pub fn errno(&self) -> Errno {
+        self.error.errno()
+    }
+}
+
+impl GuestMemory {
+    /// The descriptor to poll (`POLLIN`) for pending guest faults.
+    pub fn fault_fd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+
+    /// Serves every pending guest fault without blocking; returns how many
+    /// it served, and the faults it could not serve (each fenced off).
+    pub fn serve_faults(&self) -> Result<(usize, Vec<FaultError>)> {
+        let mut faults = Vec::new();
+        self.uffd.read_faults(&mut faults)?;
+        let mut failed = Vec::new();
+        for &addr in &faults {
+            if let Err(error) = self.serve(addr) {
+                failed.push(error);
+            }
+        }
+        Ok((faults.len() - failed.len(), failed))
+    }
+
+    /// Starts a thread that serves faults until the returned server is
+    /// dropped. `on_error` gets every fault that could not be served (and
+    /// an error of the fault descriptor itself, after which the thread
+    /// ends); a panic in it is caught, and serving goes on.
+    pub fn start_fault_server(
+        self: &Arc<Self>,
+        on_error: impl Fn(Error) + Send + 'static,
+    ) -> Result<FaultServer> {
+        let stop = eventfd(0, EventfdFlags::CLOEXEC).map_err(Error::os("eventfd"))?;
+        let stop_seen = stop.try_clone().map_err(Error::io("dup eventfd"))?;
+        let memory = self.clone();
+        let report = move |error: Error| {
+            let call = std::panic::AssertUnwindSafe(|| on_error(error));
+            let _ = std::panic::catch_unwind(call);
+        };
+        let thread = std::thread::Builder::new()
+            .name("gmem-faults".into())
+            .spawn(move || loop {
+                let uffd = memory.fault_fd();
+                let mut fds =
+                    [PollFd::new(&uffd, PollFlags::IN), PollFd::new(&stop_seen, PollFlags::IN)];
+                match poll(&mut fds, None) {
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(errno) => return report(Error::Os { op: "poll userfaultfd", errno }),
+                }
+                if !fds[1].revents().is_empty() {
+                    return;
+                }
+                match memory.serve_faults() {
+                    Ok((_, failed)) => failed.into_iter().for_each(|f| report(Error::Fault(Box::new(f)))),
+                    Err(error) => return report(error),
+                }
+            })
+            .map_err(Error::io("spawn the fault thread"))?;
+        Ok(FaultServer { stop, thread: Some(thread) })
+    }
+
+    /// Serves the fault at window address `addr`: get-and-lock a batch of
+    /// pages around it (clipped to the region and to the file's current
+    /// size), map the unmapped ones, unlock. When the fault lands right
+    /// after the batch served before (a sequential toucher), the next batch
+    /// is mapped too, while the woken vCPU already runs (read-ahead).
+    fn serve(&self, addr: u64) -> std::result::Result<(), FaultError> {
+        let Some(region) = self
+            .regions()
+            .iter()
+            .find(|r| addr >= r.window_addr() && addr < r.window_addr() + r.size)
+            .cloned()
+        else {
+            // A region removed while its fault was queued: nothing to serve.
+            return Ok(());
+        };
+        let page = (addr - region.window_addr()) / PAGE_SIZE;
+        let start = page & !(self.fault_around - 1);
+        let served = self.serve_batch(&region, start, page).map_err(|error| {
+            let gpa = region.gpa_of(page);
+            self.fence(&region, page);
+            FaultError { gpa, error }
+        })?;
+        if served == 0 {
+            // Another fault mapped the page first; wake whoever waits on it.
+            let _ = self.uffd.wake(region.window_addr() + page * PAGE_SIZE, PAGE_SIZE);
+        }
+        let next = start + self.fault_around;
+        if region.last_batch_end.swap(next, Ordering::Relaxed) == start
+            && next < region.pages()
+            && self.serve_batch(&region, next, next).is_ok()
+        {
+            region.last_batch_end.store(next + self.fault_around, Ordering::Relaxed);
+        }
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Maps the unmapped pages of the batch starting at region page `start`
+    /// (clipped to what exists of the file, but always holding `needed`);
+    /// returns how many it mapped.
+    fn serve_batch(&self, region: &PrivateRegion, start: u64, needed: u64) -> Result<u64> {
+        let file_pages = region.file().size() / PAGE_SIZE;
+        let in_file = file_pages.saturating_sub(region.file_offset / PAGE_SIZE);
+        let end = (start + self.fault_around).min(region.pages()).min(in_file.max(needed + 1));
+        let batch = start..end;
+        let guard = region.binding.get_and_lock_range(region.file_pages(&batch))?;
+        let mut served = 0;
+        for run in region.mapped.runs(batch, false) {
+            let addr = region.window_addr() + run.start * PAGE_SIZE;
+            served += self.uffd.continue_range(addr, (run.end - run.start) * PAGE_SIZE)?;
+            region.mapped.set(run, true);
+        }
+        drop(guard);
+        self.counters.pages_served.fetch_add(served / PAGE_SIZE, Ordering::Relaxed);
+        Ok(served / PAGE_SIZE)
+    }
+
+    /// Fences region page `page` off for KVM and wakes its vCPU, so that
+    /// its access ends `KVM_RUN` instead of faulting again.
+    fn fence(&self, region: &PrivateRegion, page: u64) {
+        let addr = region.window_addr() + page * PAGE_SIZE;
+        // SAFETY: the page lies in the region's KVM window, a mapping the
+        // region owns that no Rust reference points into; taking its access
+        // away only makes KVM's next access to it fail.
+        let fenced = unsafe {
+            rustix::mm::mprotect(
+                addr as *mut std::ffi::c_void,
+                PAGE_SIZE as usize,
+                rustix::mm::MprotectFlags::empty(),
+            )
+        };
+        if fenced.is_ok() {
+            self.counters.fenced_pages.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = self.uffd.wake(addr, PAGE_SIZE);
+    }
+}
+
+/// The fault-serving thread of [`GuestMemory::start_fault_server`]; stopped
+/// and joined on drop.
+#[derive(Debug)]
+pub struct FaultServer {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Host access to shared guest memory: the copies a device model makes.
+//!
+//! Every access holds the memory's access lock shared for its whole length,
+//! so no page it touches can be converted or freed under it, checks that
+//! every page is shared (`EPERM` naming the first private GPA otherwise),
+//! and maps the pages into the region's host view. Copies are volatile
+//! (vm-memory's), since the guest may write the same pages at any time.
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+use vm_memory::VolatileSlice;
+
+use crate::error::{Error, Result};
+use crate::memory::GuestMemory;
+use crate::region::PrivateRegion;
+use crate::Gpa;
+
+impl GuestMemory {
+    /// Reads shared guest memory at `gpa` into `buf`. `EPERM` naming the
+    /// GPA if any page is private; `EINVAL` for a range outside one region;
+    /// `EAGAIN` if part of it is being discarded right now.
+    pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
+        let _shared = self.access.shared();
+        let slice = self.host_slice(gpa, buf.len())?;
+        slice.copy_to(buf);
+        Ok(())
+    }
+
+    /// Writes `data` into shared guest memory at `gpa`; errors as
+    /// [`read`](Self::read).
+    pub fn write(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
+        let _shared = self.access.shared();
+        let slice = self.host_slice(gpa, data.len())?;
+        slice.copy_from(data);
+        Ok(())
+    }
+
+    /// The host view of `[gpa, gpa + len)`, every page shared and mapped.
+    /// The caller holds the access lock shared for as long as it uses it.
+    fn host_slice(&self, gpa: Gpa, len: usize) -> Result<VolatileSlice<'_>> {
+        let region = self.region_holding(gpa, len as u64)?;
+        let host = self.map_shared(&region, gpa.0 - region.gpa.0, len)?;
+        // SAFETY: `host` points at `len` bytes of the region's host view
+        // (map_shared checked the range), mapped and shared; the caller's
+        // shared hold on the access lock keeps them so for the slice's use,
+        // and the region, owned by the memory, outlives the borrow.
+        Ok(unsafe { VolatileSlice::new(host, len) })
+    }
+
+    /// Checks that the `len` bytes at region offset `offset` are shared and
+    /// maps them into the host view; returns their host address. The caller
+    /// holds the access lock shared. `len` 0 is the (unmapped) address.
+    pub(crate) fn map_shared(
+        &self,
+        region: &PrivateRegion,
+        offset: u64,
+        len: usize,
+    ) -> Result<*mut u8> {
+        let end = offset.checked_add(len as u64).filter(|&end| end <= region.size);
+        let Some(end) = end else {
+            return Err(Error::InvalidArgument(format!(
+                "{:#x}+{len:#x} is past the end of the region",
+                region.gpa.0 + offset
+            )));
+        };
+        let base = region.host_view.as_ptr().wrapping_add(offset as usize);
+        if len == 0 {
+            return Ok(base);
+        }
+        let pages = offset / gmem::PAGE_SIZE..end.div_ceil(gmem::PAGE_SIZE);
+        self.check_shared(region, pages.clone())?;
+        if !region.host_mapped.runs(pages.clone(), false).is_empty() {
+            // EAGAIN rather than a wait while part of it is being discarded:
+            // the discard's invalidation waits for our hold to end.
+            let _locked = region.binding.get_and_lock_range_or_again(region.file_pages(&pages))?;
+            for run in region.host_mapped.runs(pages, false) {
+                let addr = region.host_view.as_ptr() as u64 + run.start * gmem::PAGE_SIZE;
+                self.host_uffd.continue_range(addr, (run.end - run.start) * gmem::PAGE_SIZE)?;
+                region.host_mapped.set(run, true);
+            }
+        }
+        Ok(base)
+    }
+
+    /// `EPERM` naming the first private page of `pages`, counted as a denial.
+    fn check_shared(&self, region: &PrivateRegion, pages: Range<u64>) -> Result<()> {
+        match region.shared.runs(pages, false).first() {
+            None => Ok(()),
+            Some(private) => {
+                self.counters.host_denials.fetch_add(1, Ordering::Relaxed);
+                Err(Error::NotPermitted(format!(
+                    "GPA {:#x} is private: the host may not access it",
+                    region.gpa_of(private.start).0
+                )))
+            }
+        }
+    }
+}

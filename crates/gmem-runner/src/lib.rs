@@ -1,0 +1,32 @@
+//! # gmem-runner: gmem's own VMM
+//!
+//! The GUEST_ABI 1.1 VM behind `gmem run`, `gmem bench` and `gmem check`,
+//! built on [`gmem_kvm`]'s public API only, as any VMM would: its own
+//! `VmFd`, slot numbers, vCPU threads and kicks ([`kick`]), and a
+//! [`gmem_kvm::GuestMemory`] for RAM.
+//!
+//! ```
+//! use gmem_runner::{GuestImage, Outcome, RunConfig, Vm};
+//!
+//! # if !std::path::Path::new("/dev/kvm").exists() { return Ok(()); }
+//! let ram = 64 << 20;
+//! let (vm, _file) = Vm::with_ram(ram)?;
+//! let image = GuestImage::parse(gmem_guest::guest("convert").unwrap(), ram)?;
+//! vm.load(&image, ram, 1)?;
+//! let report = vm.run(&image, ram, &RunConfig::new(1), &|_, _| {})?;
+//! assert_eq!(report.outcome, Outcome::Exit(0));
+//! # Ok::<(), gmem_kvm::Error>(())
+//! ```
+
+pub mod bench;
+pub mod boot;
+pub mod check;
+pub mod conformance;
+pub mod kick;
+mod vcpu;
+mod vm;
+
+pub use boot::GuestImage;
+pub use gmem_kvm::Gpa;
+pub use vcpu::ports;
+pub use vm::{Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats};

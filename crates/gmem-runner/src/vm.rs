@@ -1,0 +1,435 @@
+//! gmem's own GUEST_ABI VM: a KVM VM whose RAM is a [`GuestMemory`] of
+//! gmem-kvm, used through that library's public API only, like any VMM.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use gmem::{FileOffset, PrivateMemFile};
+use gmem_kvm::shared::SharedView;
+use gmem_kvm::{
+    ConversionRequest, Error, FaultServer, GuestMemory, MemoryStats, RegionSpec, Result,
+    DEFAULT_FAULT_AROUND_PAGES,
+};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
+
+use crate::boot::{self, GuestImage};
+use crate::kick::{self, Kicker};
+use crate::Gpa;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote its exit code to port 0xF4.
+    Exit(u32),
+    /// The timeout passed first.
+    Timeout,
+    /// The VM stopped on an error (unknown port, triple fault, ...).
+    Error(String),
+}
+
+/// What [`Vm::run`] needs besides the VM.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Number of vCPUs, each on its own thread.
+    pub vcpus: u32,
+    /// Stop the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Echo console output to stderr as it comes.
+    pub echo_console: bool,
+    /// Take KVM_HC_MAP_GPA_RANGE hypercalls as conversion requests
+    /// (KVM_CAP_EXIT_HYPERCALL). Off by default: on kvm_pvm hosts a
+    /// `vmcall` hangs the vCPU, with or without it.
+    pub hypercall_exits: bool,
+}
+
+impl RunConfig {
+    /// `vcpus` vCPUs, no timeout, no echo, no hypercall exits.
+    pub fn new(vcpus: u32) -> Self {
+        Self { vcpus, timeout: None, echo_console: false, hypercall_exits: false }
+    }
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// All console output.
+    pub console: Vec<u8>,
+}
+
+/// Counters of a VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmStats {
+    /// Guest memory counters (faults, pages served, invalidations,
+    /// conversions, host denials).
+    pub memory: MemoryStats,
+    /// Conversion requests the guest made (port 0xF0), refused ones too.
+    pub conversion_requests: u64,
+}
+
+/// The host's answer to a sync point (port 0xF8): it runs while the
+/// vCPU that reached it waits. Other vCPUs keep running.
+pub type SyncHandler<'a> = &'a (dyn Fn(&Vm, u64) + Sync);
+
+/// Stop state shared by the vCPU threads, the fault thread and the watchdog.
+#[derive(Default)]
+pub(crate) struct Control {
+    outcome: Mutex<Option<Outcome>>,
+    changed: Condvar,
+    pub(crate) stopping: AtomicBool,
+}
+
+impl Control {
+    fn outcome(&self) -> MutexGuard<'_, Option<Outcome>> {
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the first outcome and asks every vCPU to stop.
+    pub(crate) fn stop(&self, outcome: Outcome) {
+        let mut current = self.outcome();
+        if current.is_none() {
+            *current = Some(outcome);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Waits until the VM stops or the deadline passes.
+    fn watch(&self, deadline: Option<Instant>) {
+        let mut outcome = self.outcome();
+        while outcome.is_none() {
+            let wait = match deadline {
+                None => Duration::from_secs(3600),
+                Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => {
+                        drop(outcome);
+                        return self.stop(Outcome::Timeout);
+                    }
+                },
+            };
+            outcome =
+                self.changed.wait_timeout(outcome, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Plain anonymous memory at a GPA (benchmark baselines), unmapped on drop.
+struct AnonymousSlot {
+    gpa: Gpa,
+    size: u64,
+    addr: usize,
+}
+
+/// A KVM VM with private memory served by gmem (the user-space backend).
+pub struct Vm {
+    kvm: Kvm,
+    // Declared before `memory`: the VM (and its memslots) goes first.
+    pub(crate) fd: VmFd,
+    memory: Arc<GuestMemory>,
+    pub(crate) control: Arc<Control>,
+    _server: FaultServer,
+    next_slot: AtomicU32,
+    has_run: AtomicBool,
+    pub(crate) conversion_requests: AtomicU64,
+    pub(crate) sync_lock: Mutex<()>,
+    anonymous: Mutex<Vec<AnonymousSlot>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("memory", &self.memory).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for slot in self.anonymous.get_mut().unwrap_or_else(|p| p.into_inner()).iter() {
+            // SAFETY: the mapping was made by add_anonymous_memory and only the
+            // VM refers to it; unmapping memory of a live memslot is safe (KVM's
+            // MMU notifier drops its mappings), and no vCPU runs any more.
+            let _ = unsafe { rustix::mm::munmap(slot.addr as *mut std::ffi::c_void, slot.size as usize) };
+        }
+    }
+}
+
+impl Vm {
+    /// Opens `/dev/kvm` and creates a VM with the default fault-around.
+    pub fn new() -> Result<Self> {
+        Self::with_fault_around(DEFAULT_FAULT_AROUND_PAGES)
+    }
+
+    /// Creates a VM that serves `pages` pages (a power of two up to 512)
+    /// per fault.
+    pub fn with_fault_around(pages: u64) -> Result<Self> {
+        let memory = GuestMemory::new(pages)?;
+        let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
+        let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        let control = Arc::new(Control::default());
+        let on_error = control.clone();
+        let server = memory.start_fault_server(move |e| on_error.stop(Outcome::Error(e.to_string())))?;
+        kick::install_handler()?;
+        Ok(Self {
+            kvm,
+            fd,
+            memory,
+            control,
+            _server: server,
+            next_slot: AtomicU32::new(0),
+            has_run: AtomicBool::new(false),
+            conversion_requests: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            anonymous: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Creates a VM with `ram_size` bytes of RAM laid out per GUEST_ABI 1.1
+    /// in one new GUEST-sealed file, and returns the file too.
+    pub fn with_ram(ram_size: u64) -> Result<(Self, Arc<PrivateMemFile>)> {
+        let vm = Self::new()?;
+        let file = vm.add_ram(ram_size)?;
+        Ok((vm, file))
+    }
+
+    /// Adds `ram_size` bytes of RAM from one new GUEST-sealed file, laid out
+    /// per GUEST_ABI 1.1 (one memslot below 3 GiB, one from 4 GiB for the
+    /// rest), and returns the file.
+    pub fn add_ram(&self, ram_size: u64) -> Result<Arc<PrivateMemFile>> {
+        let file = Arc::new(PrivateMemFile::new_guest("gmem-guest-ram")?);
+        file.set_len(ram_size)?;
+        let mut offset = 0;
+        for (gpa, size) in boot::ram_regions(ram_size) {
+            self.add_private_memory(gpa, &file, FileOffset(offset), size)?;
+            offset += size;
+        }
+        Ok(file)
+    }
+
+    /// Adds a private memslot: `size` bytes of `file` at `offset` appear at
+    /// `gpa` (see [`GuestMemory::add_region`] for the errors).
+    pub fn add_private_memory(
+        &self,
+        gpa: Gpa,
+        file: &Arc<PrivateMemFile>,
+        offset: FileOffset,
+        size: u64,
+    ) -> Result<u32> {
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let spec = RegionSpec { slot, gpa, file: file.clone(), file_offset: offset, size };
+        // SAFETY: `fd` is this memory's VM, and the Vm drops `fd` (and with
+        // it the memslots) before `memory`.
+        unsafe { self.memory.add_region(&self.fd, spec) }?;
+        Ok(slot)
+    }
+
+    /// Adds plain anonymous memory at `gpa`: not private, not served by
+    /// gmem; the baseline that benchmarks compare gmem against.
+    pub fn add_anonymous_memory(&self, gpa: Gpa, size: u64) -> Result<u32> {
+        let len =
+            usize::try_from(size).map_err(|_| Error::InvalidArgument("size too large".into()))?;
+        // SAFETY: a new private anonymous mapping at a kernel-chosen address.
+        let addr = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
+            )
+        }
+        .map_err(Error::os("mmap anonymous"))?;
+        let slot = AnonymousSlot { gpa, size, addr: addr as usize };
+        let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let region = kvm_userspace_memory_region {
+            slot: id,
+            flags: 0,
+            guest_phys_addr: gpa.0,
+            memory_size: size,
+            userspace_addr: addr as u64,
+        };
+        // Owned by the VM from here, so that Drop unmaps it on any error.
+        self.anonymous.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+        // SAFETY: `addr` is a live mapping of `size` bytes that the VM keeps
+        // until it is dropped, after its VmFd.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        Ok(id)
+    }
+
+    /// The guest memory, for everything gmem-kvm offers (conversions,
+    /// host access, listeners, stats).
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Launch-time populate of private memory (or of an anonymous slot).
+    pub fn populate(&self, gpa: Gpa, bytes: &[u8]) -> Result<()> {
+        let anonymous = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
+        let end = gpa.0.saturating_add(bytes.len() as u64);
+        if let Some(slot) = anonymous.iter().find(|s| gpa.0 >= s.gpa.0 && end <= s.gpa.0 + s.size) {
+            let host = (slot.addr as *mut u8).wrapping_add((gpa.0 - slot.gpa.0) as usize);
+            // SAFETY: the range lies inside a live anonymous slot mapping
+            // (checked above), which no Rust reference points into, and
+            // cannot overlap `bytes`; no vCPU runs before launch.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), host, bytes.len()) };
+            return Ok(());
+        }
+        self.memory.populate(gpa, bytes)
+    }
+
+    /// Loads `image` and the VMM region (page tables, GDT, boot info) for
+    /// `vcpus` vCPUs into RAM of `ram_size` bytes (GUEST_ABI 1.1 layout).
+    pub fn load(&self, image: &GuestImage, ram_size: u64, vcpus: u32) -> Result<()> {
+        boot::check_machine(ram_size, vcpus)?;
+        if !self.covers(ram_size) {
+            return Err(Error::InvalidArgument(format!(
+                "memslots do not cover the RAM of {ram_size:#x} bytes"
+            )));
+        }
+        for (gpa, bytes) in boot::vmm_region(ram_size, vcpus) {
+            self.populate(gpa, &bytes)?;
+        }
+        for segment in &image.segments {
+            self.populate(segment.gpa, &segment.data)?;
+        }
+        Ok(())
+    }
+
+    fn covers(&self, ram_size: u64) -> bool {
+        let anonymous = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
+        boot::ram_regions(ram_size).iter().all(|(gpa, size)| {
+            let mut at = gpa.0;
+            while at < gpa.0 + size {
+                let next = match self.memory.region_of(Gpa(at)) {
+                    Some(region) => region.gpa().0 + region.size(),
+                    None => match anonymous.iter().find(|s| at >= s.gpa.0 && at < s.gpa.0 + s.size)
+                    {
+                        Some(slot) => slot.gpa.0 + slot.size,
+                        None => return false,
+                    },
+                };
+                at = next;
+            }
+            true
+        })
+    }
+
+    /// Discards `[gpa, gpa + len)` ([`GuestMemory::punch`]).
+    pub fn punch(&self, gpa: Gpa, len: u64) -> Result<()> {
+        self.memory.punch(gpa, len)
+    }
+
+    /// Converts `[gpa, gpa + size)` as port 0xF0 does for the guest:
+    /// `attributes` 0 is shared, `ATTRIBUTE_PRIVATE` private, anything else
+    /// `EINVAL` (see [`GuestMemory::convert`]). Returns how many pages
+    /// changed state.
+    pub fn convert(&self, gpa: Gpa, size: u64, attributes: u64) -> Result<u64> {
+        let request = ConversionRequest::from_port(gpa.0, size, attributes)?;
+        self.memory.convert(request.gpa, request.len, request.state)
+    }
+
+    /// Host read of shared guest memory ([`GuestMemory::read`]).
+    pub fn read_guest(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
+        self.memory.read(gpa, buf)
+    }
+
+    /// Host write of shared guest memory ([`GuestMemory::write`]).
+    pub fn write_guest(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
+        self.memory.write(gpa, data)
+    }
+
+    /// The shared pages as a vm-memory view ([`GuestMemory::shared`]).
+    pub fn shared_memory(&self) -> SharedView<'_> {
+        self.memory.shared()
+    }
+
+    /// The VM's counters.
+    pub fn stats(&self) -> VmStats {
+        VmStats {
+            memory: self.memory.stats(),
+            conversion_requests: self.conversion_requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `config.vcpus` vCPUs from `image`'s entry until the guest exits,
+    /// the VM fails or the timeout passes. The image must have been loaded.
+    /// A VM runs once (`EPERM` after). A panic in `on_sync` stops the VM
+    /// with an error naming it.
+    pub fn run(
+        &self,
+        image: &GuestImage,
+        ram_size: u64,
+        config: &RunConfig,
+        on_sync: SyncHandler<'_>,
+    ) -> Result<RunReport> {
+        boot::check_machine(ram_size, config.vcpus)?;
+        if self.has_run.load(Ordering::SeqCst) {
+            return Err(Error::NotPermitted("a VM runs once; create a new one".into()));
+        }
+        if self.fd.check_extension_int(Cap::SyncRegs) & SyncReg::Register as i32 == 0 {
+            return Err(Error::Unsupported("KVM lacks KVM_CAP_SYNC_REGS for registers".into()));
+        }
+        if config.hypercall_exits {
+            crate::vcpu::enable_hypercall_exits(&self.fd)?;
+        }
+        let mut vcpus: Vec<VcpuFd> = (0..config.vcpus)
+            .map(|i| {
+                let vcpu =
+                    self.fd.create_vcpu(u64::from(i)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+                boot::init_vcpu(&self.kvm, &vcpu, image.entry, i, ram_size)?;
+                Ok(vcpu)
+            })
+            .collect::<Result<_>>()?;
+        self.has_run.store(true, Ordering::SeqCst);
+        self.memory.finish_launch();
+        let console = Mutex::new(Vec::new());
+        let running = AtomicU32::new(config.vcpus);
+        let deadline = config.timeout.and_then(|t| Instant::now().checked_add(t));
+        let kickers = Mutex::new(Vec::new());
+
+        // The VcpuFds (and their kvm_run mappings) outlive the scope, so
+        // that a kick never reaches an unmapped kvm_run.
+        std::thread::scope(|scope| {
+            for (index, vcpu) in vcpus.iter_mut().enumerate() {
+                let (console, running, kickers) = (&console, &running, &kickers);
+                scope.spawn(move || {
+                    // Registered before the first look at the stop flag, so
+                    // that the kicks below cannot miss this thread.
+                    let kicker = Kicker::for_current_thread(vcpu.get_kvm_run());
+                    kickers.lock().unwrap_or_else(|p| p.into_inner()).push(kicker);
+                    let vcpu_loop = std::panic::AssertUnwindSafe(|| {
+                        self.vcpu_loop(vcpu, index as u32, config.echo_console, console, on_sync)
+                    });
+                    if let Err(panic) = std::panic::catch_unwind(vcpu_loop) {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        self.control.stop(Outcome::Error(format!("vCPU {index} panicked: {what}")));
+                    }
+                    if running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        self.control
+                            .stop(Outcome::Error("every vCPU halted without an exit".into()));
+                    }
+                });
+            }
+            self.control.watch(deadline);
+            // Kick until every vCPU thread has left KVM_RUN. A stuck vCPU
+            // gets one pending signal at most (SIGUSR2 does not queue).
+            while running.load(Ordering::SeqCst) != 0 {
+                for kicker in kickers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    // SAFETY: the VcpuFds live until after this scope, and
+                    // scoped threads are joined only when it ends.
+                    unsafe { kicker.kick() };
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        drop(vcpus);
+        let outcome = self.control.outcome().clone().unwrap_or(Outcome::Error("stopped".into()));
+        Ok(RunReport { outcome, console: console.into_inner().unwrap_or_else(|p| p.into_inner()) })
+    }
+}
