@@ -11,7 +11,7 @@
 //! # if !std::path::Path::new("/dev/kvm").exists() { return Ok(()); }
 //! let ram = 64 << 20;
 //! let (vm, _file) = Vm::with_ram(ram)?;
-//! let image = GuestImage::parse(gmem_guest::guest("convert").unwrap(), ram)?;
+//! let image = GuestImage::parse(gmem_guest::demo(), ram)?;
 //! vm.load(&image, ram, 1)?;
 //! let report = vm.run(&image, ram, &RunConfig::new(1), &|_, _| {})?;
 //! assert_eq!(report.outcome, Outcome::Exit(0));
