@@ -1,0 +1,232 @@
+//! A hostile guest and a careless VMM: each test failed before its fix.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{config, console, kvm, RAM};
+use gmem::{FileOffset, PrivateMemFile};
+use gmem_kvm::{Errno, GuestMemory, PageState, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
+use gmem_runner::{Gpa, GuestImage, Outcome, RunConfig, Vm};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+const STORM_BASE: u64 = 0x60_0000;
+const HOST: u64 = 0x4848_4848_4848_4848;
+
+/// A conversion storm on 4 vCPUs while host threads read (both APIs),
+/// write and punch the same pages: the host never faults (SIGBUS would kill
+/// this test), never sees a marker the guest wrote while a page was private,
+/// and every converted page reads zero (or the host's bytes) to the guest.
+#[test]
+fn a_conversion_storm_never_crashes_or_leaks_to_the_host() {
+    if !kvm() {
+        return;
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let image = GuestImage::parse(gmem_guest::guest("convstorm").unwrap(), RAM).unwrap();
+    vm.load(&image, RAM, 4).unwrap();
+    let done = AtomicBool::new(false);
+    let (reads, denials, leaks) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let check = |value: u64| {
+        // Markers of even rounds were written while the page was private.
+        if (0x5ec0_0000..0x5ec0_0000 + 300).contains(&value) && value % 2 == 0 {
+            leaks.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let report = std::thread::scope(|scope| {
+        let vm = &vm;
+        for reader in 0..2u64 {
+            let (done, reads, denials, check) = (&done, &reads, &denials, &check);
+            scope.spawn(move || {
+                let mut i = reader;
+                while !done.load(Ordering::Relaxed) {
+                    let gpa = STORM_BASE + (i % 4) * 4096 + (i % 512) * 8;
+                    let result = if i % 2 == 0 {
+                        vm.shared_memory().read_obj::<u64>(GuestAddress(gpa)).map_err(|_| ())
+                    } else {
+                        let mut buf = [0; 8];
+                        vm.read_guest(Gpa(gpa), &mut buf).map(|()| u64::from_le_bytes(buf)).map_err(|e| {
+                            assert!(matches!(e.errno(), Errno::PERM | Errno::AGAIN), "{e}");
+                        })
+                    };
+                    match result {
+                        Ok(value) => {
+                            check(value);
+                            reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(()) => {
+                            denials.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    i += 2;
+                }
+            });
+        }
+        let done_ref = &done;
+        scope.spawn(move || {
+            let mut i = 0u64;
+            while !done_ref.load(Ordering::Relaxed) {
+                let page = STORM_BASE + (i % 4) * 4096;
+                let _ = vm.write_guest(Gpa(page + (i % 512) * 8), &HOST.to_le_bytes());
+                if i % 64 == 0 {
+                    vm.punch(Gpa(page), 4096).unwrap();
+                }
+                i += 1;
+            }
+        });
+        let report = vm.run(&image, RAM, &config(4), &|_, _| {}).unwrap();
+        done.store(true, Ordering::Relaxed);
+        report
+    });
+    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    assert_eq!(leaks.load(Ordering::Relaxed), 0, "the host saw private content");
+    assert!(reads.load(Ordering::Relaxed) + denials.load(Ordering::Relaxed) > 0);
+    assert_eq!(vm.stats().memory.conversions, 4 * 300);
+}
+
+/// A file truncated under a running guest to a size that is not a
+/// multiple of the fault-around batch: a touch inside the file is served,
+/// and a touch past its end stops the VM with an error naming the GPA,
+/// instead of faulting for ever (the timeout could not end that).
+#[test]
+fn a_fault_that_cannot_be_served_ends_the_run() {
+    if !kvm() {
+        return;
+    }
+    let vm = Vm::new().unwrap();
+    let low = Arc::new(PrivateMemFile::new_guest("low").unwrap());
+    low.set_len(32 << 20).unwrap();
+    let high = Arc::new(PrivateMemFile::new_guest("high").unwrap());
+    high.set_len(32 << 20).unwrap();
+    vm.add_private_memory(Gpa(0), &low, FileOffset(0), 32 << 20).unwrap();
+    vm.add_private_memory(Gpa(32 << 20), &high, FileOffset(0), 32 << 20).unwrap();
+    let image = GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
+    vm.load(&image, RAM, 1).unwrap();
+    // The touch guest writes every page from 4 MiB up: the batch
+    // [30 MiB, 32 MiB) is cut short at 31 MiB, and 31 MiB is past the end.
+    low.set_len(31 << 20).unwrap();
+    let config = RunConfig { timeout: Some(Duration::from_secs(20)), ..RunConfig::new(1) };
+    let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
+    match report.outcome {
+        Outcome::Error(message) => assert!(message.contains("0x1f00000"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // Everything below the new end was served, the cut batch included.
+    let stats = vm.stats().memory;
+    assert!(stats.pages_served >= ((31 << 20) - (4 << 20)) / 4096, "{stats:?}");
+}
+
+/// A panic in a sync handler stops the VM with an error; `run` returns.
+#[test]
+fn a_panicking_sync_handler_stops_the_vm() {
+    if !kvm() {
+        return;
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let report = common::run(&vm, "demo", 1, &|_, _| panic!("the handler fails"));
+    match report.outcome {
+        Outcome::Error(message) => assert!(message.contains("the handler fails"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// A region KVM refuses leaves nothing behind, and two concurrent adds of
+/// overlapping regions cannot both succeed.
+#[test]
+fn a_region_kvm_refuses_leaves_nothing() {
+    if !kvm() {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
+    let file = Arc::new(PrivateMemFile::new_guest("refused").unwrap());
+    file.set_len(4 << 20).unwrap();
+    let spec = |slot, gpa, offset| RegionSpec {
+        slot,
+        gpa: Gpa(gpa),
+        file: file.clone(),
+        file_offset: FileOffset(offset),
+        size: 2 << 20,
+    };
+    // SAFETY: `vm` is this memory's VM and is never run.
+    let refused = unsafe { memory.add_region(&vm, spec(0, 1 << 60, 0)) };
+    assert_eq!(refused.unwrap_err().errno(), Errno::INVAL);
+    assert!(memory.regions().is_empty());
+    assert_eq!(memory.convert(Gpa(1 << 60), 4096, PageState::Shared).unwrap_err().errno(), Errno::INVAL);
+    assert_eq!(memory.write(Gpa(1 << 60), b"x").unwrap_err().errno(), Errno::INVAL);
+    assert_eq!(memory.shared().num_regions(), 0);
+    // The same file range is free again.
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8u32)
+            .map(|i| {
+                let (memory, vm, spec) = (&memory, &vm, spec(i + 1, 8 << 20, 0));
+                // SAFETY: as above.
+                scope.spawn(move || unsafe { memory.add_region(vm, spec) }.map(|_| ()))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert_eq!(memory.regions().len(), 1);
+}
+
+/// A zero-length slice at the very end of a region is empty, not a panic.
+#[test]
+fn an_empty_slice_at_the_end_of_a_region() {
+    if !kvm() {
+        return;
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let view = vm.shared_memory();
+    let region = view.iter().next().unwrap();
+    let slice = region.get_slice(MemoryRegionAddress(RAM), 0).unwrap();
+    assert_eq!(slice.len(), 0);
+    assert!(region.get_slice(MemoryRegionAddress(RAM), 1).is_err());
+    assert!(region.get_slice(MemoryRegionAddress(u64::MAX), 0).is_err());
+}
+
+/// Listeners hear of every discard and conversion, and one that panics is
+/// counted without breaking the conversion.
+#[test]
+fn listeners_are_told_and_a_panicking_one_is_contained() {
+    if !kvm() {
+        return;
+    }
+    #[derive(Default)]
+    struct Log(std::sync::Mutex<Vec<(&'static str, u64, u64)>>);
+    impl gmem_kvm::MemoryListener for Log {
+        fn discarded(&self, gpa: Gpa, len: u64) {
+            self.0.lock().unwrap().push(("discarded", gpa.0, len));
+        }
+        fn converted(&self, gpa: Gpa, len: u64, _state: PageState) {
+            self.0.lock().unwrap().push(("converted", gpa.0, len));
+        }
+    }
+    struct Panics;
+    impl gmem_kvm::MemoryListener for Panics {
+        fn converted(&self, _: Gpa, _: u64, _: PageState) {
+            panic!("listener bug");
+        }
+    }
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let log = Arc::new(Log::default());
+    vm.memory().add_listener(log.clone());
+    vm.memory().add_listener(Arc::new(Panics));
+    vm.memory().populate(Gpa(STORM_BASE), b"private").unwrap();
+    vm.memory().convert(Gpa(STORM_BASE), 8192, PageState::Shared).unwrap();
+    vm.memory().write(Gpa(STORM_BASE), b"shared").unwrap();
+    vm.punch(Gpa(STORM_BASE), 4096).unwrap();
+    let seen = log.0.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            ("discarded", STORM_BASE, 4096),
+            ("converted", STORM_BASE, 8192),
+            ("discarded", STORM_BASE, 4096)
+        ]
+    );
+    assert_eq!(vm.stats().memory.listener_panics, 1);
+}
