@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use gmem_runner::bench::{
     conversions, first_touch, median, metadata_bytes_per_page, populate, punch, Backing,
 };
-use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use serde_json::json;
 
 use crate::plot::{svg, Bar};

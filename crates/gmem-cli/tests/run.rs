@@ -306,3 +306,42 @@ fn check_passes_here_and_json_has_the_rows() {
     let foreign = row("bind to another VM", "userspace").unwrap();
     assert!(foreign["detail"].as_str().unwrap().contains("deliberate"), "{foreign}");
 }
+
+/// With no room for queued signals (`ulimit -i 0`), a guest that never
+/// exits still times out: kicks are a standard signal plus
+/// `immediate_exit`, which need no signal queue (a real-time kick failed
+/// with EAGAIN and the run never ended).
+#[test]
+fn a_spinning_guest_times_out_without_a_signal_queue() {
+    if !kvm() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gmem"));
+    command.args(["run", "--guest", "spin", "--vcpus", "2", "--timeout", "1"]);
+    let no_queue = || {
+        let zero = rustix::process::Rlimit { current: Some(0), maximum: Some(0) };
+        rustix::process::setrlimit(rustix::process::Resource::Sigpending, zero)?;
+        Ok(())
+    };
+    // SAFETY: between fork and exec the hook makes one async-signal-safe
+    // system call (setrlimit) on memory prepared before the fork.
+    unsafe { command.pre_exec(no_queue) };
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("gmem run did not end on its 1 s timeout");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(124));
+}

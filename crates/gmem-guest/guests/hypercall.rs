@@ -12,7 +12,9 @@ fn guest_main(_boot: &rt::BootInfo, vcpu: u32) -> u32 {
     if vcpu != 0 {
         rt::halt();
     }
-    for (attrs, step) in [(rt::SHARED, 1), (rt::PRIVATE, 2)] {
+    // KVM's encoding (GUEST_ABI 1.1): bit 4 (ENCRYPTED) is private, bits
+    // 0-1 = 0 count 4 KiB pages.
+    for (attrs, step) in [(0, 1), (rt::MAP_GPA_RANGE_ENCRYPTED, 2)] {
         rt::fill_page(PAGE, 0x4444);
         let ret = rt::map_gpa_range(PAGE, 1, attrs);
         if ret != 0 {

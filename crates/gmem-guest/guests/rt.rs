@@ -15,6 +15,8 @@ pub struct BootInfo {
 pub const MAGIC: u64 = 0x3149_4241_4d45_4d47;
 pub const SHARED: u64 = 0;
 pub const PRIVATE: u64 = 8;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: "make private" in a MAP_GPA_RANGE hypercall.
+pub const MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
 
 // The VMM enters with a 16-byte aligned RSP and no return address pushed:
 // realign and call, so that Rust code sees the SysV stack alignment.

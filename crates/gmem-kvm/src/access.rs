@@ -75,7 +75,8 @@ impl AccessLock {
     pub(crate) fn exclusive(&self, op: &'static str) -> Result<Exclusive<'_>> {
         let me = current_thread();
         let mut state = self.state();
-        if state.readers.iter().any(|(t, _)| *t == me) && !state.writer.is_some_and(|(t, _)| t == me)
+        if state.readers.iter().any(|(t, _)| *t == me)
+            && !state.writer.is_some_and(|(t, _)| t == me)
         {
             return Err(Error::Memory(gmem::Error::WouldDeadlock {
                 op,

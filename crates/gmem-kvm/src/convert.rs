@@ -100,7 +100,11 @@ impl GuestMemory {
         let changing: Vec<_> = covering
             .iter()
             .flat_map(|(region, pages)| {
-                region.shared.runs(pages.clone(), !to_shared).into_iter().map(move |run| (region, run))
+                region
+                    .shared
+                    .runs(pages.clone(), !to_shared)
+                    .into_iter()
+                    .map(move |run| (region, run))
             })
             .collect();
         for (region, run) in &changing {

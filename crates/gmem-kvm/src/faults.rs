@@ -93,7 +93,9 @@ impl GuestMemory {
                     return;
                 }
                 match memory.serve_faults() {
-                    Ok((_, failed)) => failed.into_iter().for_each(|f| report(Error::Fault(Box::new(f)))),
+                    Ok((_, failed)) => {
+                        failed.into_iter().for_each(|f| report(Error::Fault(Box::new(f))))
+                    }
                     Err(error) => return report(error),
                 }
             })

@@ -119,7 +119,9 @@ pub struct GuestMemory {
 
 impl std::fmt::Debug for GuestMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestMemory").field("regions", &self.regions().len()).finish_non_exhaustive()
+        f.debug_struct("GuestMemory")
+            .field("regions", &self.regions().len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -249,7 +251,9 @@ impl GuestMemory {
                     gpa.0, other.gpa.start, other.gpa.end
                 )));
             }
-            if other.file == file.id() && offset < other.file_range.end && other.file_range.start < file_end
+            if other.file == file.id()
+                && offset < other.file_range.end
+                && other.file_range.start < file_end
             {
                 // EINVAL, not EEXIST: what the kernel's guest_memfd returns.
                 return Err(Error::InvalidArgument(format!(
@@ -266,7 +270,11 @@ impl GuestMemory {
         self.uffd.register(window.as_ptr() as u64, size)?;
         let host_view = binding.map_window(FileOffset(offset), size)?;
         self.host_uffd.register(host_view.as_ptr() as u64, size)?;
-        reserved.push(Reserved { gpa: gpa.0..gpa_end, file: file.id(), file_range: offset..file_end });
+        reserved.push(Reserved {
+            gpa: gpa.0..gpa_end,
+            file: file.id(),
+            file_range: offset..file_end,
+        });
         Ok(Arc::new(PrivateRegion {
             slot,
             gpa,

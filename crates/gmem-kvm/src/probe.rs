@@ -8,10 +8,10 @@ use linux_raw_sys::general::{
     UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS,
 };
 
+use crate::convert::KVM_HC_MAP_GPA_RANGE;
 use crate::error::{Error, Result};
 use crate::native::{self, NativeSupport};
 use crate::uffd::Userfaultfd;
-use crate::convert::KVM_HC_MAP_GPA_RANGE;
 
 /// The host, as gmem sees it.
 #[derive(Debug, Clone)]

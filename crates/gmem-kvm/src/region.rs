@@ -5,7 +5,9 @@ use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use gmem::{Binding, FileId, FileOffset, OwnerWindow, PageIndex, PageRange, PrivateMemFile, PAGE_SIZE};
+use gmem::{
+    Binding, FileId, FileOffset, OwnerWindow, PageIndex, PageRange, PrivateMemFile, PAGE_SIZE,
+};
 
 use crate::bits::PageBits;
 use crate::Gpa;

@@ -55,8 +55,11 @@ impl GuestMemory {
     /// discards wait while it lives.
     pub fn shared(&self) -> SharedView<'_> {
         let shared = self.access.shared();
-        let mut regions: Vec<SharedRegion<'_>> =
-            self.regions().iter().map(|r| SharedRegion { memory: self, region: r.clone() }).collect();
+        let mut regions: Vec<SharedRegion<'_>> = self
+            .regions()
+            .iter()
+            .map(|r| SharedRegion { memory: self, region: r.clone() })
+            .collect();
         regions.sort_by_key(|r| r.region.gpa);
         SharedView { regions, _shared: shared }
     }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use gmem::PAGE_SIZE;
 
-use gmem_kvm::{Error, Result};
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
+use gmem_kvm::{Error, Result};
 
 /// Guest memory below the touched range (image, VMM region).
 const TOUCH_BASE: u64 = 4 << 20;

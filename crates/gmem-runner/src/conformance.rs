@@ -11,14 +11,21 @@ use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
 use rustix::mm::MapFlags;
 
-use gmem_kvm::{Error, Result};
+use crate::{Gpa, Vm};
 use gmem_kvm::native::{
     GuestMemfd, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
 };
-use crate::{Gpa, Vm};
+use gmem_kvm::{Error, Result};
 
 /// Binds a guest_memfd range with no shared backing (`userspace_addr` 0).
-fn bind_private(native: &GuestMemfd, vm: &VmFd, slot: u32, gpa: u64, size: u64, offset: u64) -> Result<()> {
+fn bind_private(
+    native: &GuestMemfd,
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    offset: u64,
+) -> Result<()> {
     // SAFETY: `userspace_addr` 0 maps no host memory into the guest.
     unsafe { native.bind(vm, slot, gpa, size, offset, 0) }
 }
@@ -258,7 +265,8 @@ pub fn compare() -> Result<Vec<Comparison>> {
         "bind another file range over a bound GPA range",
         Expect::Errno(Errno::EXIST),
         kvm_errno(
-            GuestMemfd::create(&vm, SIZE, 0).and_then(|g| bind_private(&g, &vm, 5, SIZE / 4, SIZE / 2, 0)),
+            GuestMemfd::create(&vm, SIZE, 0)
+                .and_then(|g| bind_private(&g, &vm, 5, SIZE / 4, SIZE / 2, 0)),
         ),
         kvm_errno(
             PrivateMemFile::new_guest("overlap")

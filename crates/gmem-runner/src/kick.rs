@@ -29,7 +29,8 @@ pub fn install_handler() -> Result<()> {
         // SAFETY: installs a handler that does nothing (async-signal-safe)
         // for a signal only this module sends.
         if unsafe { libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut()) } != 0 {
-            let errno = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::INVAL);
+            let errno =
+                Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::INVAL);
             result = Err(Error::Os { op: "sigaction", errno });
         }
     });
@@ -63,9 +64,12 @@ impl Kicker {
     /// The vCPU's `VcpuFd` (which owns the `kvm_run` mapping) and its
     /// thread must still exist.
     pub(crate) unsafe fn kick(&self) {
-        // SAFETY: the caller keeps the kvm_run mapping alive; a volatile
-        // byte store is what KVM reads at the next entry.
-        unsafe { std::ptr::addr_of_mut!((*self.run).immediate_exit).write_volatile(1) };
+        // SAFETY: the caller keeps the kvm_run mapping alive, so the field's
+        // address is in bounds of a live allocation.
+        let immediate_exit = unsafe { std::ptr::addr_of_mut!((*self.run).immediate_exit) };
+        // SAFETY: as above; a volatile byte store is what KVM reads at the
+        // next entry.
+        unsafe { immediate_exit.write_volatile(1) };
         // SAFETY: the caller keeps the thread alive; the signal has a
         // no-op handler (install_handler ran before any vCPU thread).
         unsafe { libc::pthread_kill(self.thread, KICK_SIGNAL) };

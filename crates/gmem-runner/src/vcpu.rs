@@ -33,8 +33,10 @@ pub(crate) fn enable_hypercall_exits(vm: &VmFd) -> Result<()> {
              KVM_HC_MAP_GPA_RANGE"
         )));
     }
-    let mut cap =
-        kvm_bindings::kvm_enable_cap { cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL, ..Default::default() };
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
+        ..Default::default()
+    };
     cap.args[0] = mask;
     vm.enable_cap(&cap).map_err(Error::kvm("KVM_ENABLE_CAP(EXIT_HYPERCALL)"))
 }
@@ -94,8 +96,8 @@ impl Vm {
                 // Only KVM_HC_MAP_GPA_RANGE exits are enabled.
                 VcpuExit::Hypercall(call) => {
                     let [gpa, pages, attributes, ..] = call.args;
-                    *call.ret =
-                        self.guest_convert(ConversionRequest::from_hypercall(gpa, pages, attributes));
+                    *call.ret = self
+                        .guest_convert(ConversionRequest::from_hypercall(gpa, pages, attributes));
                     continue;
                 }
                 VcpuExit::Hlt => return,

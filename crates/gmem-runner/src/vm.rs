@@ -111,8 +111,7 @@ impl Control {
                     }
                 },
             };
-            outcome =
-                self.changed.wait_timeout(outcome, wait).unwrap_or_else(|p| p.into_inner()).0;
+            outcome = self.changed.wait_timeout(outcome, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -151,7 +150,9 @@ impl Drop for Vm {
             // SAFETY: the mapping was made by add_anonymous_memory and only the
             // VM refers to it; unmapping memory of a live memslot is safe (KVM's
             // MMU notifier drops its mappings), and no vCPU runs any more.
-            let _ = unsafe { rustix::mm::munmap(slot.addr as *mut std::ffi::c_void, slot.size as usize) };
+            let _ = unsafe {
+                rustix::mm::munmap(slot.addr as *mut std::ffi::c_void, slot.size as usize)
+            };
         }
     }
 }
@@ -170,7 +171,8 @@ impl Vm {
         let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         let control = Arc::new(Control::default());
         let on_error = control.clone();
-        let server = memory.start_fault_server(move |e| on_error.stop(Outcome::Error(e.to_string())))?;
+        let server =
+            memory.start_fault_server(move |e| on_error.stop(Outcome::Error(e.to_string())))?;
         kick::install_handler()?;
         Ok(Self {
             kvm,

@@ -188,7 +188,10 @@ fn the_vm_memory_view_reaches_shared_pages_only() {
     ));
     // While this thread holds the view, its pages cannot be converted
     // under it: a conversion from the same thread would wait for itself.
-    assert_eq!(vm.convert(Gpa(PAGE), 2 * 4096, ATTRIBUTE_PRIVATE).unwrap_err().errno(), Errno::DEADLK);
+    assert_eq!(
+        vm.convert(Gpa(PAGE), 2 * 4096, ATTRIBUTE_PRIVATE).unwrap_err().errno(),
+        Errno::DEADLK
+    );
     drop(shared);
     // Conversion back discards the host's bytes.
     vm.convert(Gpa(PAGE), 2 * 4096, ATTRIBUTE_PRIVATE).unwrap();
@@ -244,7 +247,8 @@ fn hypercall_exits_convert_or_time_out_but_never_hang() {
         return;
     }
     let (vm, _file) = Vm::with_ram(RAM).unwrap();
-    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("hypercall").unwrap(), RAM).unwrap();
+    let image =
+        gmem_runner::GuestImage::parse(gmem_guest::guest("hypercall").unwrap(), RAM).unwrap();
     vm.load(&image, RAM, 1).unwrap();
     let config = gmem_runner::RunConfig {
         timeout: Some(std::time::Duration::from_secs(2)),

@@ -47,9 +47,11 @@ fn a_conversion_storm_never_crashes_or_leaks_to_the_host() {
                         vm.shared_memory().read_obj::<u64>(GuestAddress(gpa)).map_err(|_| ())
                     } else {
                         let mut buf = [0; 8];
-                        vm.read_guest(Gpa(gpa), &mut buf).map(|()| u64::from_le_bytes(buf)).map_err(|e| {
-                            assert!(matches!(e.errno(), Errno::PERM | Errno::AGAIN), "{e}");
-                        })
+                        vm.read_guest(Gpa(gpa), &mut buf).map(|()| u64::from_le_bytes(buf)).map_err(
+                            |e| {
+                                assert!(matches!(e.errno(), Errno::PERM | Errno::AGAIN), "{e}");
+                            },
+                        )
                     };
                     match result {
                         Ok(value) => {
@@ -155,7 +157,10 @@ fn a_region_kvm_refuses_leaves_nothing() {
     let refused = unsafe { memory.add_region(&vm, spec(0, 1 << 60, 0)) };
     assert_eq!(refused.unwrap_err().errno(), Errno::INVAL);
     assert!(memory.regions().is_empty());
-    assert_eq!(memory.convert(Gpa(1 << 60), 4096, PageState::Shared).unwrap_err().errno(), Errno::INVAL);
+    assert_eq!(
+        memory.convert(Gpa(1 << 60), 4096, PageState::Shared).unwrap_err().errno(),
+        Errno::INVAL
+    );
     assert_eq!(memory.write(Gpa(1 << 60), b"x").unwrap_err().errno(), Errno::INVAL);
     assert_eq!(memory.shared().num_regions(), 0);
     // The same file range is free again.

@@ -643,7 +643,8 @@ impl PageGuard<'_> {
         use std::os::unix::fs::FileExt;
         let inode = self.binding.file.inode();
         // Locked pages lie inside the file, so the window exists and maps them.
-        let window = inode.window.as_ref().ok_or(Error::PastEof { page: self.pages.start, size: 0 })?;
+        let window =
+            inode.window.as_ref().ok_or(Error::PastEof { page: self.pages.start, size: 0 })?;
         let bytes = self.pages.bytes();
         let pagemap =
             std::fs::File::open("/proc/self/pagemap").map_err(Error::io("open pagemap"))?;

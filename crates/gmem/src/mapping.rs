@@ -83,7 +83,7 @@ impl Mapping {
         // SAFETY: the range lies inside this mapping (checked by span);
         // populating changes no content (new shmem pages are zero-filled).
         unsafe { mm::madvise(at.cast(), len, Advice::LinuxPopulateWrite) }
-        .map_err(|errno| Error::Os { op: "MADV_POPULATE_WRITE", errno })
+            .map_err(|errno| Error::Os { op: "MADV_POPULATE_WRITE", errno })
     }
 
     pub(crate) fn addr(&self) -> *mut u8 {

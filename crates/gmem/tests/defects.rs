@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{guest_file, Recorder};
-use gmem::{Errno, Fallocate, FileId, FileOffset, GuestOwner, PageIndex, PageRange, PrivateMemFile};
+use gmem::{
+    Errno, Fallocate, FileId, FileOffset, GuestOwner, PageIndex, PageRange, PrivateMemFile,
+};
 
 /// A page guard dropped on another thread unlocks its pages: a later punch
 /// does not block forever.

@@ -24,7 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
     let file = Arc::new(PrivateMemFile::new_guest("example-ram")?);
     file.set_len(RAM)?;
-    let spec = RegionSpec { slot: 7, gpa: gmem_kvm::Gpa(0), file, file_offset: FileOffset(0), size: RAM };
+    let spec =
+        RegionSpec { slot: 7, gpa: gmem_kvm::Gpa(0), file, file_offset: FileOffset(0), size: RAM };
     // SAFETY: `vm` is this memory's VM; `memory` lives until after the
     // vCPU below is gone (it is declared before, so dropped after, `vm`
     // is no longer run).
@@ -70,14 +71,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             VcpuExit::IoOut(port @ (0xF0 | 0xF8), _) => {
                 let mut regs = vcpu.get_regs()?;
                 regs.rax = if port == 0xF0 {
-                    memory.convert_for_guest(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx))
+                    memory.convert_for_guest(ConversionRequest::from_port(
+                        regs.rdi, regs.rsi, regs.rdx,
+                    ))
                 } else {
                     if regs.rdi == message_stage {
                         // A device reads the shared page through vm-memory.
                         let view = memory.shared();
                         let mut bytes = vec![0u8; message_len as usize];
                         view.read_slice(&mut bytes, GuestAddress(message_gpa))?;
-                        message = Some(String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_owned());
+                        message =
+                            Some(String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_owned());
                     }
                     0
                 };

@@ -7,6 +7,11 @@ fn the_example_vmm_boots_the_demo_guest() {
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gmem-example-vmm")).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{:?}: {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}: {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("hello from the guest, through a shared page"), "{stdout}");
 }
