@@ -1,10 +1,13 @@
 //! The lock between host accesses and the changes that take pages away.
 //!
-//! Host accesses (copies, the vm-memory view) hold it shared; conversions,
-//! punches and every invalidation hold it exclusively. So a page the host
-//! is reading cannot be converted or freed under it: the change waits until
-//! the host is done, which is what makes device access fault-free (no
-//! SIGBUS, no private bytes). Unlike `std`'s lock it knows its holders: a
+//! Host accesses (copies, the vm-memory view) hold it shared; every
+//! invalidation (the owner callback, before the kernel frees pages) and the
+//! two steps of a conversion that touch page states hold it exclusively. So
+//! a page the host is reading cannot be converted or freed under it: the
+//! change waits until the host is done, which is what makes device access
+//! fault-free (no SIGBUS, no private bytes). It is never held across a file
+//! operation: a punch or truncate takes the file's resize lock first and
+//! this lock in its callback, and the other order would deadlock with it. Unlike `std`'s lock it knows its holders: a
 //! thread may nest shared holds, may take it shared while it holds it
 //! exclusively (a conversion's own invalidation), gets `EDEADLK` for
 //! exclusive while it holds it shared, and a waiting writer keeps new
@@ -69,6 +72,28 @@ impl AccessLock {
             None => state.readers.push((me, 1)),
         }
         Shared(self, NotSend::default())
+    }
+
+    /// Whether this thread holds the lock shared.
+    pub(crate) fn held_shared_here(&self) -> bool {
+        let me = current_thread();
+        self.state().readers.iter().any(|(t, _)| *t == me)
+    }
+
+    /// `EDEADLK` if this thread holds the lock shared: it must not wait for
+    /// a change that waits for its own access.
+    pub(crate) fn check_not_shared_here(&self, op: &'static str) -> Result<()> {
+        let me = current_thread();
+        let state = self.state();
+        if state.readers.iter().any(|(t, _)| *t == me)
+            && !state.writer.is_some_and(|(t, _)| t == me)
+        {
+            return Err(Error::Memory(gmem::Error::WouldDeadlock {
+                op,
+                held: "host access to guest memory (a read, write or shared view)".into(),
+            }));
+        }
+        Ok(())
     }
 
     /// Takes the lock exclusively; `EDEADLK` if this thread holds it shared.

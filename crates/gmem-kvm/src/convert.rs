@@ -86,7 +86,8 @@ impl GuestMemory {
     /// unaligned or empty range, or one not covered by regions). The states
     /// flip only once every discard succeeded; if a discard fails, the range
     /// keeps its states, and the pages already discarded read zero. Waits
-    /// for host accesses to end; `EDEADLK` if this thread holds one.
+    /// for host accesses to end (new ones to the range wait for the
+    /// conversion); `EDEADLK` if this thread holds one.
     pub fn convert(&self, gpa: Gpa, len: u64, state: PageState) -> Result<u64> {
         if len == 0 || gpa.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -95,7 +96,8 @@ impl GuestMemory {
             )));
         }
         let covering = self.regions_covering(gpa, len)?;
-        let _exclusive = self.access.exclusive("convert")?;
+        self.access.check_not_shared_here("convert")?;
+        let _one_at_a_time = self.conversions.lock().unwrap_or_else(|p| p.into_inner());
         let to_shared = state == PageState::Shared;
         let changing: Vec<_> = covering
             .iter()
@@ -107,6 +109,8 @@ impl GuestMemory {
                     .map(move |run| (region, run))
             })
             .collect();
+        // Host accesses to the range wait from here until the states flip.
+        let _changing = self.begin_change("convert", gpa.0..gpa.0 + len)?;
         for (region, run) in &changing {
             let bytes = region.file_pages(run).bytes();
             region.file().fallocate(
@@ -115,6 +119,7 @@ impl GuestMemory {
                 bytes.end - bytes.start,
             )?;
         }
+        let _exclusive = self.access.exclusive("convert")?;
         let mut changed = 0;
         for (region, run) in changing {
             region.shared.set(run.clone(), to_shared);

@@ -3,7 +3,8 @@
 //! Every access holds the memory's access lock shared for its whole length,
 //! so no page it touches can be converted or freed under it, checks that
 //! every page is shared (`EPERM` naming the first private GPA otherwise),
-//! and maps the pages into the region's host view. Copies are volatile
+//! after waiting out any conversion or punch of it under way, and maps the
+//! pages into the region's host view. Copies are volatile
 //! (vm-memory's), since the guest may write the same pages at any time.
 
 use std::ops::Range;
@@ -17,11 +18,13 @@ use crate::region::PrivateRegion;
 use crate::Gpa;
 
 impl GuestMemory {
-    /// Reads shared guest memory at `gpa` into `buf`. `EPERM` naming the
-    /// GPA if any page is private; `EINVAL` for a range outside one region;
-    /// `EAGAIN` if part of it is being discarded right now.
+    /// Reads shared guest memory at `gpa` into `buf`, after any conversion
+    /// or punch of the range under way. `EPERM` naming the GPA if any page
+    /// is private; `EINVAL` for a range outside one region; `EAGAIN` if the
+    /// file is being punched directly (not through this memory) right now,
+    /// or if this thread already held an access when a change began.
     pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
-        let _shared = self.access.shared();
+        let _shared = self.shared_when_stable(Some(gpa.0..gpa.0.saturating_add(buf.len() as u64)));
         let slice = self.host_slice(gpa, buf.len())?;
         slice.copy_to(buf);
         Ok(())
@@ -30,7 +33,7 @@ impl GuestMemory {
     /// Writes `data` into shared guest memory at `gpa`; errors as
     /// [`read`](Self::read).
     pub fn write(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
-        let _shared = self.access.shared();
+        let _shared = self.shared_when_stable(Some(gpa.0..gpa.0.saturating_add(data.len() as u64)));
         let slice = self.host_slice(gpa, data.len())?;
         slice.copy_from(data);
         Ok(())
@@ -70,6 +73,7 @@ impl GuestMemory {
         }
         let pages = offset / gmem::PAGE_SIZE..end.div_ceil(gmem::PAGE_SIZE);
         self.check_shared(region, pages.clone())?;
+        self.check_not_changing(region.gpa.0 + offset, region.gpa.0 + end)?;
         if !region.host_mapped.runs(pages.clone(), false).is_empty() {
             // EAGAIN rather than a wait while part of it is being discarded:
             // the discard's invalidation waits for our hold to end.

@@ -112,6 +112,12 @@ pub struct GuestMemory {
     pub(crate) host_uffd: Userfaultfd,
     pub(crate) fault_around: u64,
     pub(crate) access: AccessLock,
+    /// Serializes conversions, held across their discards.
+    pub(crate) conversions: Mutex<()>,
+    /// GPA ranges being converted or punched through this memory (see
+    /// [`Changing`]); host accesses wait for them.
+    changing: Mutex<Vec<std::ops::Range<u64>>>,
+    changed: std::sync::Condvar,
     listeners: RwLock<Vec<Arc<dyn MemoryListener>>>,
     launched: AtomicBool,
     pub(crate) counters: Counters,
@@ -166,6 +172,9 @@ impl GuestMemory {
             host_uffd: Userfaultfd::new_sigbus()?,
             fault_around,
             access: AccessLock::default(),
+            conversions: Mutex::new(()),
+            changing: Mutex::new(Vec::new()),
+            changed: std::sync::Condvar::new(),
             listeners: RwLock::new(Vec::new()),
             launched: AtomicBool::new(false),
             counters: Counters::default(),
@@ -392,14 +401,65 @@ impl GuestMemory {
 
     /// Discards `[gpa, gpa + len)` from its backing (private or shared): a
     /// hole punch on the file, with invalidation; the guest reads zero there
-    /// afterwards. Waits for host accesses to the memory to end; `EDEADLK`
-    /// if this thread holds one. `EINVAL` for unaligned ranges or ranges
-    /// outside one region.
+    /// afterwards. Its invalidation waits for host accesses to the memory to
+    /// end; `EDEADLK` if this thread holds one. `EINVAL` for unaligned
+    /// ranges or ranges outside one region.
     pub fn punch(&self, gpa: Gpa, len: u64) -> Result<()> {
         let region = self.region_holding(gpa, len)?;
-        let _exclusive = self.access.exclusive("punch")?;
+        let _changing = self.begin_change("punch", gpa.0..gpa.0.saturating_add(len))?;
         let offset = region.file_offset + (gpa.0 - region.gpa.0);
         region.file().fallocate(gmem::Fallocate::PunchHole, FileOffset(offset), len)?;
+        Ok(())
+    }
+
+    /// Marks `range` as changing once no host access is under way (`EDEADLK`
+    /// if this thread holds one). Until the mark is dropped, host accesses to
+    /// the range wait, and the change runs without the access lock: its
+    /// discards take the file's resize lock and then, in the invalidation,
+    /// the access lock; holding the access lock across them would deadlock
+    /// with a punch made on the file directly.
+    pub(crate) fn begin_change(
+        &self,
+        op: &'static str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Changing<'_>> {
+        let _exclusive = self.access.exclusive(op)?;
+        self.changing.lock().unwrap_or_else(|p| p.into_inner()).push(range.clone());
+        Ok(Changing { memory: self, range })
+    }
+
+    /// Holds the access lock shared once no change overlaps `range` (all
+    /// of memory for `None`). A thread that holds it already does not wait
+    /// (it would wait for itself); its accesses to a changing range get
+    /// `EAGAIN` instead (see [`check_not_changing`](Self::check_not_changing)).
+    pub(crate) fn shared_when_stable(
+        &self,
+        range: Option<std::ops::Range<u64>>,
+    ) -> crate::access::Shared<'_> {
+        if self.access.held_shared_here() {
+            return self.access.shared();
+        }
+        loop {
+            let shared = self.access.shared();
+            let changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+            let overlaps = |r: &std::ops::Range<u64>| {
+                range.as_ref().is_none_or(|g| r.start < g.end && g.start < r.end)
+            };
+            if !changing.iter().any(overlaps) {
+                return shared;
+            }
+            drop(shared);
+            drop(self.changed.wait(changing).unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// `EAGAIN` if `[gpa, end)` is changing (seen by a thread that held the
+    /// access lock before the change began).
+    pub(crate) fn check_not_changing(&self, gpa: u64, end: u64) -> Result<()> {
+        let changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        if changing.iter().any(|r| r.start < end && gpa < r.end) {
+            return Err(Error::Memory(gmem::Error::Again { op: "host access during a change" }));
+        }
         Ok(())
     }
 
@@ -420,6 +480,23 @@ impl GuestMemory {
             metadata_bytes: regions.iter().map(|r| r.metadata_bytes() as u64).sum(),
             pages: regions.iter().map(|r| r.pages()).sum(),
         }
+    }
+}
+
+/// A range marked as changing; unmarked on drop, however the change ends.
+pub(crate) struct Changing<'a> {
+    memory: &'a GuestMemory,
+    range: std::ops::Range<u64>,
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        let mut changing = self.memory.changing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = changing.iter().position(|r| *r == self.range) {
+            changing.swap_remove(i);
+        }
+        drop(changing);
+        self.memory.changed.notify_all();
     }
 }
 

@@ -51,10 +51,11 @@ impl std::fmt::Debug for SharedView<'_> {
 }
 
 impl GuestMemory {
-    /// A view of the shared pages for vm-memory users; conversions and
-    /// discards wait while it lives.
+    /// A view of the shared pages for vm-memory users, taken once no
+    /// conversion or punch is under way; conversions and discards wait
+    /// while it lives.
     pub fn shared(&self) -> SharedView<'_> {
-        let shared = self.access.shared();
+        let shared = self.shared_when_stable(None);
         let mut regions: Vec<SharedRegion<'_>> = self
             .regions()
             .iter()

@@ -235,3 +235,44 @@ fn listeners_are_told_and_a_panicking_one_is_contained() {
     );
     assert_eq!(vm.stats().memory.listener_panics, 1);
 }
+
+/// Conversions racing punches made on the file itself (not through the
+/// memory), and host reads: no deadlock between the file's resize lock and
+/// the memory's access lock, whichever is taken first.
+#[test]
+fn conversions_racing_direct_file_punches_do_not_deadlock() {
+    if !kvm() {
+        return;
+    }
+    let (vm, file) = Vm::with_ram(RAM).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let vm = Arc::new(vm);
+    let worker = vm.clone();
+    std::thread::spawn(move || {
+        let converting = AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            let (file, vm, converting) = (&file, &worker, &converting);
+            scope.spawn(move || {
+                while converting.load(Ordering::Relaxed) {
+                    // Allocated pages, so that the punch invalidates.
+                    vm.populate(Gpa(STORM_BASE), &[1; 8192]).unwrap();
+                    file.fallocate(gmem::Fallocate::PunchHole, FileOffset(STORM_BASE), 8192)
+                        .unwrap();
+                }
+            });
+            scope.spawn(move || {
+                while converting.load(Ordering::Relaxed) {
+                    let _ = vm.read_guest(Gpa(STORM_BASE), &mut [0; 8]);
+                }
+            });
+            for round in 0..20_000u64 {
+                let state = if round % 2 == 0 { PageState::Shared } else { PageState::Private };
+                vm.memory().convert(Gpa(STORM_BASE), 8192, state).unwrap();
+            }
+            converting.store(false, Ordering::Relaxed);
+        });
+        let _ = done.send(());
+    });
+    finished.recv_timeout(Duration::from_secs(120)).expect("conversions and punches deadlocked");
+    assert_eq!(vm.stats().memory.conversions, 20_000);
+}
