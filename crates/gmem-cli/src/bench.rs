@@ -191,20 +191,25 @@ fn populate_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<()
     Ok(())
 }
 
-/// Punch with invalidation against raw punches of a memfd and a guest_memfd.
+/// Punch with invalidation against raw punches of a memfd (unmapped and
+/// mapped) and a guest_memfd.
 fn punch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
-    let (mut gmem, mut memfd, mut native) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gmem, mut memfd, mut mapped, mut native) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 1..=reps {
         progress(&format!("punch {mib} MiB, round {rep}/{reps}"));
         let times = punch(mib).map_err(|e| format!("punch: {e}"))?;
         gmem.push(times.gmem);
         memfd.push(times.memfd);
+        mapped.push(times.mapped_memfd);
         native.extend(times.guest_memfd);
     }
     let rate = |samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
     let gmem = rate(&mut gmem);
     let raw = (rate(&mut memfd), "raw memfd punch");
     figures.push(Figure::rate("punch", gmem, "MiB/s", raw).target(0.8));
+    let raw = (rate(&mut mapped), "raw punch, mapped memfd");
+    figures.push(Figure::rate("punch-vs-mapped-memfd", gmem, "MiB/s", raw));
     if !native.is_empty() {
         let raw = (rate(&mut native), "raw guest_memfd punch");
         figures.push(Figure::rate("punch-vs-guest_memfd", gmem, "MiB/s", raw));

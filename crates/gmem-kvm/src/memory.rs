@@ -386,9 +386,7 @@ impl GuestMemory {
         }
         let region = self.region_holding(gpa, bytes.len() as u64)?;
         let offset = region.file_offset + (gpa.0 - region.gpa.0);
-        let pages = PageRange::covering(offset, bytes.len() as u64);
-        let guard = region.binding.get_and_lock_range(pages)?;
-        guard.write(offset - pages.start.offset().0, bytes)?;
+        region.binding.populate(FileOffset(offset), bytes)?;
         Ok(())
     }
 

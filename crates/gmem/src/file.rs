@@ -550,7 +550,24 @@ impl Binding {
     /// of the file (the seed's `SGP_WRITE` allocated there; gmem does not).
     /// Waits while any page of the run is locked or being invalidated.
     pub fn get_and_lock_range(&self, pages: PageRange) -> Result<PageGuard<'_>> {
-        self.lock_range(pages, false)
+        self.lock_range(pages, false, &[])
+    }
+
+    /// Writes `data` at `offset` into the file (the owner's launch-time
+    /// populate): locks the pages it covers, writes through the page cache
+    /// (which allocates them, zero-filling only what `data` leaves out) and
+    /// locks them in RAM. `EINVAL` past the end of the file.
+    pub fn populate(&self, offset: FileOffset, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        let end = offset
+            .0
+            .checked_add(len)
+            .ok_or(Error::InvalidArgument { op: "populate", why: "range wraps" })?;
+        if len == 0 {
+            return Ok(());
+        }
+        let pages = PageRange::covering(offset.0, end - offset.0);
+        self.lock_range(pages, false, &[(offset.0 - pages.start.offset().0, data)]).map(drop)
     }
 
     /// As [`get_and_lock_range`](Self::get_and_lock_range), but fails with
@@ -558,10 +575,18 @@ impl Binding {
     /// invalidated: for a caller that may hold up the invalidation itself
     /// (e.g. through a lock the owner's callback takes).
     pub fn get_and_lock_range_or_again(&self, pages: PageRange) -> Result<PageGuard<'_>> {
-        self.lock_range(pages, true)
+        self.lock_range(pages, true, &[])
     }
 
-    fn lock_range(&self, pages: PageRange, again_if_invalidating: bool) -> Result<PageGuard<'_>> {
+    /// Locks `pages`, writes `writes` (offset into the pages, bytes) through
+    /// the page cache, then allocates whatever is left by faulting the pages
+    /// into the frame window.
+    fn lock_range(
+        &self,
+        pages: PageRange,
+        again_if_invalidating: bool,
+        writes: &[(u64, &[u8])],
+    ) -> Result<PageGuard<'_>> {
         if pages.is_empty() {
             return Err(Error::InvalidArgument { op: "get-and-lock", why: "empty page range" });
         }
@@ -572,9 +597,13 @@ impl Binding {
         if pages.end.0 > inode.size / PAGE_SIZE {
             return Err(Error::PastEof { page: PageIndex(pages.end.0 - 1), size: inode.size });
         }
-        // Allocate by faulting the pages into the frame window: zero-filled,
-        // "uptodate" (so SEEK_DATA sees them for invalidation) and locked in
-        // RAM from the start, by the one mapping charged to RLIMIT_MEMLOCK.
+        for (at, data) in writes {
+            guard.write(*at, data)?;
+        }
+        // Allocate by faulting the pages into the frame window: zero-filled
+        // (unless just written), "uptodate" (so SEEK_DATA sees them for
+        // invalidation) and locked in RAM from the start, by the one mapping
+        // charged to RLIMIT_MEMLOCK.
         let window = inode.window.as_ref().ok_or(Error::PastEof { page: pages.start, size: 0 })?;
         let bytes = pages.bytes();
         window.populate_write(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
