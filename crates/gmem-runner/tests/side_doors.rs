@@ -65,12 +65,10 @@ fn a_forked_child_cannot_read_guest_memory() {
     let readable = |addr: usize| {
         let mut byte = 0u8;
         // SAFETY: write(2) reads user memory through the kernel's checked
-        // copy (EFAULT for an unmapped address, never a fault); read(2)
-        // fills one byte of a local.
-        unsafe {
-            libc::write(pipe[1], addr as *const libc::c_void, 1) == 1
-                && libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1) == 1
-        }
+        // copy: EFAULT for an unmapped address, never a fault.
+        let copied = unsafe { libc::write(pipe[1], addr as *const libc::c_void, 1) } == 1;
+        // SAFETY: read(2) fills one byte of a local.
+        copied && unsafe { libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1) } == 1
     };
     // The frame window holds the token and is readable here: the probe
     // can tell readable from not.
@@ -79,10 +77,8 @@ fn a_forked_child_cannot_read_guest_memory() {
     // _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        let leaked = mappings
-            .iter()
-            .flat_map(|&(start, end)| (start..end).step_by(4096))
-            .any(|page| readable(page));
+        let leaked =
+            mappings.iter().flat_map(|&(start, end)| (start..end).step_by(4096)).any(readable);
         // SAFETY: ends the child without running the parent's destructors.
         unsafe { libc::_exit(i32::from(leaked)) };
     }
