@@ -48,11 +48,12 @@ impl Action {
     }
 }
 
-/// `gmem run` arguments (GUEST_ABI v1, "Host side of gmem run").
+/// `gmem run` arguments (GUEST_ABI 1.1, "Host side of gmem run").
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
-    /// Guest ELF image: a path, or the name of a built-in guest
-    /// (demo, punch, smp, spin, badport, touch). Default: the demo guest.
+    /// Guest ELF image: a path, or the name of a built-in guest (badport,
+    /// convbench, convert, convsmp, convstorm, demo, hypercall, memmap,
+    /// punch, smp, spin, touch). Default: the demo guest.
     #[arg(long)]
     pub(crate) guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).
@@ -148,6 +149,21 @@ pub(crate) fn parse_sync(text: &str) -> Result<SyncSpec, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--help` names every built-in guest, so that the list cannot go stale.
+    #[test]
+    fn help_lists_every_built_in_guest() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let help = Cli::command().render_long_help().to_string();
+        for (name, _) in gmem_guest::GUESTS {
+            assert!(help.contains(name), "--help does not name the {name} guest");
+        }
+    }
 
     #[test]
     fn sizes_and_numbers() {

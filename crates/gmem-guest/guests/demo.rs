@@ -54,8 +54,10 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         core::hint::spin_loop();
     }
     let expected = (BUF..BUF + BUF_LEN).step_by(64).fold(0u64, |s, gpa| s.wrapping_add(pattern(gpa)));
-    // Pages above the buffer and below the stacks were never touched.
-    let (lo, hi) = (BUF + BUF_LEN, boot.ram_size - stacks);
+    // Pages above the buffer, in the first RAM region and below the
+    // stacks, were never touched.
+    let (gpa, size) = boot.region(0);
+    let (lo, hi) = (BUF + BUF_LEN, (gpa + size).min(boot.stacks_floor()));
     let step = ((hi - lo) / 64 / PAGE).max(1) * PAGE;
     let mut zero_pages = 0;
     for page in (lo..hi).step_by(step as usize) {

@@ -1,15 +1,32 @@
-//! Guest runtime for GUEST_ABI v1: entry, ports, boot info, console, panic.
+//! Guest runtime for GUEST_ABI 1.1: entry, ports, boot info, console, panic.
 #![allow(dead_code)]
 
 use core::arch::{asm, global_asm};
 
-/// Boot info at the GPA the VMM passes in RDI.
+/// Boot info at the GPA the VMM passes in RDI (GUEST_ABI 1.1); the RAM
+/// regions follow it.
 #[repr(C)]
 pub struct BootInfo {
     pub magic: u64,
     pub ram_size: u64,
     pub vcpu_count: u32,
     pub page_size: u32,
+    pub ram_end: u64,
+    pub region_count: u32,
+    pub abi_minor: u32,
+}
+
+impl BootInfo {
+    /// RAM region `index` (below `region_count`): (GPA, size).
+    pub fn region(&self, index: u32) -> (u64, u64) {
+        let at = self as *const Self as u64 + 40 + 16 * u64::from(index);
+        (read_u64(at), read_u64(at + 8))
+    }
+
+    /// The lowest byte of the vCPU stacks: below it, RAM is the guest's.
+    pub fn stacks_floor(&self) -> u64 {
+        self.ram_end - u64::from(self.vcpu_count) * 0x10000
+    }
 }
 
 pub const MAGIC: u64 = 0x3149_4241_4d45_4d47;

@@ -1,5 +1,6 @@
-//! Benchmark guest: writes one word in every page from 4 MiB up to the
-//! stacks (first touch of guest memory), then exits 0.
+//! Benchmark guest: writes one word in every page of RAM from 4 MiB up to
+//! the stacks, in every RAM region (first touch of guest memory), then
+//! exits 0.
 #![no_std]
 #![no_main]
 
@@ -11,11 +12,14 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     if vcpu != 0 {
         rt::halt();
     }
-    let end = boot.ram_size - u64::from(boot.vcpu_count) * 0x10000;
-    let mut gpa = BASE;
-    while gpa < end {
-        rt::write_u64(gpa, gpa);
-        gpa += 4096;
+    for index in 0..boot.region_count {
+        let (start, size) = boot.region(index);
+        let end = (start + size).min(boot.stacks_floor());
+        let mut gpa = start.max(BASE);
+        while gpa < end {
+            rt::write_u64(gpa, gpa);
+            gpa += 4096;
+        }
     }
     0
 }

@@ -1,4 +1,4 @@
-//! Guest programs for gmem, per GUEST_ABI v1: no_std Rust compiled for the
+//! Guest programs for gmem, per GUEST_ABI 1.1: no_std Rust compiled for the
 //! host target, linked at GPA 0x200000, embedded here as ELF images.
 //!
 //! - `demo`: the built-in guest of `gmem run`: fills and checksums 4 MiB of
@@ -12,7 +12,10 @@
 //! - `touch`: writes one word per page from 4 MiB up (first-touch benchmark).
 //! - `convert`: conversion round trips, host access at syncs 1 and 2, bad
 //!   requests; `convsmp`: one vCPU converts while another touches the page;
-//!   `convbench`: conversion round trips against bare exits (TSC cycles).
+//!   `convbench`: conversion round trips against bare exits (TSC cycles);
+//!   `convstorm`: every vCPU converts its own page back and forth.
+//! - `memmap`: checks the 1.1 memory map and uses RAM in every region.
+//! - `hypercall`: conversions by `KVM_HC_MAP_GPA_RANGE`, KVM's encoding.
 //!
 //! ```
 //! let demo = gmem_guest::guest("demo").unwrap();

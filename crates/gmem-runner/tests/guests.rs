@@ -151,3 +151,27 @@ fn host_access_to_private_memory_is_denied_with_the_gpa() {
     // Outside RAM is not a denial but a bad argument.
     assert_eq!(vm.read_guest(Gpa(RAM), &mut [0; 8]).unwrap_err().errno(), Errno::INVAL);
 }
+
+/// GUEST_ABI 1.1: RAM past 3 GiB goes above 4 GiB; the guest finds both
+/// regions in the boot info and uses memory on both sides of the gap.
+#[test]
+fn ram_above_3_gib_is_placed_above_4_gib() {
+    if !kvm() {
+        return;
+    }
+    let ram = (3 << 30) + (64 << 20);
+    let (vm, _file) = Vm::with_ram(ram).unwrap();
+    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("memmap").unwrap(), ram).unwrap();
+    vm.load(&image, ram, 2).unwrap();
+    let config = gmem_runner::RunConfig {
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..gmem_runner::RunConfig::new(2)
+    };
+    let report = vm.run(&image, ram, &config, &|_, _| {}).unwrap();
+    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    assert!(console(&report).contains("2 RAM region(s) ok"), "{}", console(&report));
+    assert_eq!(vm.memory().regions().len(), 2);
+    assert_eq!(vm.memory().regions()[1].gpa(), Gpa(4 << 30));
+    // The gap is no RAM: the host cannot reach it either.
+    assert_eq!(vm.convert(Gpa(3 << 30), 4096, 0).unwrap_err().errno(), Errno::INVAL);
+}
