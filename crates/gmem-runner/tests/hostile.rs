@@ -276,3 +276,72 @@ fn conversions_racing_direct_file_punches_do_not_deadlock() {
     finished.recv_timeout(Duration::from_secs(120)).expect("conversions and punches deadlocked");
     assert_eq!(vm.stats().memory.conversions, 20_000);
 }
+
+/// A fault that cannot be served (here EDEADLK: the serving thread itself
+/// holds a lock on the page) fences the page off: the vCPU's `KVM_RUN`
+/// returns instead of faulting for ever, and the VMM gets the error with
+/// the GPA. Driven by hand, as a VMM with its own event loop does.
+#[test]
+fn an_unservable_fault_is_fenced_and_reported() {
+    if !kvm() {
+        return;
+    }
+    use gmem_runner::boot;
+    use kvm_ioctls::VcpuExit;
+    const STUCK: u64 = 16 << 20;
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
+    let file = Arc::new(PrivateMemFile::new_guest("fenced").unwrap());
+    file.set_len(RAM).unwrap();
+    let spec = RegionSpec {
+        slot: 0,
+        gpa: Gpa(0),
+        file: file.clone(),
+        file_offset: FileOffset(0),
+        size: RAM,
+    };
+    // SAFETY: `vm` is this memory's VM; `memory` outlives every run of it.
+    unsafe { memory.add_region(&vm, spec) }.unwrap();
+    let image = GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
+    for (gpa, bytes) in boot::vmm_region(RAM, 1) {
+        memory.populate(gpa, &bytes).unwrap();
+    }
+    for segment in &image.segments {
+        memory.populate(segment.gpa, &segment.data).unwrap();
+    }
+    // This thread serves faults and holds a lock on the page at STUCK.
+    let binding = file.bind(&memory).unwrap();
+    let _held = binding.get_and_lock(gmem::PageIndex(STUCK / 4096)).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    boot::init_vcpu(&kvm, &vcpu, image.entry, 0, RAM).unwrap();
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let how = loop {
+            match vcpu.run() {
+                Ok(VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _)) => {
+                    break format!("mmio {gpa:#x}")
+                }
+                Ok(VcpuExit::IoOut(0xF4, _)) => break "guest exit".into(),
+                Ok(_) => {}
+                Err(e) => break format!("error {}", e.errno()),
+            }
+        };
+        let _ = exited.send(how);
+    });
+    let mut failed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let how = loop {
+        if let Ok(how) = exit.try_recv() {
+            break how;
+        }
+        assert!(std::time::Instant::now() < deadline, "the vCPU never left KVM_RUN");
+        failed.extend(memory.serve_faults().unwrap().1);
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].gpa, Gpa(STUCK));
+    assert_eq!(failed[0].errno(), Errno::DEADLK);
+    assert_ne!(how, "guest exit", "the fenced page was never reached");
+    assert_eq!(memory.stats().fenced_pages, 1);
+}
