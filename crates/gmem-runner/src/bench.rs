@@ -220,10 +220,11 @@ pub fn punch(mib: u64) -> Result<PunchTimes> {
             )
         }
         .map_err(Error::os("mmap memfd"))?;
-        // SAFETY: faults in (zero-filled) pages of the mapping made above.
+        // SAFETY: faults in (zero-filled) pages of the mapping made above,
+        // mapped as gmem maps its pages (a read fault).
         let populated =
-            unsafe { rustix::mm::madvise(map, size, rustix::mm::Advice::LinuxPopulateWrite) }
-                .map_err(Error::os("MADV_POPULATE_WRITE"));
+            unsafe { rustix::mm::madvise(map, size, rustix::mm::Advice::LinuxPopulateRead) }
+                .map_err(Error::os("MADV_POPULATE_READ"));
         let time = populated.and_then(|()| {
             timed(&|| {
                 rustix::fs::fallocate(&memfd, punch_flags, 0, len).map_err(Error::os("fallocate"))

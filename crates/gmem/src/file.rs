@@ -326,7 +326,7 @@ impl PrivateMemFile {
         let kept = PageRange::new(PageIndex(0), PageIndex(inode.size.min(size) / PAGE_SIZE));
         for run in self.allocated_runs(kept)? {
             let bytes = run.bytes();
-            map.populate_write(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
+            map.fault_in(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
         }
         Ok(Some(map))
     }
@@ -387,8 +387,7 @@ impl PrivateMemFile {
                 if let Some(window) = &inode.window {
                     let locked_end = end.min(new_size);
                     if locked_end > offset.0 {
-                        window
-                            .populate_write(offset.0 as usize, (locked_end - offset.0) as usize)?;
+                        window.fault_in(offset.0 as usize, (locked_end - offset.0) as usize)?;
                     }
                 }
                 Ok(())
@@ -606,7 +605,7 @@ impl Binding {
         // charged to RLIMIT_MEMLOCK.
         let window = inode.window.as_ref().ok_or(Error::PastEof { page: pages.start, size: 0 })?;
         let bytes = pages.bytes();
-        window.populate_write(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
+        window.fault_in(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
         drop(inode);
         Ok(guard)
     }

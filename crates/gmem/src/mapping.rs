@@ -76,14 +76,16 @@ impl Mapping {
         Ok(())
     }
 
-    /// Faults in (allocating where needed) the bytes `offset..offset + len`
-    /// for writing, as a write access would.
-    pub(crate) fn populate_write(&self, offset: usize, len: usize) -> Result<()> {
+    /// Faults in (allocating where needed) the pages of `offset..offset +
+    /// len`, as a read access would: a read fault on a shmem hole allocates a
+    /// zero-filled page, and maps it without the write-fault path, which
+    /// costs a quarter of populate's rate (`gmem bench`).
+    pub(crate) fn fault_in(&self, offset: usize, len: usize) -> Result<()> {
         let at = self.span(offset, len)?;
         // SAFETY: the range lies inside this mapping (checked by span);
         // populating changes no content (new shmem pages are zero-filled).
-        unsafe { mm::madvise(at.cast(), len, Advice::LinuxPopulateWrite) }
-            .map_err(|errno| Error::Os { op: "MADV_POPULATE_WRITE", errno })
+        unsafe { mm::madvise(at.cast(), len, Advice::LinuxPopulateRead) }
+            .map_err(|errno| Error::Os { op: "MADV_POPULATE_READ", errno })
     }
 
     pub(crate) fn addr(&self) -> *mut u8 {
