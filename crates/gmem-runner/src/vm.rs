@@ -97,6 +97,15 @@ impl Control {
         self.changed.notify_all();
     }
 
+    /// Waits up to `timeout` for `done` to hold; callers make it hold only
+    /// together with a [`stop`](Self::stop), which wakes this wait.
+    fn wait_until(&self, timeout: Duration, done: impl Fn() -> bool) {
+        let outcome = self.outcome();
+        if !done() {
+            drop(self.changed.wait_timeout(outcome, timeout));
+        }
+    }
+
     /// Waits until the VM stops or the deadline passes.
     fn watch(&self, deadline: Option<Instant>) {
         let mut outcome = self.outcome();
@@ -427,7 +436,10 @@ impl Vm {
                     // scoped threads are joined only when it ends.
                     unsafe { kicker.kick() };
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                // The last vCPU to leave stops the control, which wakes us.
+                self.control.wait_until(Duration::from_millis(5), || {
+                    running.load(Ordering::SeqCst) == 0
+                });
             }
         });
         drop(vcpus);
