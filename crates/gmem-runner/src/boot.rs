@@ -182,6 +182,23 @@ pub fn vmm_region(ram_size: u64, vcpus: u32) -> Vec<(Gpa, Vec<u8>)> {
     ]
 }
 
+/// Writes everything a GUEST_ABI guest needs at launch, the VMM region and
+/// `image`'s segments, with `populate` (e.g. [`gmem_kvm::GuestMemory::populate`]).
+pub fn load(
+    image: &GuestImage,
+    ram_size: u64,
+    vcpus: u32,
+    mut populate: impl FnMut(Gpa, &[u8]) -> Result<()>,
+) -> Result<()> {
+    for (gpa, bytes) in vmm_region(ram_size, vcpus) {
+        populate(gpa, &bytes)?;
+    }
+    for segment in &image.segments {
+        populate(segment.gpa, &segment.data)?;
+    }
+    Ok(())
+}
+
 /// Checks that `ram_size` and `vcpus` fit GUEST_ABI v1.
 pub fn check_machine(ram_size: u64, vcpus: u32) -> Result<()> {
     let stacks = u64::from(vcpus) * STACK_SIZE;

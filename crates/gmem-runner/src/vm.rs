@@ -299,13 +299,7 @@ impl Vm {
                 "memslots do not cover the RAM of {ram_size:#x} bytes"
             )));
         }
-        for (gpa, bytes) in boot::vmm_region(ram_size, vcpus) {
-            self.populate(gpa, &bytes)?;
-        }
-        for segment in &image.segments {
-            self.populate(segment.gpa, &segment.data)?;
-        }
-        Ok(())
+        boot::load(image, ram_size, vcpus, |gpa, bytes| self.populate(gpa, bytes))
     }
 
     fn covers(&self, ram_size: u64) -> bool {
@@ -437,9 +431,8 @@ impl Vm {
                     unsafe { kicker.kick() };
                 }
                 // The last vCPU to leave stops the control, which wakes us.
-                self.control.wait_until(Duration::from_millis(5), || {
-                    running.load(Ordering::SeqCst) == 0
-                });
+                self.control
+                    .wait_until(Duration::from_millis(5), || running.load(Ordering::SeqCst) == 0);
             }
         });
         drop(vcpus);

@@ -304,12 +304,7 @@ fn an_unservable_fault_is_fenced_and_reported() {
     // SAFETY: `vm` is this memory's VM; `memory` outlives every run of it.
     unsafe { memory.add_region(&vm, spec) }.unwrap();
     let image = GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
-    for (gpa, bytes) in boot::vmm_region(RAM, 1) {
-        memory.populate(gpa, &bytes).unwrap();
-    }
-    for segment in &image.segments {
-        memory.populate(segment.gpa, &segment.data).unwrap();
-    }
+    boot::load(&image, RAM, 1, |gpa, bytes| memory.populate(gpa, bytes)).unwrap();
     // This thread serves faults and holds a lock on the page at STUCK.
     let binding = file.bind(&memory).unwrap();
     let _held = binding.get_and_lock(gmem::PageIndex(STUCK / 4096)).unwrap();

@@ -33,12 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. Launch: the image and boot data, written into private memory.
     let image = boot::GuestImage::parse(gmem_guest::demo(), RAM)?;
-    for (gpa, bytes) in boot::vmm_region(RAM, 1) {
-        memory.populate(gpa, &bytes)?;
-    }
-    for segment in &image.segments {
-        memory.populate(segment.gpa, &segment.data)?;
-    }
+    boot::load(&image, RAM, 1, |gpa, bytes| memory.populate(gpa, bytes))?;
     memory.finish_launch();
 
     // 3. Fault serving in our own event loop: a thread polling the fd.
