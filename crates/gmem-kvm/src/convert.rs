@@ -142,3 +142,48 @@ impl GuestMemory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Errno;
+
+    #[test]
+    fn hypercall_requests_use_kvm_encoding() {
+        let req = |gpa, pages, attrs| ConversionRequest::from_hypercall(gpa, pages, attrs);
+        let private = KVM_MAP_GPA_RANGE_ENCRYPTED;
+        assert_eq!(
+            req(0x60_0000, 3, 0).unwrap(),
+            ConversionRequest { gpa: Gpa(0x60_0000), len: 3 * 4096, state: PageState::Shared }
+        );
+        assert_eq!(req(0, 2, private | 1).unwrap().len, 4 << 20);
+        assert_eq!(
+            req(0, 1, private | 2).unwrap(),
+            ConversionRequest { gpa: Gpa(0), len: 1 << 30, state: PageState::Private }
+        );
+        // Port 0xF0's "private" bit (8) is not KVM's: EINVAL, like page
+        // size 3, unknown bits and a length that overflows.
+        for (pages, attrs) in [(1, 8), (1, 3), (1, 1 << 5), (u64::MAX, 1), (1 << 53, 0)] {
+            assert_eq!(
+                req(0, pages, attrs).unwrap_err().errno(),
+                Errno::INVAL,
+                "{pages} {attrs:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn port_requests_take_only_the_private_bit() {
+        assert_eq!(ConversionRequest::from_port(0, 4096, 0).unwrap().state, PageState::Shared);
+        assert_eq!(
+            ConversionRequest::from_port(0, 4096, ATTRIBUTE_PRIVATE).unwrap().state,
+            PageState::Private
+        );
+        for attrs in [0x10, ATTRIBUTE_PRIVATE | 1, u64::MAX] {
+            assert_eq!(
+                ConversionRequest::from_port(0, 4096, attrs).unwrap_err().errno(),
+                Errno::INVAL
+            );
+        }
+    }
+}
