@@ -72,8 +72,9 @@ pub(crate) struct RunArgs {
     /// N:write:GPA:HEX. Repeatable; a stage's actions run in order.
     #[arg(long = "sync", value_name = "N:ACTION", value_parser = parse_sync)]
     pub(crate) syncs: Vec<SyncSpec>,
-    /// Pages served per fault (a power of two) on the user-space backend.
-    #[arg(long, default_value_t = gmem_kvm::DEFAULT_FAULT_AROUND_PAGES)]
+    /// Pages served per fault on the user-space backend: a power of two
+    /// from 1 to 512, decimal or 0x-prefixed hex.
+    #[arg(long, default_value_t = gmem_kvm::DEFAULT_FAULT_AROUND_PAGES, value_parser = parse_fault_around)]
     pub(crate) fault_around: u64,
     /// Also take KVM_HC_MAP_GPA_RANGE hypercalls (vmcall, RAX = 12) as
     /// conversion requests, where KVM offers hypercall exits. Off by
@@ -106,23 +107,34 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     value.checked_mul(1 << shift).ok_or_else(|| format!("size '{text}' is too large"))
 }
 
+/// The longest `--timeout`: ten years, in seconds.
+pub(crate) const MAX_TIMEOUT: f64 = 10.0 * 365.0 * 86400.0;
+
 fn parse_timeout(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
-        _ => Err(format!("'{text}' is not a number of seconds >= 0")),
+        Ok(t) if (0.0..=MAX_TIMEOUT).contains(&t) => Ok(t),
+        _ => Err(format!("'{text}' is not a number of seconds from 0 to {MAX_TIMEOUT}")),
     }
 }
 
+/// Pages per fault: a power of two from 1 to 512.
+fn parse_fault_around(text: &str) -> Result<u64, String> {
+    match parse_number(text)? {
+        pages if pages.is_power_of_two() && pages <= 512 => Ok(pages),
+        pages => Err(format!("{pages} pages: fault-around is a power of two from 1 to 512")),
+    }
+}
+
+/// The most bytes one `read` sync may ask for.
+pub(crate) const MAX_SYNC_READ: u64 = 16 << 20;
+
 fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
-    if text.is_empty() || text.len() % 2 != 0 {
+    let digits = text.as_bytes();
+    if digits.is_empty() || digits.len() % 2 != 0 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err(format!("'{text}': write data must be hex digits, two per byte"));
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("'{text}' is not hex"))
-        })
-        .collect()
+    let nibble = |d: u8| (d as char).to_digit(16).unwrap_or(0) as u8;
+    Ok(digits.chunks_exact(2).map(|pair| nibble(pair[0]) << 4 | nibble(pair[1])).collect())
 }
 
 /// `N:punch:GPA:LEN`, `N:read:GPA:LEN` or `N:write:GPA:HEX`.
@@ -142,6 +154,9 @@ pub(crate) fn parse_sync(text: &str) -> Result<SyncSpec, String> {
     };
     if action.range().1 == 0 {
         return Err(format!("'{text}': the range is empty"));
+    }
+    if matches!(action, Action::Read { len, .. } if len > MAX_SYNC_READ) {
+        return Err(format!("'{text}': a read sync reads at most {MAX_SYNC_READ:#x} bytes"));
     }
     Ok(SyncSpec { stage, action })
 }
@@ -193,8 +208,30 @@ mod tests {
             "1:write:0:414",
             "1:write:0:zz",
             "1:read:0:0",
+            // Not ASCII: must not be sliced inside a character.
+            "1:write:0x800000:aéb",
+            "1:write:0:é1",
+            // `+1` is not two hex digits.
+            "1:write:0:+1",
+            // An absurd read is refused before anything is allocated.
+            "1:read:0:0xf00000000",
         ] {
             assert!(parse_sync(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_hex("00fFa5"), Ok(vec![0, 0xff, 0xa5]));
+    }
+
+    #[test]
+    fn timeouts_and_fault_around() {
+        assert_eq!(parse_timeout("0.5"), Ok(0.5));
+        assert_eq!(parse_timeout("0"), Ok(0.0));
+        for bad in ["1e19", "1e20", "-1", "NaN", "inf", "-0.5", "x"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_fault_around("0x10"), Ok(16));
+        assert_eq!(parse_fault_around("512"), Ok(512));
+        for bad in ["0", "3", "1024", "1048576", "-1"] {
+            assert!(parse_fault_around(bad).is_err(), "{bad}");
         }
     }
 }

@@ -21,8 +21,11 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
     reps: u64,
     /// A short run (16 MiB, 3 repetitions), well under a minute.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["mib", "reps"])]
     quick: bool,
+    /// Exit with status 1 when a figure misses its target (for CI jobs).
+    #[arg(long)]
+    check: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -82,6 +85,19 @@ fn progress(what: &str) {
 /// Runs `gmem bench`; returns the process exit status.
 pub(crate) fn bench(args: &BenchArgs) -> u8 {
     let (mib, reps) = if args.quick { (16, 3) } else { (args.mib, args.reps) };
+    // The plot's file is created before anything is measured: a path that
+    // cannot be written fails in a moment, not after the whole bench.
+    let plot = match args.plot.as_ref().map(|path| std::fs::File::create(path).map(|f| (path, f))) {
+        Some(Err(e)) => {
+            eprintln!(
+                "gmem bench: cannot write {}: {e}",
+                args.plot.as_ref().map_or(String::new(), |p| p.display().to_string())
+            );
+            return 2;
+        }
+        Some(Ok(plot)) => Some(plot),
+        None => None,
+    };
     let mut figures = Vec::new();
     let measured = first_touch_figures(mib, reps, &mut figures)
         .and_then(|()| populate_figures(mib, reps, &mut figures))
@@ -93,13 +109,13 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
         eprintln!("gmem bench: {e}");
         return 1;
     }
-    if let Some(path) = &args.plot {
+    if let Some((path, mut file)) = plot {
         let bars: Vec<_> = figures
             .iter()
             .map(|f| Bar { name: &f.name, ratio: f.ratio, target: f.target })
             .collect();
         let title = format!("gmem bench: ratios to baselines ({mib} MiB, median of {reps})");
-        if let Err(e) = std::fs::write(path, svg(&title, &bars)) {
+        if let Err(e) = std::io::Write::write_all(&mut file, svg(&title, &bars).as_bytes()) {
             eprintln!("gmem bench: cannot write {}: {e}", path.display());
             return 2;
         }
@@ -137,6 +153,12 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
             "(ratios: higher is better; first touch of {mib} MiB and conversions by real \
              guests, median of {reps} interleaved runs)"
         );
+    }
+    let missed: Vec<&str> =
+        figures.iter().filter(|f| f.met() == Some(false)).map(|f| f.name.as_str()).collect();
+    if args.check && !missed.is_empty() {
+        eprintln!("gmem bench: targets not met: {}", missed.join(", "));
+        return 1;
     }
     0
 }

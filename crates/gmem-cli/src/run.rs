@@ -1,10 +1,10 @@
-//! `gmem run`: boot a guest on private memory and report per GUEST_ABI v1.
+//! `gmem run`: boot a guest on private memory and report per GUEST_ABI 1.1.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use gmem_kvm::probe;
-use gmem_runner::{Gpa, GuestImage, Outcome, RunConfig, Vm};
+use gmem_runner::{boot, Gpa, GuestImage, Outcome, RunConfig, Vm};
 use serde_json::json;
 
 use crate::args::{Action, Backend, RunArgs, SyncSpec};
@@ -26,18 +26,83 @@ struct SyncRecord {
     data: Option<Vec<u8>>,
 }
 
-fn fail(status: u8, message: impl std::fmt::Display) -> u8 {
-    eprintln!("gmem run: {message}");
-    status
+/// Why a run could not start or finish: the exit status and the message.
+struct Failure {
+    status: u8,
+    message: String,
 }
 
-fn guest_bytes(guest: Option<&str>) -> Result<Vec<u8>, String> {
+fn fail<T>(status: u8, message: impl std::fmt::Display) -> Result<T, Failure> {
+    Err(Failure { status, message: message.to_string() })
+}
+
+/// The largest guest image file `gmem run` reads.
+const MAX_IMAGE: u64 = 256 << 20;
+
+/// The guest image: a regular file of at most [`MAX_IMAGE`] bytes (and no
+/// more than RAM) that starts like an ELF file, else a built-in guest of
+/// that name. A FIFO, a device or a directory is refused without reading.
+fn guest_bytes(guest: Option<&str>, ram: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let Some(guest) = guest else { return Ok(gmem_guest::demo().to_vec()) };
-    match std::fs::read(guest) {
-        Ok(bytes) => Ok(bytes),
-        Err(e) => gmem_guest::guest(guest)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| format!("cannot read guest image '{guest}': {e}")),
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(guest);
+    let file = match file {
+        Ok(file) => file,
+        Err(e) => {
+            return gmem_guest::guest(guest)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| format!("cannot read guest image '{guest}': {e}"))
+        }
+    };
+    let meta = file.metadata().map_err(|e| format!("guest image '{guest}': {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("guest image '{guest}' is not a regular file"));
+    }
+    let limit = MAX_IMAGE.min(ram);
+    if meta.len() > limit {
+        return Err(format!(
+            "guest image '{guest}' is {} bytes; an image must fit in RAM and in {limit} bytes",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    let mut reader = file.take(limit + 1);
+    reader.by_ref().take(4).read_to_end(&mut bytes).map_err(|e| format!("'{guest}': {e}"))?;
+    if bytes != b"\x7fELF" {
+        return Err(format!("guest image '{guest}' is not an ELF file"));
+    }
+    reader.read_to_end(&mut bytes).map_err(|e| format!("'{guest}': {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("guest image '{guest}' grew past {limit} bytes while read"));
+    }
+    Ok(bytes)
+}
+
+/// Warns when `ram` is more than this host can give a guest that touches
+/// all of it (memory and swap available, and the memory cgroup's limit).
+fn warn_if_too_big(ram: u64) {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    let available =
+        field("MemAvailable:").unwrap_or(u64::MAX).saturating_add(field("SwapFree:").unwrap_or(0));
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned))
+        .and_then(|path| std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).ok())
+        .and_then(|max| max.trim().parse::<u64>().ok());
+    let limit = available.min(cgroup.unwrap_or(u64::MAX));
+    if ram > limit {
+        eprintln!(
+            "gmem run: warning: --mem {} MiB is more than this host can give ({} MiB available{}); \
+             a guest that touches all of it will be killed for lack of memory",
+            ram >> 20,
+            available >> 20,
+            cgroup.map(|c| format!(", memory cgroup limit {} MiB", c >> 20)).unwrap_or_default()
+        );
     }
 }
 
@@ -59,9 +124,9 @@ fn choose_backend(asked: Backend) -> Result<(&'static str, String), String> {
 fn check_syncs(syncs: &[SyncSpec], ram: u64) -> Result<(), String> {
     for sync in syncs {
         let (gpa, len) = sync.action.range();
-        if gpa.checked_add(len).is_none_or(|end| end > ram) {
+        if !boot::in_ram(ram, gpa, len) {
             return Err(format!(
-                "sync {}: {gpa:#x}+{len:#x} lies outside guest RAM ({ram:#x} bytes)",
+                "sync {}: {gpa:#x}+{len:#x} lies outside guest RAM ({ram:#x} bytes, GUEST_ABI 1.1 layout)",
                 sync.stage
             ));
         }
@@ -98,12 +163,13 @@ fn run_action(vm: &Vm, sync: &SyncSpec) -> SyncRecord {
 }
 
 /// The sync actions to run: the user's, or for the built-in demo guest
-/// without any, a read of the message it shares.
-fn syncs_for(args: &RunArgs) -> Vec<SyncSpec> {
-    if args.guest.is_some() || !args.syncs.is_empty() {
+/// (by default or by name) without any, a read of the message it shares,
+/// where RAM holds it.
+fn syncs_for(args: &RunArgs, image: &[u8]) -> Vec<SyncSpec> {
+    let (gpa, len, stage) = gmem_guest::DEMO_MESSAGE;
+    if image != gmem_guest::demo() || !args.syncs.is_empty() || !boot::in_ram(args.mem, gpa, len) {
         return args.syncs.clone();
     }
-    let (gpa, len, stage) = gmem_guest::DEMO_MESSAGE;
     vec![SyncSpec { stage, action: Action::Read { gpa, len } }]
 }
 
@@ -120,32 +186,78 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs `gmem run`; returns the process exit status.
+/// Runs `gmem run`; returns the process exit status. With `--json`,
+/// stdout gets one JSON object however the run ends.
 pub(crate) fn run(args: &RunArgs) -> u8 {
-    let bytes = match guest_bytes(args.guest.as_deref()) {
-        Ok(bytes) => bytes,
-        Err(e) => return fail(BAD_INPUT, e),
-    };
-    if let Err(e) = gmem_runner::boot::check_machine(args.mem, args.vcpus) {
+    match run_guest(args) {
+        Ok(status) => status,
+        Err(Failure { status, message }) => {
+            eprintln!("gmem run: {message}");
+            if args.json {
+                let stats = gmem_runner::VmStats::default();
+                println!("{}", report_json(None, "error", Some(&message), None, b"", &[], &stats));
+            }
+            status
+        }
+    }
+}
+
+/// The JSON report of GUEST_ABI's `--json`.
+fn report_json(
+    exit_code: Option<u32>,
+    reason: &str,
+    error: Option<&str>,
+    backend: Option<&str>,
+    console: &[u8],
+    records: &[SyncRecord],
+    stats: &gmem_runner::VmStats,
+) -> serde_json::Value {
+    let syncs: Vec<_> = records
+        .iter()
+        .map(|r| {
+            json!({
+                "stage": r.stage, "action": r.action, "gpa": r.gpa, "len": r.len,
+                "result": if r.denied.is_some() { "denied" } else { "ok" },
+                "data_hex": r.data.as_deref().map(hex), "detail": r.denied,
+            })
+        })
+        .collect();
+    json!({
+        "exit_code": exit_code,
+        "reason": reason,
+        "error": error,
+        "backend": backend,
+        "console": String::from_utf8_lossy(console),
+        "syncs": syncs,
+        "stats": {
+            "pages_served": stats.memory.pages_served,
+            "faults": stats.memory.faults,
+            "invalidations": stats.memory.invalidations,
+            "conversions": stats.memory.conversions,
+            "conversion_requests": stats.conversion_requests,
+            "converted_pages": stats.memory.converted_pages,
+            "host_denials": stats.memory.host_denials,
+        },
+    })
+}
+
+fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
+    if let Err(e) = boot::check_machine(args.mem, args.vcpus) {
         return fail(BAD_INPUT, e);
     }
-    let image = match GuestImage::parse(&bytes, args.mem) {
-        Ok(image) => image,
-        Err(e) => return fail(BAD_INPUT, e),
-    };
-    let syncs = syncs_for(args);
-    if let Err(e) = check_syncs(&syncs, args.mem) {
-        return fail(BAD_INPUT, e);
-    }
-    let (backend, reason) = match choose_backend(args.backend) {
-        Ok(choice) => choice,
-        Err(e) => return fail(BAD_INPUT, e),
-    };
+    let bytes = guest_bytes(args.guest.as_deref(), args.mem).or_else(|e| fail(BAD_INPUT, e))?;
+    let image = GuestImage::parse(&bytes, args.mem)
+        .and_then(|image| boot::check_layout(&image, args.mem, args.vcpus).map(|()| image))
+        .or_else(|e| fail(BAD_INPUT, e))?;
+    let syncs = syncs_for(args, &bytes);
+    check_syncs(&syncs, args.mem).or_else(|e| fail(BAD_INPUT, e))?;
+    let (backend, reason) = choose_backend(args.backend).or_else(|e| fail(BAD_INPUT, e))?;
     eprintln!("gmem run: backend {backend} ({reason})");
-    let vm = match Vm::with_fault_around(args.fault_around) {
-        Ok(vm) => vm,
-        Err(e) => return fail(VM_ERROR, format!("cannot create the VM: {e}")),
-    };
+    warn_if_too_big(args.mem);
+    // A VM this host cannot create is a backend it cannot provide (no
+    // /dev/kvm, no userfaultfd permission): the same status as `auto`.
+    let vm = Vm::with_fault_around(args.fault_around)
+        .or_else(|e| fail(BAD_INPUT, format!("cannot create the VM: {e}")))?;
     if let Err(e) = vm.add_ram(args.mem).and_then(|_| vm.load(&image, args.mem, args.vcpus)) {
         return fail(VM_ERROR, format!("cannot load the guest: {e}"));
     }
@@ -193,33 +305,15 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
     };
     let records = records.into_inner().unwrap_or_else(|p| p.into_inner());
     if args.json {
-        let syncs: Vec<_> = records
-            .iter()
-            .map(|r| {
-                json!({
-                    "stage": r.stage, "action": r.action, "gpa": r.gpa, "len": r.len,
-                    "result": if r.denied.is_some() { "denied" } else { "ok" },
-                    "data_hex": r.data.as_deref().map(hex), "detail": r.denied,
-                })
-            })
-            .collect();
-        let out = json!({
-            "exit_code": exit_code,
-            "reason": reason,
-            "error": error,
-            "backend": backend,
-            "console": String::from_utf8_lossy(&report.console),
-            "syncs": syncs,
-            "stats": {
-                "pages_served": stats.memory.pages_served,
-                "faults": stats.memory.faults,
-                "invalidations": stats.memory.invalidations,
-                "conversions": stats.memory.conversions,
-                "conversion_requests": stats.conversion_requests,
-                "converted_pages": stats.memory.converted_pages,
-                "host_denials": stats.memory.host_denials,
-            },
-        });
+        let out = report_json(
+            exit_code,
+            reason,
+            error.as_deref(),
+            Some(backend),
+            &report.console,
+            &records,
+            &stats,
+        );
         println!("{out}");
     }
     match &report.outcome {
@@ -230,5 +324,5 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
         Outcome::Timeout => eprintln!("gmem run: timed out after {}s", args.timeout),
         Outcome::Error(message) => eprintln!("gmem run: VM error: {message}"),
     }
-    status
+    Ok(status)
 }

@@ -187,14 +187,16 @@ fn bench_json_has_ratios() {
         return;
     }
     let plot = std::env::temp_dir().join(format!("gmem-bench-{}.svg", std::process::id()));
-    let out = gmem(&["bench", "--quick", "--json", "--plot", plot.to_str().unwrap()]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let out = gmem(&["bench", "--quick", "--json", "--check", "--plot", plot.to_str().unwrap()]);
     let svg = std::fs::read_to_string(&plot).unwrap();
     let _ = std::fs::remove_file(&plot);
     assert!(svg.starts_with("<svg") && svg.contains("convert-4k"), "{svg}");
     let v = json(&out);
     let results = v["results"].as_array().unwrap();
     let names: Vec<_> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    // `--check`: status 1 exactly when a target is not met.
+    let missed = results.iter().any(|r| r["met"] == false);
+    assert_eq!(status(&out), i32::from(missed), "{}", stderr(&out));
     for name in
         ["first-touch", "populate", "punch", "convert-4k", "convert-2m", "metadata-bytes-per-page"]
     {
@@ -248,20 +250,16 @@ fn probe_json_reports_the_host_and_the_backend() {
     }
 }
 
-/// Without /dev/kvm (hidden in a mount namespace of the child): a clear
-/// message and exit status 1. Needs root for the namespace.
-#[test]
-fn probe_without_dev_kvm_exits_1() {
-    if !kvm() {
-        return;
-    }
+/// Runs gmem with `args` in a mount namespace whose /dev is empty (no
+/// /dev/kvm); `None` (with a SKIPPED line) where that needs root we lack.
+fn gmem_without_dev_kvm(args: &[&str]) -> Option<Output> {
     use std::os::unix::process::CommandExt;
     if !rustix::process::geteuid().is_root() {
         eprintln!("SKIPPED: hiding /dev/kvm needs root");
-        return;
+        return None;
     }
     let mut command = Command::new(env!("CARGO_BIN_EXE_gmem"));
-    command.args(["probe", "--json"]);
+    command.args(args);
     let hide_dev = || {
         use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
         // SAFETY: the child is single-threaded between fork and exec, so a
@@ -274,10 +272,36 @@ fn probe_without_dev_kvm_exits_1() {
     // SAFETY: between fork and exec the hook makes only async-signal-safe
     // system calls (unshare, mount) on memory prepared before the fork.
     unsafe { command.pre_exec(hide_dev) };
-    let out = command.output().unwrap();
+    Some(command.output().unwrap())
+}
+
+/// Without /dev/kvm (hidden in a mount namespace of the child): a clear
+/// message and exit status 1. Needs root for the namespace.
+#[test]
+fn probe_without_dev_kvm_exits_1() {
+    if !kvm() {
+        return;
+    }
+    let Some(out) = gmem_without_dev_kvm(&["probe", "--json"]) else { return };
     assert_eq!(status(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("no /dev/kvm"), "{}", stderr(&out));
     assert!(out.stdout.is_empty(), "no JSON when there is nothing to report");
+}
+
+/// Without /dev/kvm, every backend is one this host cannot provide:
+/// status 2 for `userspace` as for `auto`, with one JSON object.
+#[test]
+fn run_without_dev_kvm_exits_2_on_every_backend() {
+    if !kvm() {
+        return;
+    }
+    for backend in ["auto", "userspace", "native"] {
+        let Some(out) = gmem_without_dev_kvm(&["run", "--backend", backend, "--json"]) else {
+            return;
+        };
+        assert_eq!(status(&out), 2, "{backend}: {}", stderr(&out));
+        assert_eq!(json(&out)["reason"], "error", "{backend}");
+    }
 }
 
 #[test]
@@ -344,4 +368,145 @@ fn a_spinning_guest_times_out_without_a_signal_queue() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(124));
+}
+
+/// Waits for `child` at most a minute (a hang guard, not a timing check).
+fn finish(mut child: std::process::Child) -> Output {
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("gmem hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn gmem_bounded(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child)
+}
+
+/// Bad arguments are exit status 2 with a message: never a panic, an
+/// abort or a hang (each of these did one of those before).
+#[test]
+fn bad_arguments_are_status_2_never_a_panic() {
+    for args in [
+        &["run", "--timeout", "1e19"][..],
+        &["run", "--timeout", "1e20"],
+        &["run", "--timeout", "-1"],
+        &["run", "--timeout", "NaN"],
+        &["run", "--sync", "1:write:0x800000:a\u{e9}b"],
+        &["run", "--sync", "1:write:0x800000:+1"],
+        &["run", "--mem", "64G", "--sync", "1:read:0:0xf00000000"],
+        &["run", "--fault-around", "0"],
+        &["run", "--fault-around", "3"],
+        &["run", "--fault-around", "1048576"],
+        &["run", "--mem", "4M"],
+        &["run", "--mem", "65G"],
+        &["bench", "--quick", "--mib", "8"],
+    ] {
+        let out = gmem_bounded(args);
+        assert_eq!(status(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).trim().is_empty(), "{args:?}: no message");
+    }
+}
+
+/// Guest images that are not regular ELF files are refused before they are
+/// read whole: /dev/zero, a FIFO nobody writes, a 2 GiB sparse file, a
+/// directory. With `--json`, stdout still gets one JSON object.
+#[test]
+fn hostile_image_files_are_refused_up_front() {
+    let dir = std::env::temp_dir().join(format!("gmem-images-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+    let sparse = dir.join("sparse");
+    std::fs::File::create(&sparse).unwrap().set_len(2 << 30).unwrap();
+    let text = dir.join("text");
+    std::fs::write(&text, "not an image").unwrap();
+    let huge_elf = dir.join("huge-elf");
+    let file = std::fs::File::create(&huge_elf).unwrap();
+    std::io::Write::write_all(&mut &file, b"\x7fELF").unwrap();
+    file.set_len(100 << 20).unwrap();
+    for (image, why) in [
+        ("/dev/zero", "not a regular file"),
+        (fifo.to_str().unwrap(), "not a regular file"),
+        (dir.to_str().unwrap(), "not a regular file"),
+        (sparse.to_str().unwrap(), "must fit in RAM"),
+        (huge_elf.to_str().unwrap(), "must fit in RAM"),
+        (text.to_str().unwrap(), "not an ELF file"),
+    ] {
+        let out = gmem_bounded(&["run", "--guest", image, "--json"]);
+        assert_eq!(status(&out), 2, "{image}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{image}: {}", stderr(&out));
+        let report = json(&out);
+        assert_eq!(report["reason"], "error");
+        assert!(report["exit_code"].is_null());
+        assert!(report["error"].as_str().unwrap().contains(why));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--guest demo` is the default guest, with its message read; with too
+/// little RAM for that message, no sync the user never gave fails: the
+/// demo itself says what it needs.
+#[test]
+fn the_demo_by_name_is_the_default_and_small_ram_is_its_own_answer() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["run", "--guest", "demo"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("hello from the guest"), "{}", stderr(&out));
+    let out = gmem(&["run", "--mem", "8M", "--json"]);
+    assert!(!stderr(&out).contains("sync"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("demo: needs more than 8 MiB"), "{}", stderr(&out));
+    assert_eq!(json(&out)["exit_code"], 2);
+}
+
+/// A plot path that cannot be written fails before anything is measured.
+#[test]
+fn an_unwritable_plot_fails_up_front() {
+    let out = gmem_bounded(&["bench", "--quick", "--plot", "/nonexistent/dir/x.svg"]);
+    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot write /nonexistent/dir/x.svg"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("first touch"), "nothing measured first: {}", stderr(&out));
+}
+
+/// Hex and the full range of fault-around sizes are accepted.
+#[test]
+fn fault_around_takes_hex() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["run", "--guest", "smp", "--vcpus", "2", "--fault-around", "0x10"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+}
+
+/// More RAM than the host can give: a warning with the numbers up front
+/// (the guest here touches little of it, so it runs).
+#[test]
+fn too_much_ram_is_warned_about_with_the_numbers() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem_bounded(&["run", "--guest", "spin", "--mem", "64G", "--timeout", "0.5"]);
+    assert_eq!(status(&out), 124, "{}", stderr(&out));
+    assert!(stderr(&out).contains("warning: --mem 65536 MiB is more than"), "{}", stderr(&out));
 }

@@ -28,7 +28,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     let vcpus = boot.vcpu_count as u64;
     let stacks = vcpus * 0x10000;
     if boot.ram_size < BUF + BUF_LEN + stacks + PAGE {
-        rt::out().s("demo: needs at least ").dec((BUF + BUF_LEN + stacks + PAGE) >> 20).s(" MiB of RAM\n");
+        rt::out().s("demo: needs more than ").dec((BUF + BUF_LEN + stacks + PAGE - 1) >> 20).s(" MiB of RAM\n");
         return 2;
     }
     let share = BUF_LEN / PAGE / vcpus * PAGE;

@@ -103,7 +103,16 @@ impl GuestImage {
         }
         let mut segments = Vec::new();
         for ph in file.elf_program_headers() {
-            if ph.p_type(endian) != elf::PT_LOAD || ph.p_memsz(endian) == 0 {
+            if ph.p_type(endian) != elf::PT_LOAD {
+                continue;
+            }
+            if ph.p_memsz(endian) == 0 {
+                if ph.p_filesz(endian) != 0 {
+                    return Err(bad(format!(
+                        "segment at {:#x} has file bytes but no memory size",
+                        ph.p_paddr(endian)
+                    )));
+                }
                 continue;
             }
             let (gpa, mem_size) = (ph.p_paddr(endian), ph.p_memsz(endian));
@@ -118,6 +127,13 @@ impl GuestImage {
             if !in_ram(ram_size, gpa, mem_size) {
                 return Err(bad(format!(
                     "segment {gpa:#x}..{end:#x} does not fit in {ram_size:#x} bytes of RAM"
+                )));
+            }
+            if ph.p_vaddr(endian) != ph.p_paddr(endian) {
+                return Err(bad(format!(
+                    "segment at {:#x}: virtual address {:#x} differs (GUEST_ABI: virtual equals physical)",
+                    ph.p_paddr(endian),
+                    ph.p_vaddr(endian)
                 )));
             }
             let data = ph
@@ -182,6 +198,19 @@ pub fn vmm_region(ram_size: u64, vcpus: u32) -> Vec<(Gpa, Vec<u8>)> {
     ]
 }
 
+/// Checks that no segment of `image` lies over the vCPU stacks of a
+/// machine with `ram_size` bytes and `vcpus` vCPUs (`ENOEXEC`).
+pub fn check_layout(image: &GuestImage, ram_size: u64, vcpus: u32) -> Result<()> {
+    let floor = ram_end(ram_size).saturating_sub(u64::from(vcpus) * STACK_SIZE);
+    match image.segments.iter().find(|s| s.gpa.0 + s.mem_size > floor) {
+        Some(s) => Err(Error::BadImage(format!(
+            "segment at {:#x} overlaps the vCPU stacks ({floor:#x} up)",
+            s.gpa.0
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Writes everything a GUEST_ABI guest needs at launch, the VMM region and
 /// `image`'s segments, with `populate` (e.g. [`gmem_kvm::GuestMemory::populate`]).
 pub fn load(
@@ -190,6 +219,7 @@ pub fn load(
     vcpus: u32,
     mut populate: impl FnMut(Gpa, &[u8]) -> Result<()>,
 ) -> Result<()> {
+    check_layout(image, ram_size, vcpus)?;
     for (gpa, bytes) in vmm_region(ram_size, vcpus) {
         populate(gpa, &bytes)?;
     }

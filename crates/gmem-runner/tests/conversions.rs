@@ -148,11 +148,14 @@ fn two_vcpus_converting_and_touching_never_see_stale_data() {
     assert!(console(&report).contains("never stale data"));
     let stats = vm.stats().memory;
     assert_eq!(stats.conversions, 200);
-    // Each conversion waits for a touch, and the toucher is far faster than a
-    // conversion, so nearly every one discards a page in use (a touch that
-    // lands before the previous punch leaves a hole for the next one).
-    assert!(stats.invalidations > 100, "conversions discarded pages in use: {stats:?}");
-    assert!(host_reads.1 > 0, "the host was refused while the page was private");
+    // The first conversion waits for a touch of the (private) page, so it
+    // discards an allocated page; how many later ones do depends on timing.
+    assert!(stats.invalidations >= 1, "conversions discarded pages in use: {stats:?}");
+    // 200 conversions leave the page private: the host is refused.
+    assert_eq!(vm.read_guest(Gpa(PAGE), &mut [0; 8]).unwrap_err().errno(), Errno::PERM);
+    assert_eq!(vm.stats().memory.host_denials, stats.host_denials + 1);
+    // Every refusal the reader saw was counted as a host denial.
+    assert_eq!(host_reads.1, stats.host_denials);
 }
 
 #[test]

@@ -48,7 +48,9 @@ fn vcpus_fault_concurrently_on_same_and_different_pages() {
     // faults (read-ahead serves some sequential pages before they fault).
     let stats = vm.stats().memory;
     assert!(stats.pages_served >= 64 + 4 * 256, "{stats:?}");
-    assert!(stats.faults >= 64, "{stats:?}");
+    // With one page per fault, a fault maps its page and at most one
+    // read-ahead page: however fast the machine, that many faults.
+    assert!(stats.faults * 2 >= stats.pages_served, "{stats:?}");
 }
 
 /// The host punches two of the guest's 16 written pages while it waits at
