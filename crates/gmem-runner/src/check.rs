@@ -142,7 +142,11 @@ fn userspace_row(c: &Comparison) -> Check {
     let status = if c.conforms() { Status::Pass } else { Status::Fail };
     let detail = match c.deliberate {
         _ if c.gmem == c.kernel => format!("{gmem}, same as the kernel"),
-        Some(why) => format!("{gmem}, kernel {kernel}: deliberate difference: {why}"),
+        Some(d) => format!(
+            "{gmem}, kernel {kernel}: deliberate difference (gmem must answer {}): {}",
+            errno_name(d.gmem),
+            d.why
+        ),
         None => format!("{gmem}, kernel {kernel}: an undocumented difference (bug)"),
     };
     Check { name: c.name.into(), backend: Backend::Userspace, status, errno: c.gmem, detail }

@@ -264,7 +264,15 @@ fn hypercall_exits_convert_or_time_out_but_never_hang() {
             assert_eq!(code, 0, "{}", console(&report));
             assert_eq!(vm.stats().conversion_requests, 3);
         }
-        Outcome::Timeout => assert_eq!(vm.stats().conversion_requests, 0),
+        Outcome::Timeout => {
+            // The timeout still ended the run; the hypercall path itself
+            // could not be exercised on this host.
+            assert_eq!(vm.stats().conversion_requests, 0);
+            eprintln!(
+                "SKIPPED (hypercall path): a vmcall never left the guest on this host \
+                 (kvm_pvm); only the timeout's way out was checked"
+            );
+        }
         Outcome::Error(e) => panic!("{e}"),
     }
 }
