@@ -10,6 +10,7 @@ mod check;
 mod plot;
 mod probe;
 mod run;
+mod stress;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Conformance: the seed's flows, the kernel's guest_memfd checklist,
     /// and both backends side by side (exit status 1 if a check fails).
     Check(check::CheckArgs),
+    /// Soak: a hostile guest and busy host threads, invariants checked
+    /// the whole time (exit status 1 on any violation).
+    Stress(stress::StressArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,5 +46,6 @@ fn main() -> ExitCode {
         Command::Run(args) => ExitCode::from(run::run(&args)),
         Command::Bench(args) => ExitCode::from(bench::bench(&args)),
         Command::Check(args) => ExitCode::from(check::check(&args)),
+        Command::Stress(args) => ExitCode::from(stress::stress(&args)),
     }
 }

@@ -510,3 +510,28 @@ fn too_much_ram_is_warned_about_with_the_numbers() {
     assert_eq!(status(&out), 124, "{}", stderr(&out));
     assert!(stderr(&out).contains("warning: --mem 65536 MiB is more than"), "{}", stderr(&out));
 }
+
+/// `gmem stress` for 10 s (issue 11's CI run): a hostile guest on 2 vCPUs
+/// and 2 host threads; every invariant holds, and both sides did work.
+#[test]
+fn stress_for_ten_seconds_finds_no_violation() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem_bounded(&["stress", "--duration", "10s", "--json"]);
+    let report = json(&out);
+    assert_eq!(report["violations"], serde_json::json!([]), "{report}");
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    for (side, field) in [
+        ("guest", "conversions"),
+        ("guest", "invalid_refused"),
+        ("guest", "checks"),
+        ("host", "reads"),
+        ("host", "view_reads"),
+        ("host", "punches"),
+        ("host", "conversions"),
+        ("host", "invalid_refused"),
+    ] {
+        assert!(report[side][field].as_u64().unwrap() > 0, "{side}.{field}: {report}");
+    }
+}
