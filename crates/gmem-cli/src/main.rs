@@ -49,3 +49,77 @@ fn main() -> ExitCode {
         Command::Stress(args) => ExitCode::from(stress::stress(&args)),
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! A fuzzer of the argument parser (bounded, run in CI): random argument
+    //! vectors built from the real options and hostile values never panic;
+    //! clap answers with a parse or a usage error.
+
+    use clap::Parser;
+    use proptest::prelude::*;
+
+    use super::Cli;
+
+    fn word() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(vec![
+                "run",
+                "bench",
+                "check",
+                "probe",
+                "stress",
+                "--mem",
+                "--vcpus",
+                "--timeout",
+                "--sync",
+                "--guest",
+                "--backend",
+                "--fault-around",
+                "--json",
+                "--quick",
+                "--mib",
+                "--plot",
+                "--duration",
+                "--threads",
+                "--check",
+                "--hypercall-exits",
+                "auto",
+                "native",
+                "userspace",
+                "demo",
+                "64M",
+                "1e20",
+                "-1",
+                "0x10",
+                "0",
+                "4G",
+                "99999999999G",
+                "1:write:0x800000:a\u{e9}b",
+                "1:read:0:0xf00000000",
+                "1:punch:0:4096",
+                "1:write:0:+1",
+                "NaN",
+                "inf",
+                "10s",
+                "0ms",
+                "25h",
+                "\u{e9}",
+                "",
+            ])
+            .prop_map(str::to_owned),
+            "[ -~]{0,12}",
+            ".{0,6}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arguments_never_panic(words in proptest::collection::vec(word(), 0..8)) {
+            let argv = std::iter::once("gmem".to_owned()).chain(words);
+            let _ = Cli::try_parse_from(argv);
+        }
+    }
+}

@@ -16,6 +16,7 @@
 //!   `convstorm`: every vCPU converts its own page back and forth.
 //! - `memmap`: checks the 1.1 memory map and uses RAM in every region.
 //! - `hypercall`: conversions by `KVM_HC_MAP_GPA_RANGE`, KVM's encoding.
+//! - `stress`: the hostile soak guest of `gmem stress`.
 //!
 //! ```
 //! let demo = gmem_guest::guest("demo").unwrap();
