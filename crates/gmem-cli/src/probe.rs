@@ -51,14 +51,19 @@ fn limit(bytes: Option<u64>) -> String {
     bytes.map_or_else(|| "unlimited".into(), |b| format!("{} KiB", b / 1024))
 }
 
+/// Each flag the kernel offers, by name where gmem knows it (others, such
+/// as a direct-map removal flag on newer kernels, by bit: gmem does not use
+/// what it has not tested).
 fn flag_names(flags: u64) -> String {
-    let mut names = Vec::new();
-    if flags & GUEST_MEMFD_FLAG_MMAP != 0 {
-        names.push("MMAP");
-    }
-    if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
-        names.push("INIT_SHARED");
-    }
+    let known = [(GUEST_MEMFD_FLAG_MMAP, "MMAP"), (GUEST_MEMFD_FLAG_INIT_SHARED, "INIT_SHARED")];
+    let names: Vec<String> = (0..64)
+        .map(|bit| 1u64 << bit)
+        .filter(|flag| flags & flag != 0)
+        .map(|flag| match known.iter().find(|(k, _)| *k == flag) {
+            Some((_, name)) => (*name).to_owned(),
+            None => format!("bit {}: not used by gmem", flag.trailing_zeros()),
+        })
+        .collect();
     format!("{flags:#x} ({})", if names.is_empty() { "none".into() } else { names.join("|") })
 }
 
@@ -100,6 +105,15 @@ fn rows(host: &HostReport, auto: &Auto) -> Vec<(&'static str, String)> {
         ),
         ("KVM_CAP_SYNC_REGS", format!("{:#x}", host.sync_regs)),
         ("guest_memfd serves guest faults", serves),
+        (
+            "--backend native",
+            match n.usable() {
+                Ok(()) => {
+                    "runs guests (guest_memfd MMAP|INIT_SHARED, mapped as the memslot)".into()
+                }
+                Err(why) => format!("unavailable: {why}"),
+            },
+        ),
         ("userfaultfd features", uffd),
         (
             "RLIMIT_MEMLOCK (soft / hard)",
@@ -136,6 +150,7 @@ fn report_json(host: &HostReport, auto: &Auto) -> Value {
             "serves_guest": n.serves_guest.as_ref().ok(),
             "serves_guest_detail": n.serves_guest.as_ref().err(),
         },
+        "native": { "usable": n.usable().is_ok(), "detail": n.usable().err() },
         "user_memory2": n.user_memory2,
         "memory_attributes": n.memory_attributes,
         "memory_fault_info": host.memory_fault_info,

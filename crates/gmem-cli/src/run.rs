@@ -113,10 +113,10 @@ fn choose_backend(asked: Backend) -> Result<(&'static str, String), String> {
     }
     let host = probe::host().map_err(|e| format!("probing the host failed: {e}"))?;
     match asked {
-        Backend::Native => Err(format!(
-            "--backend native is not available here: {}",
-            host.native.usable().err().unwrap_or_default()
-        )),
+        Backend::Native => match host.native.usable() {
+            Ok(()) => Ok(("native", "asked for: the kernel's guest_memfd, mapped".into())),
+            Err(why) => Err(format!("--backend native is not available here: {why}")),
+        },
         _ => host.auto_backend().map(|choice| (choice.backend, choice.reason)),
     }
 }
@@ -256,9 +256,13 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     warn_if_too_big(args.mem);
     // A VM this host cannot create is a backend it cannot provide (no
     // /dev/kvm, no userfaultfd permission): the same status as `auto`.
-    let vm = Vm::with_fault_around(args.fault_around)
-        .or_else(|e| fail(BAD_INPUT, format!("cannot create the VM: {e}")))?;
-    if let Err(e) = vm.add_ram(args.mem).and_then(|_| vm.load(&image, args.mem, args.vcpus)) {
+    let vm = if backend == "native" {
+        Vm::with_native_ram(args.mem)
+    } else {
+        Vm::with_fault_around(args.fault_around).and_then(|vm| vm.add_ram(args.mem).map(|_| vm))
+    };
+    let vm = vm.or_else(|e| fail(BAD_INPUT, format!("cannot create the VM: {e}")))?;
+    if let Err(e) = vm.load(&image, args.mem, args.vcpus) {
         return fail(VM_ERROR, format!("cannot load the guest: {e}"));
     }
 

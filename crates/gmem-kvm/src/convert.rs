@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use gmem::{FileOffset, PAGE_SIZE};
+use gmem::PAGE_SIZE;
 
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
@@ -112,12 +112,7 @@ impl GuestMemory {
         // Host accesses to the range wait from here until the states flip.
         let _changing = self.begin_change("convert", gpa.0..gpa.0 + len)?;
         for (region, run) in &changing {
-            let bytes = region.file_pages(run).bytes();
-            region.file().fallocate(
-                gmem::Fallocate::PunchHole,
-                FileOffset(bytes.start),
-                bytes.end - bytes.start,
-            )?;
+            self.discard(region, run.clone())?;
         }
         let _exclusive = self.access.exclusive("convert")?;
         let mut changed = 0;

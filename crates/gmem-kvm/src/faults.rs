@@ -23,7 +23,7 @@ use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
 use crate::error::{Errno, Error, Result};
 use crate::memory::GuestMemory;
-use crate::region::PrivateRegion;
+use crate::region::{Backing, FileBacking, PrivateRegion};
 use crate::Gpa;
 
 /// A guest page fault that could not be served.
@@ -112,29 +112,33 @@ impl GuestMemory {
         let Some(region) = self
             .regions()
             .iter()
-            .find(|r| addr >= r.window_addr() && addr < r.window_addr() + r.size)
+            .find(|r| {
+                r.file_backing()
+                    .is_some_and(|f| addr >= f.window_addr() && addr < f.window_addr() + r.size)
+            })
             .cloned()
         else {
             // A region removed while its fault was queued: nothing to serve.
             return Ok(());
         };
-        let page = (addr - region.window_addr()) / PAGE_SIZE;
+        let Backing::File(f) = &region.backing else { return Ok(()) };
+        let page = (addr - f.window_addr()) / PAGE_SIZE;
         let start = page & !(self.fault_around - 1);
-        let served = self.serve_batch(&region, start, page).map_err(|error| {
+        let served = self.serve_batch(&region, f, start, page).map_err(|error| {
             let gpa = region.gpa_of(page);
-            self.fence(&region, page);
+            self.fence(f, page);
             FaultError { gpa, error }
         })?;
         if served == 0 {
             // Another fault mapped the page first; wake whoever waits on it.
-            let _ = self.uffd.wake(region.window_addr() + page * PAGE_SIZE, PAGE_SIZE);
+            let _ = self.uffd.wake(f.window_addr() + page * PAGE_SIZE, PAGE_SIZE);
         }
         let next = start + self.fault_around;
-        if region.last_batch_end.swap(next, Ordering::Relaxed) == start
+        if f.last_batch_end.swap(next, Ordering::Relaxed) == start
             && next < region.pages()
-            && self.serve_batch(&region, next, next).is_ok()
+            && self.serve_batch(&region, f, next, next).is_ok()
         {
-            region.last_batch_end.store(next + self.fault_around, Ordering::Relaxed);
+            f.last_batch_end.store(next + self.fault_around, Ordering::Relaxed);
         }
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -143,17 +147,23 @@ impl GuestMemory {
     /// Maps the unmapped pages of the batch starting at region page `start`
     /// (clipped to what exists of the file, but always holding `needed`);
     /// returns how many it mapped.
-    fn serve_batch(&self, region: &PrivateRegion, start: u64, needed: u64) -> Result<u64> {
-        let file_pages = region.file().size() / PAGE_SIZE;
-        let in_file = file_pages.saturating_sub(region.file_offset / PAGE_SIZE);
+    fn serve_batch(
+        &self,
+        region: &PrivateRegion,
+        f: &FileBacking,
+        start: u64,
+        needed: u64,
+    ) -> Result<u64> {
+        let file_pages = f.binding.file().size() / PAGE_SIZE;
+        let in_file = file_pages.saturating_sub(f.file_offset / PAGE_SIZE);
         let end = (start + self.fault_around).min(region.pages()).min(in_file.max(needed + 1));
         let batch = start..end;
-        let guard = region.binding.get_and_lock_range(region.file_pages(&batch))?;
+        let guard = f.binding.get_and_lock_range(f.file_pages(&batch))?;
         let mut served = 0;
-        for run in region.mapped.runs(batch, false) {
-            let addr = region.window_addr() + run.start * PAGE_SIZE;
+        for run in f.mapped.runs(batch, false) {
+            let addr = f.window_addr() + run.start * PAGE_SIZE;
             served += self.uffd.continue_range(addr, (run.end - run.start) * PAGE_SIZE)?;
-            region.mapped.set(run, true);
+            f.mapped.set(run, true);
         }
         drop(guard);
         self.counters.pages_served.fetch_add(served / PAGE_SIZE, Ordering::Relaxed);
@@ -162,8 +172,8 @@ impl GuestMemory {
 
     /// Fences region page `page` off for KVM and wakes its vCPU, so that
     /// its access ends `KVM_RUN` instead of faulting again.
-    fn fence(&self, region: &PrivateRegion, page: u64) {
-        let addr = region.window_addr() + page * PAGE_SIZE;
+    fn fence(&self, f: &FileBacking, page: u64) {
+        let addr = f.window_addr() + page * PAGE_SIZE;
         // SAFETY: the page lies in the region's KVM window, a mapping the
         // region owns that no Rust reference points into; taking its access
         // away only makes KVM's next access to it fail.

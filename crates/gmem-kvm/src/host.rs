@@ -14,7 +14,7 @@ use vm_memory::VolatileSlice;
 
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
-use crate::region::PrivateRegion;
+use crate::region::{Backing, PrivateRegion};
 use crate::Gpa;
 
 impl GuestMemory {
@@ -67,24 +67,30 @@ impl GuestMemory {
                 region.gpa.0 + offset
             )));
         };
-        let base = region.host_view.as_ptr().wrapping_add(offset as usize);
-        if len == 0 {
-            return Ok(base);
-        }
         let pages = offset / gmem::PAGE_SIZE..end.div_ceil(gmem::PAGE_SIZE);
-        self.check_shared(region, pages.clone())?;
-        self.check_not_changing(region.gpa.0 + offset, region.gpa.0 + end)?;
-        if !region.host_mapped.runs(pages.clone(), false).is_empty() {
-            // EAGAIN rather than a wait while part of it is being discarded:
-            // the discard's invalidation waits for our hold to end.
-            let _locked = region.binding.get_and_lock_range_or_again(region.file_pages(&pages))?;
-            for run in region.host_mapped.runs(pages, false) {
-                let addr = region.host_view.as_ptr() as u64 + run.start * gmem::PAGE_SIZE;
-                self.host_uffd.continue_range(addr, (run.end - run.start) * gmem::PAGE_SIZE)?;
-                region.host_mapped.set(run, true);
+        if len != 0 {
+            self.check_shared(region, pages.clone())?;
+            self.check_not_changing(region.gpa.0 + offset, region.gpa.0 + end)?;
+        }
+        match &region.backing {
+            // The guest_memfd's one mapping holds every page (made on first
+            // access, INIT_SHARED); the states gate the host.
+            Backing::GuestMemfd(n) => Ok(n.map.addr().wrapping_add(offset as usize)),
+            Backing::File(f) => {
+                if len != 0 && !f.host_mapped.runs(pages.clone(), false).is_empty() {
+                    // EAGAIN rather than a wait while part of it is being
+                    // discarded: the invalidation waits for our hold to end.
+                    let _locked = f.binding.get_and_lock_range_or_again(f.file_pages(&pages))?;
+                    for run in f.host_mapped.runs(pages, false) {
+                        let addr = f.host_view.as_ptr() as u64 + run.start * gmem::PAGE_SIZE;
+                        self.host_uffd
+                            .continue_range(addr, (run.end - run.start) * gmem::PAGE_SIZE)?;
+                        f.host_mapped.set(run, true);
+                    }
+                }
+                Ok(f.host_view.as_ptr().wrapping_add(offset as usize))
             }
         }
-        Ok(base)
     }
 
     /// `EPERM` naming the first private page of `pages`, counted as a denial.

@@ -70,7 +70,7 @@ pub use convert::ConversionRequest;
 pub use error::{Errno, Error, Result};
 pub use faults::{FaultError, FaultServer};
 pub use memory::{GuestMemory, MemoryListener, MemoryStats, DEFAULT_FAULT_AROUND_PAGES};
-pub use region::{PageState, PrivateRegion, RegionSpec};
+pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 
 /// A guest physical address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

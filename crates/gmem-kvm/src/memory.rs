@@ -21,7 +21,10 @@ use kvm_ioctls::VmFd;
 use crate::access::AccessLock;
 use crate::bits::PageBits;
 use crate::error::{Error, Result};
-use crate::region::{PageState, PrivateRegion, RegionSpec};
+use crate::native::{
+    GuestMemfd, GuestMemfdMap, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+};
+use crate::region::{Backing, FileBacking, NativeBacking, PageState, PrivateRegion, RegionSpec};
 use crate::uffd::Userfaultfd;
 use crate::Gpa;
 
@@ -90,12 +93,26 @@ pub(crate) struct Counters {
     pub(crate) listener_panics: AtomicU64,
 }
 
-/// A region being registered with KVM: its ranges count for overlaps.
+/// A region being registered with KVM: its slot and ranges count for
+/// overlaps (a guest_memfd region has no file range to share).
 #[derive(Clone)]
 struct Reserved {
+    slot: u32,
     gpa: std::ops::Range<u64>,
-    file: FileId,
+    file: Option<FileId>,
     file_range: std::ops::Range<u64>,
+}
+
+impl Reserved {
+    fn of(region: &PrivateRegion) -> Self {
+        let offset = region.file_offset().0;
+        Self {
+            slot: region.slot,
+            gpa: region.gpa.0..region.gpa.0 + region.size,
+            file: region.file_backing().map(|f| f.file_id),
+            file_range: offset..offset + region.size,
+        }
+    }
 }
 
 /// The guest memory of one VM, and the owner of its files.
@@ -140,13 +157,14 @@ impl GuestOwner for GuestMemory {
         // itself and punches the file directly cannot be made to wait for
         // itself: it goes on, and only its own stale slices could fault.
         let _exclusive = self.access.exclusive("invalidate").ok();
-        for region in self.regions().iter().filter(|r| r.file_id == file) {
-            if let Some(run) = region.region_pages(pages) {
+        for region in self.regions().iter() {
+            let Some(f) = region.file_backing().filter(|f| f.file_id == file) else { continue };
+            if let Some(run) = f.region_pages(pages, region.pages()) {
                 // The kernel unmaps the pages from every window right after
                 // this returns; forget them now, while their locks keep
                 // fault serving off.
-                region.mapped.set(run.clone(), false);
-                region.host_mapped.set(run.clone(), false);
+                f.mapped.set(run.clone(), false);
+                f.host_mapped.set(run.clone(), false);
                 let gpa = region.gpa_of(run.start);
                 self.notify(|l| l.discarded(gpa, (run.end - run.start) * PAGE_SIZE));
             }
@@ -208,95 +226,150 @@ impl GuestMemory {
         vm: &VmFd,
         spec: RegionSpec,
     ) -> Result<Arc<PrivateRegion>> {
-        let region = self.reserve(&spec)?;
-        let kvm_region = kvm_userspace_memory_region {
-            slot: spec.slot,
-            flags: 0,
-            guest_phys_addr: spec.gpa.0,
-            memory_size: spec.size,
-            userspace_addr: region.userspace_addr(),
-        };
-        // SAFETY: the window is a live mapping of `size` bytes owned by the
-        // region; the caller promised it outlives the memslot.
-        let registered = unsafe { vm.set_user_memory_region(kvm_region) }
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"));
-        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        reserved.retain(|r| r.gpa.start != spec.gpa.0);
-        if registered.is_ok() {
-            self.regions.write().unwrap_or_else(|p| p.into_inner()).push(region.clone());
+        let RegionSpec { slot, gpa, ref file, file_offset: FileOffset(offset), size } = spec;
+        if offset % PAGE_SIZE != 0 || offset.checked_add(size).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "region file offset {offset:#x}: must be page-aligned and not wrap"
+            )));
         }
-        registered.map(|()| region)
+        self.reserve(slot, gpa, size, Some((file.id(), offset)))?;
+        let region = self.file_region(&spec).and_then(|region| {
+            let kvm_region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa.0,
+                memory_size: size,
+                userspace_addr: region.userspace_addr(),
+            };
+            // SAFETY: the window is a live mapping of `size` bytes owned by
+            // the region; the caller promised it outlives the memslot.
+            unsafe { vm.set_user_memory_region(kvm_region) }
+                .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            Ok(region)
+        });
+        self.settle(slot, region)
     }
 
-    /// Checks `spec` against every region and reservation, and builds the
-    /// region, reserved until KVM has it (KVM is called without our locks:
-    /// it waits for vCPUs in faults that only we can serve).
-    fn reserve(self: &Arc<Self>, spec: &RegionSpec) -> Result<Arc<PrivateRegion>> {
-        let RegionSpec { slot, gpa, ref file, file_offset: FileOffset(offset), size } = *spec;
-        if gpa.0 % PAGE_SIZE != 0 || offset % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
+    /// Adds a region of `size` bytes at `gpa` backed by a new guest_memfd
+    /// of the kernel's, created mappable and shared (`MMAP | INIT_SHARED`)
+    /// and mapped as the memslot's memory (`KVM_SET_USER_MEMORY_REGION2`
+    /// with both the guest_memfd and that mapping). gmem's page states
+    /// apply as on the user-space backend: the host reaches shared pages
+    /// only, conversions discard in place. Errors as
+    /// [`add_region`](Self::add_region); `EOPNOTSUPP`-like KVM errnos where
+    /// the kernel lacks the flags (see [`crate::native::probe`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`add_region`](Self::add_region): the mapping this memory owns
+    /// must outlive the memslot.
+    pub unsafe fn add_native_region(
+        self: &Arc<Self>,
+        vm: &VmFd,
+        slot: u32,
+        gpa: Gpa,
+        size: u64,
+    ) -> Result<Arc<PrivateRegion>> {
+        self.reserve(slot, gpa, size, None)?;
+        let region = (|| {
+            let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+            let memfd = GuestMemfd::create(vm, size, flags)?;
+            let map = GuestMemfdMap::new(&memfd, size)?;
+            // SAFETY: `map` is a mapping of `size` bytes owned by the region
+            // (no Rust reference points into it); the caller promised it
+            // outlives the memslot.
+            unsafe { memfd.bind(vm, slot, gpa.0, size, 0, map.addr() as u64) }?;
+            Ok(Arc::new(PrivateRegion {
+                slot,
+                gpa,
+                size,
+                shared: PageBits::new(size / PAGE_SIZE),
+                backing: Backing::GuestMemfd(NativeBacking { memfd, map }),
+            }))
+        })();
+        self.settle(slot, region)
+    }
+
+    /// Ends the reservation of `slot`; keeps `region` if KVM took it.
+    fn settle(&self, slot: u32, region: Result<Arc<PrivateRegion>>) -> Result<Arc<PrivateRegion>> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        reserved.retain(|r| r.slot != slot);
+        if let Ok(region) = &region {
+            self.regions.write().unwrap_or_else(|p| p.into_inner()).push(region.clone());
+        }
+        region
+    }
+
+    /// Checks a new region against every region and reservation and
+    /// reserves its slot and ranges until KVM has it (KVM is called without
+    /// our locks: it waits for vCPUs in faults that only we can serve).
+    fn reserve(&self, slot: u32, gpa: Gpa, size: u64, file: Option<(FileId, u64)>) -> Result<()> {
+        if gpa.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
             return Err(Error::InvalidArgument(format!(
-                "region gpa {:#x}, offset {offset:#x}, size {size:#x}: must be page-aligned and non-empty",
+                "region gpa {:#x}, size {size:#x}: must be page-aligned and non-empty",
                 gpa.0
             )));
         }
-        let (Some(gpa_end), Some(file_end)) = (gpa.0.checked_add(size), offset.checked_add(size))
-        else {
-            return Err(Error::InvalidArgument("region wraps".into()));
+        let gpa_end =
+            gpa.0.checked_add(size).ok_or_else(|| Error::InvalidArgument("region wraps".into()))?;
+        let new = Reserved {
+            slot,
+            gpa: gpa.0..gpa_end,
+            file: file.map(|(id, _)| id),
+            file_range: file.map_or(0..0, |(_, offset)| offset..offset + size),
         };
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let regions = self.regions();
-        let taken = regions
-            .iter()
-            .map(|r| Reserved {
-                gpa: r.gpa.0..r.gpa.0 + r.size,
-                file: r.file_id,
-                file_range: r.file_offset..r.file_offset + r.size,
-            })
-            .chain(reserved.iter().cloned());
-        for other in taken {
-            if gpa.0 < other.gpa.end && other.gpa.start < gpa_end {
+        for other in regions.iter().map(|r| Reserved::of(r)).chain(reserved.iter().cloned()) {
+            if new.gpa.start < other.gpa.end && other.gpa.start < new.gpa.end {
                 return Err(Error::Exists(format!(
                     "region {:#x}..{gpa_end:#x} overlaps {:#x}..{:#x}",
                     gpa.0, other.gpa.start, other.gpa.end
                 )));
             }
-            if other.file == file.id()
-                && offset < other.file_range.end
-                && other.file_range.start < file_end
+            if new.file.is_some()
+                && other.file == new.file
+                && new.file_range.start < other.file_range.end
+                && other.file_range.start < new.file_range.end
             {
                 // EINVAL, not EEXIST: what the kernel's guest_memfd returns.
                 return Err(Error::InvalidArgument(format!(
-                    "file range {offset:#x}..{file_end:#x} is already bound"
+                    "file range {:#x}..{:#x} is already bound",
+                    new.file_range.start, new.file_range.end
                 )));
             }
+            if other.slot == slot {
+                return Err(Error::Exists(format!("memslot {slot} is taken")));
+            }
         }
-        if regions.iter().any(|r| r.slot == slot) {
-            return Err(Error::Exists(format!("memslot {slot} is taken")));
-        }
-        drop(regions);
+        reserved.push(new);
+        Ok(())
+    }
+
+    /// Binds `spec`'s file to this memory and maps its windows: the region,
+    /// not yet known to KVM.
+    fn file_region(self: &Arc<Self>, spec: &RegionSpec) -> Result<Arc<PrivateRegion>> {
+        let RegionSpec { slot, gpa, ref file, file_offset: FileOffset(offset), size } = *spec;
         let binding = file.bind(self)?;
         let window = binding.map_window(FileOffset(offset), size)?;
         self.uffd.register(window.as_ptr() as u64, size)?;
         let host_view = binding.map_window(FileOffset(offset), size)?;
         self.host_uffd.register(host_view.as_ptr() as u64, size)?;
-        reserved.push(Reserved {
-            gpa: gpa.0..gpa_end,
-            file: file.id(),
-            file_range: offset..file_end,
-        });
         Ok(Arc::new(PrivateRegion {
             slot,
             gpa,
             size,
-            file_offset: offset,
-            file_id: file.id(),
-            binding,
-            window,
-            mapped: PageBits::new(size / PAGE_SIZE),
             shared: PageBits::new(size / PAGE_SIZE),
-            host_view,
-            host_mapped: PageBits::new(size / PAGE_SIZE),
-            last_batch_end: AtomicU64::new(u64::MAX),
+            backing: Backing::File(FileBacking {
+                file_offset: offset,
+                file_id: file.id(),
+                binding,
+                window,
+                mapped: PageBits::new(size / PAGE_SIZE),
+                host_view,
+                host_mapped: PageBits::new(size / PAGE_SIZE),
+                last_batch_end: AtomicU64::new(u64::MAX),
+            }),
         }))
     }
 
@@ -385,8 +458,18 @@ impl GuestMemory {
             return Ok(());
         }
         let region = self.region_holding(gpa, bytes.len() as u64)?;
-        let offset = region.file_offset + (gpa.0 - region.gpa.0);
-        region.binding.populate(FileOffset(offset), bytes)?;
+        let offset = gpa.0 - region.gpa.0;
+        match &region.backing {
+            Backing::File(f) => f.binding.populate(FileOffset(f.file_offset + offset), bytes)?,
+            Backing::GuestMemfd(n) => {
+                let host = n.map.addr().wrapping_add(offset as usize);
+                // SAFETY: the `bytes.len()` bytes at `host` lie inside the
+                // guest_memfd's mapping (region_holding checked the range),
+                // which the region owns; the guest may write them too, so
+                // the copy is volatile.
+                unsafe { vm_memory::VolatileSlice::new(host, bytes.len()) }.copy_from(bytes);
+            }
+        }
         Ok(())
     }
 
@@ -404,10 +487,14 @@ impl GuestMemory {
     /// ranges or ranges outside one region.
     pub fn punch(&self, gpa: Gpa, len: u64) -> Result<()> {
         let region = self.region_holding(gpa, len)?;
-        let _changing = self.begin_change("punch", gpa.0..gpa.0.saturating_add(len))?;
-        let offset = region.file_offset + (gpa.0 - region.gpa.0);
-        region.file().fallocate(gmem::Fallocate::PunchHole, FileOffset(offset), len)?;
-        Ok(())
+        if gpa.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "punch of {:#x}+{len:#x}: must be page-aligned and non-empty",
+                gpa.0
+            )));
+        }
+        let _changing = self.begin_change("punch", gpa.0..gpa.0 + len)?;
+        self.discard(&region, region.pages_of(gpa, len))
     }
 
     /// Marks `range` as changing once no host access is under way (`EDEADLK`
@@ -457,6 +544,36 @@ impl GuestMemory {
         let changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         if changing.iter().any(|r| r.start < end && gpa < r.end) {
             return Err(Error::Memory(gmem::Error::Again { op: "host access during a change" }));
+        }
+        Ok(())
+    }
+
+    /// Discards region pages `run` from the region's backing: a punch of
+    /// the gmem file (whose invalidation reaches us), or of the guest_memfd
+    /// (told here: host accesses waited out, listeners told). The caller
+    /// holds no host access.
+    pub(crate) fn discard(&self, region: &PrivateRegion, run: std::ops::Range<u64>) -> Result<()> {
+        match &region.backing {
+            Backing::File(f) => {
+                let bytes = f.file_pages(&run).bytes();
+                f.binding.file().fallocate(
+                    gmem::Fallocate::PunchHole,
+                    FileOffset(bytes.start),
+                    bytes.end - bytes.start,
+                )?;
+            }
+            Backing::GuestMemfd(n) => {
+                let _exclusive = self.access.exclusive("discard")?;
+                let flags =
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+                let (offset, len) = (run.start * PAGE_SIZE, (run.end - run.start) * PAGE_SIZE);
+                rustix::fs::fallocate(n.memfd.fd(), flags, offset, len)
+                    .map_err(Error::os("fallocate(PUNCH_HOLE) on guest_memfd"))?;
+                self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                self.counters.invalidated_pages.fetch_add(run.end - run.start, Ordering::Relaxed);
+                let gpa = region.gpa_of(run.start);
+                self.notify(|l| l.discarded(gpa, len));
+            }
         }
         Ok(())
     }

@@ -45,33 +45,33 @@ pub struct NativeSupport {
 }
 
 impl NativeSupport {
-    /// Whether native guest_memfd both serves guests and keeps their pages
-    /// private (the PRIVATE memory attribute), i.e. is worth choosing.
+    /// Whether the native backend can run guests here: guest_memfd that
+    /// can be created mappable and shared (`MMAP | INIT_SHARED`) and bound
+    /// with `KVM_SET_USER_MEMORY_REGION2`. Its mapping is the memslot's
+    /// memory, so the guest runs on guest_memfd pages whether KVM faults
+    /// them from the file or from `userspace_addr`; gmem's page states
+    /// gate the host's access on top.
     pub fn usable(&self) -> std::result::Result<(), String> {
         if !self.guest_memfd {
             return Err("KVM has no guest_memfd (KVM_CAP_GUEST_MEMFD)".into());
         }
-        match &self.serves_guest {
-            Err(why) => {
-                return Err(format!("could not check that guest_memfd serves guests: {why}"))
-            }
-            Ok(false) => {
-                return Err(
-                    "guest_memfd is accepted but guests read userspace_addr, not guest_memfd"
-                        .into(),
-                )
-            }
-            Ok(true) => {}
+        if !self.user_memory2 {
+            return Err("KVM has no KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2)".into());
         }
-        if self.memory_attributes & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE) == 0 {
-            return Err("KVM cannot mark guest_memfd pages private (KVM_CAP_MEMORY_ATTRIBUTES lacks PRIVATE)".into());
+        let needed = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+        if self.guest_memfd_flags & needed != needed {
+            return Err(format!(
+                "guest_memfd cannot be created mappable and shared (KVM_CAP_GUEST_MEMFD_FLAGS \
+                 {:#x} lacks MMAP|INIT_SHARED)",
+                self.guest_memfd_flags
+            ));
         }
-        Err("the native run path is not built yet; gmem runs guests on the user-space backend"
-            .into())
+        Ok(())
     }
 }
 
-/// A guest_memfd of a VM: the kernel's file, for conformance checks.
+/// A guest_memfd of a VM: the kernel's file, for the native backend and
+/// for conformance checks.
 #[derive(Debug)]
 pub struct GuestMemfd {
     fd: OwnedFd,
@@ -212,6 +212,39 @@ fn serves_guest(vm: &VmFd, flags: u64) -> Result<bool> {
         }
     }
     Err(Error::Unsupported("probe guest did not report".into()))
+}
+
+/// The one mapping of a native region's guest_memfd: the memslot's memory
+/// and the host's way to shared pages. Locked in RAM as pages are faulted
+/// in, out of core dumps and forked children; unmapped on drop.
+pub(crate) struct GuestMemfdMap(Scratch);
+
+// SAFETY: the mapping is plain shared memory owned by this value, which
+// only hands out its address; every access through it is a raw-pointer
+// copy made under gmem's access lock.
+unsafe impl Send for GuestMemfdMap {}
+// SAFETY: as above; `&GuestMemfdMap` gives the address only.
+unsafe impl Sync for GuestMemfdMap {}
+
+impl GuestMemfdMap {
+    pub(crate) fn new(memfd: &GuestMemfd, len: u64) -> Result<Self> {
+        let len = usize::try_from(len)
+            .map_err(|_| Error::InvalidArgument("guest_memfd region too large".into()))?;
+        let map = Scratch::new(Some(memfd.fd()), len)?;
+        // SAFETY: the range is exactly this new mapping, owned by `map`.
+        unsafe { rustix::mm::mlock_with(map.0.as_ptr(), len, rustix::mm::MlockFlags::ONFAULT) }
+            .map_err(Error::os("mlock2 (guest_memfd mapping; RLIMIT_MEMLOCK or CAP_IPC_LOCK)"))?;
+        for advice in [rustix::mm::Advice::LinuxDontFork, rustix::mm::Advice::LinuxDontDump] {
+            // SAFETY: advice that changes no content, on this mapping only.
+            unsafe { rustix::mm::madvise(map.0.as_ptr(), len, advice) }
+                .map_err(Error::os("madvise (guest_memfd mapping)"))?;
+        }
+        Ok(Self(map))
+    }
+
+    pub(crate) fn addr(&self) -> *mut u8 {
+        self.0 .0.as_ptr().cast()
+    }
 }
 
 /// A scratch mapping for the probe, unmapped on drop (unmapping memory a

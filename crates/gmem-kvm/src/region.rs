@@ -1,5 +1,7 @@
-//! A private region: a range of one private-memory file that appears as a
-//! KVM memslot, with its windows and per-page states.
+//! A private region: a range of guest physical memory that appears as a
+//! KVM memslot, with its per-page states, backed either by a gmem
+//! private-memory file (the user-space backend) or by the kernel's own
+//! guest_memfd (the native backend).
 
 use std::ops::Range;
 use std::sync::atomic::AtomicU64;
@@ -10,6 +12,7 @@ use gmem::{
 };
 
 use crate::bits::PageBits;
+use crate::native::{GuestMemfd, GuestMemfdMap};
 use crate::Gpa;
 
 /// What a VMM asks for: `size` bytes of `file` at `file_offset` appear to
@@ -37,29 +40,52 @@ pub enum PageState {
     Shared,
 }
 
-/// A registered region: a memslot served from a private-memory file.
-///
-/// Its KVM window (the memslot's `userspace_addr`) is a mapping of the file
-/// that only KVM touches; its host view is a second mapping, in userfaultfd
-/// SIGBUS mode, that holds only the shared pages the host asked for.
-pub struct PrivateRegion {
-    pub(crate) slot: u32,
-    pub(crate) gpa: Gpa,
-    pub(crate) size: u64,
+/// Which backend a region uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// A GUEST-sealed gmem file served through userfaultfd.
+    Userspace,
+    /// The kernel's guest_memfd, mapped as the memslot's memory.
+    Native,
+}
+
+/// A region's memory: a gmem file and its windows, or a guest_memfd.
+pub(crate) enum Backing {
+    File(FileBacking),
+    GuestMemfd(NativeBacking),
+}
+
+/// A range of a gmem file, with KVM's window (registered with userfaultfd)
+/// and the host view (userfaultfd SIGBUS mode: only pages put there).
+pub(crate) struct FileBacking {
     pub(crate) file_offset: u64,
     pub(crate) file_id: FileId,
     pub(crate) binding: Binding,
     pub(crate) window: OwnerWindow,
     /// Pages mapped in `window` (KVM's view).
     pub(crate) mapped: PageBits,
-    /// Pages that are shared (clear: private).
-    pub(crate) shared: PageBits,
-    /// The host's view of shared pages (SIGBUS on anything not put there).
     pub(crate) host_view: OwnerWindow,
     /// Pages mapped in `host_view`.
     pub(crate) host_mapped: PageBits,
     /// End (region page) of the batch served last, for sequential read-ahead.
     pub(crate) last_batch_end: AtomicU64,
+}
+
+/// A guest_memfd of its own, and its one mapping: the memslot's memory,
+/// through which the host reaches shared pages too.
+pub(crate) struct NativeBacking {
+    pub(crate) memfd: GuestMemfd,
+    pub(crate) map: GuestMemfdMap,
+}
+
+/// A registered region: a memslot whose pages are private or shared.
+pub struct PrivateRegion {
+    pub(crate) slot: u32,
+    pub(crate) gpa: Gpa,
+    pub(crate) size: u64,
+    /// Pages that are shared (clear: private).
+    pub(crate) shared: PageBits,
+    pub(crate) backing: Backing,
 }
 
 impl std::fmt::Debug for PrivateRegion {
@@ -68,7 +94,7 @@ impl std::fmt::Debug for PrivateRegion {
             .field("slot", &self.slot)
             .field("gpa", &self.gpa)
             .field("size", &self.size)
-            .field("file_offset", &self.file_offset)
+            .field("backend", &self.backend())
             .finish_non_exhaustive()
     }
 }
@@ -89,20 +115,33 @@ impl PrivateRegion {
         self.size
     }
 
-    /// The backing file.
-    pub fn file(&self) -> &Arc<PrivateMemFile> {
-        self.binding.file()
+    /// Which backend serves the region.
+    pub fn backend(&self) -> BackendKind {
+        match self.backing {
+            Backing::File(_) => BackendKind::Userspace,
+            Backing::GuestMemfd(_) => BackendKind::Native,
+        }
     }
 
-    /// Offset in the file of the region's first byte.
+    /// The backing gmem file (user-space backend only).
+    pub fn file(&self) -> Option<&Arc<PrivateMemFile>> {
+        self.file_backing().map(|f| f.binding.file())
+    }
+
+    /// Offset in the gmem file of the region's first byte (0 for a
+    /// guest_memfd region, which has a file of its own).
     pub fn file_offset(&self) -> FileOffset {
-        FileOffset(self.file_offset)
+        FileOffset(self.file_backing().map_or(0, |f| f.file_offset))
     }
 
-    /// The memslot's `userspace_addr`: the KVM window. Only KVM may touch
-    /// it; it is here for VMMs that log or compare memslots.
+    /// The memslot's `userspace_addr`: KVM's window of a gmem file, or the
+    /// guest_memfd mapping. Only KVM may touch it; it is here for VMMs
+    /// that log or compare memslots.
     pub fn userspace_addr(&self) -> u64 {
-        self.window.as_ptr() as u64
+        match &self.backing {
+            Backing::File(f) => f.window.as_ptr() as u64,
+            Backing::GuestMemfd(n) => n.map.addr() as u64,
+        }
     }
 
     /// Whether `gpa` lies in the region.
@@ -121,12 +160,15 @@ impl PrivateRegion {
         })
     }
 
-    pub(crate) fn pages(&self) -> u64 {
-        self.size / PAGE_SIZE
+    pub(crate) fn file_backing(&self) -> Option<&FileBacking> {
+        match &self.backing {
+            Backing::File(f) => Some(f),
+            Backing::GuestMemfd(_) => None,
+        }
     }
 
-    pub(crate) fn window_addr(&self) -> u64 {
-        self.window.as_ptr() as u64
+    pub(crate) fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
     }
 
     /// Region pages of `[gpa, gpa + len)`, which the region contains.
@@ -135,27 +177,36 @@ impl PrivateRegion {
         start..(gpa.0 - self.gpa.0 + len).div_ceil(PAGE_SIZE)
     }
 
+    /// Guest address of region page `page`.
+    pub(crate) fn gpa_of(&self, page: u64) -> Gpa {
+        Gpa(self.gpa.0 + page * PAGE_SIZE)
+    }
+
+    /// Bytes of per-page metadata (the state bitmap, and the mapping
+    /// bitmaps of a gmem file).
+    pub(crate) fn metadata_bytes(&self) -> usize {
+        self.shared.heap_bytes()
+            + self.file_backing().map_or(0, |f| f.mapped.heap_bytes() + f.host_mapped.heap_bytes())
+    }
+}
+
+impl FileBacking {
+    pub(crate) fn window_addr(&self) -> u64 {
+        self.window.as_ptr() as u64
+    }
+
     /// File pages of the region pages `pages`.
     pub(crate) fn file_pages(&self, pages: &Range<u64>) -> PageRange {
         let first = self.file_offset / PAGE_SIZE;
         PageRange::new(PageIndex(first + pages.start), PageIndex(first + pages.end))
     }
 
-    /// Region pages of the file pages `pages`, clipped to the region.
-    pub(crate) fn region_pages(&self, pages: PageRange) -> Option<Range<u64>> {
+    /// Region pages of the file pages `pages`, clipped to a region of
+    /// `region_pages` pages.
+    pub(crate) fn region_pages(&self, pages: PageRange, region_pages: u64) -> Option<Range<u64>> {
         let first = self.file_offset / PAGE_SIZE;
         let start = pages.start.0.max(first);
-        let end = pages.end.0.min(first + self.pages());
+        let end = pages.end.0.min(first + region_pages);
         (start < end).then(|| start - first..end - first)
-    }
-
-    /// Guest address of region page `page`.
-    pub(crate) fn gpa_of(&self, page: u64) -> Gpa {
-        Gpa(self.gpa.0 + page * PAGE_SIZE)
-    }
-
-    /// Bytes of per-page metadata (the three bitmaps).
-    pub(crate) fn metadata_bytes(&self) -> usize {
-        self.mapped.heap_bytes() + self.shared.heap_bytes() + self.host_mapped.heap_bytes()
     }
 }

@@ -219,6 +219,20 @@ impl Vm {
         Ok(file)
     }
 
+    /// Creates a VM with `ram_size` bytes of RAM laid out per GUEST_ABI 1.1
+    /// on the native backend: one guest_memfd per memslot
+    /// ([`GuestMemory::add_native_region`]).
+    pub fn with_native_ram(ram_size: u64) -> Result<Self> {
+        let vm = Self::new()?;
+        for (gpa, size) in boot::ram_regions(ram_size) {
+            let slot = vm.next_slot.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: `fd` is this memory's VM, and the Vm drops `fd` (and
+            // with it the memslots) before `memory`.
+            unsafe { vm.memory.add_native_region(&vm.fd, slot, gpa, size) }?;
+        }
+        Ok(vm)
+    }
+
     /// Adds a private memslot: `size` bytes of `file` at `offset` appear at
     /// `gpa` (see [`GuestMemory::add_region`] for the errors).
     pub fn add_private_memory(

@@ -15,22 +15,26 @@ fn probe_reports_what_the_kernel_does() {
     }
     let support = native::probe().unwrap();
     eprintln!("{support:#?}");
-    // The native run path is not built: the probe refuses it, and names the
-    // first thing this host lacks, from what it found.
-    let why = support.usable().unwrap_err();
-    let expected = if !support.guest_memfd {
-        "KVM_CAP_GUEST_MEMFD"
-    } else if support.serves_guest.is_err() {
-        "could not check"
-    } else if support.serves_guest == Ok(false) {
-        "guests read userspace_addr"
-    } else if support.memory_attributes & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE) == 0
-    {
-        "KVM_CAP_MEMORY_ATTRIBUTES"
+    // The native backend runs where guest_memfd can be created mappable
+    // and shared and bound with USER_MEMORY2; else the probe names the first
+    // thing this host lacks, from what it found.
+    let needed = native::GUEST_MEMFD_FLAG_MMAP | native::GUEST_MEMFD_FLAG_INIT_SHARED;
+    let missing = if !support.guest_memfd {
+        Some("KVM_CAP_GUEST_MEMFD")
+    } else if !support.user_memory2 {
+        Some("KVM_CAP_USER_MEMORY2")
+    } else if support.guest_memfd_flags & needed != needed {
+        Some("MMAP|INIT_SHARED")
     } else {
-        "not built"
+        None
     };
-    assert!(why.contains(expected), "{why} (expected it to name {expected})");
+    match (missing, support.usable()) {
+        (None, Ok(())) => {}
+        (Some(expected), Err(why)) => {
+            assert!(why.contains(expected), "{why} (expected it to name {expected})")
+        }
+        (missing, usable) => panic!("probe says {usable:?}, but the host lacks {missing:?}"),
+    }
     if support.guest_memfd && support.guest_memfd_flags & native::GUEST_MEMFD_FLAG_MMAP != 0 {
         assert!(support.serves_guest.is_ok(), "the probe guest ran: {:?}", support.serves_guest);
     }
@@ -94,4 +98,70 @@ fn guest_memfd_answers_as_its_selftests_expect() {
     assert!(seen.len() > 25, "{seen:?}");
     let wrong: Vec<_> = seen.iter().filter(|(_, expected, got)| !expected.matches(*got)).collect();
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// The native backend's region: guest_memfd pages under gmem's states. The
+/// host reaches shared pages only (both paths), conversions discard in
+/// place, punches read zero, listeners hear of it, and the mapping is kept
+/// out of dumps and children.
+#[test]
+fn native_regions_keep_gmem_states() {
+    if !kvm() {
+        return;
+    }
+    if let Err(why) = native::probe().unwrap().usable() {
+        eprintln!("SKIPPED: the native backend cannot run here: {why}");
+        return;
+    }
+    use gmem_kvm::{MemoryListener, PageState};
+    use gmem_runner::{Gpa, Vm};
+    use vm_memory::{Bytes, GuestAddress};
+    #[derive(Default)]
+    struct Discards(std::sync::Mutex<Vec<(u64, u64)>>);
+    impl MemoryListener for Discards {
+        fn discarded(&self, gpa: Gpa, len: u64) {
+            self.0.lock().unwrap().push((gpa.0, len));
+        }
+    }
+    const PAGE: u64 = 0x60_0000;
+    let vm = Vm::with_native_ram(64 << 20).unwrap();
+    let memory = vm.memory();
+    assert_eq!(memory.regions()[0].backend(), gmem_kvm::BackendKind::Native);
+    assert!(memory.regions()[0].file().is_none());
+    let discards = std::sync::Arc::new(Discards::default());
+    memory.add_listener(discards.clone());
+    memory.populate(Gpa(PAGE), b"private secret").unwrap();
+    assert_eq!(memory.read(Gpa(PAGE), &mut [0; 8]).unwrap_err().errno(), Errno::PERM);
+    assert!(memory.shared().read_obj::<u64>(GuestAddress(PAGE)).is_err());
+    // Private to shared: discarded, reads zero, then host bytes both ways.
+    assert_eq!(memory.convert(Gpa(PAGE), 0x2000, PageState::Shared).unwrap(), 2);
+    let mut buf = [0xffu8; 14];
+    memory.read(Gpa(PAGE), &mut buf).unwrap();
+    assert_eq!(buf, [0; 14], "the private bytes are gone");
+    memory.write(Gpa(PAGE + 8), b"from host").unwrap();
+    assert_eq!(memory.shared().read_obj::<u8>(GuestAddress(PAGE + 8)).unwrap(), b'f');
+    // A punch reads zero; the listener heard of both discards.
+    memory.punch(Gpa(PAGE), 0x1000).unwrap();
+    memory.read(Gpa(PAGE + 8), &mut buf[..9]).unwrap();
+    assert_eq!(&buf[..9], &[0; 9]);
+    assert_eq!(*discards.0.lock().unwrap(), [(PAGE, 0x2000), (PAGE, 0x1000)]);
+    // Back to private: refused again; bad requests are EINVAL.
+    memory.convert(Gpa(PAGE), 0x2000, PageState::Private).unwrap();
+    assert_eq!(memory.write(Gpa(PAGE), b"x").unwrap_err().errno(), Errno::PERM);
+    assert_eq!(
+        memory.convert(Gpa(PAGE + 1), 4096, PageState::Shared).unwrap_err().errno(),
+        Errno::INVAL
+    );
+    assert_eq!(memory.punch(Gpa(64 << 20), 4096).unwrap_err().errno(), Errno::INVAL);
+    // The guest_memfd mapping is locked, and out of dumps and children.
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let start = format!("{:x}-", memory.regions()[0].userspace_addr());
+    let flags = smaps
+        .lines()
+        .skip_while(|l| !l.starts_with(&start))
+        .find(|l| l.starts_with("VmFlags"))
+        .expect("the mapping's VmFlags");
+    for flag in [" dc", " dd", " lf"] {
+        assert!(flags.contains(flag), "{flag} missing: {flags}");
+    }
 }
