@@ -99,10 +99,11 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
         None => None,
     };
     let mut figures = Vec::new();
-    let measured = first_touch_figures(mib, reps, &mut figures)
-        .and_then(|()| populate_figures(mib, reps, &mut figures))
+    let native = native_runs();
+    let measured = first_touch_figures(mib, reps, native, &mut figures)
+        .and_then(|()| populate_figures(mib, reps, native, &mut figures))
         .and_then(|()| punch_figures(mib, reps, &mut figures))
-        .and_then(|()| conversion_figures(reps, &mut figures))
+        .and_then(|()| conversion_figures(reps, native, &mut figures))
         .and_then(|()| metadata_figures(&mut figures));
     eprintln!();
     if let Err(e) = measured {
@@ -163,13 +164,36 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
     0
 }
 
-/// First touch by the `touch` guest: gmem at several fault-arounds
-/// against plain anonymous KVM memory.
-fn first_touch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+/// Whether the native backend runs here; else why not (said once).
+fn native_runs() -> bool {
+    match gmem_kvm::native::probe().map(|n| n.usable()) {
+        Ok(Ok(())) => true,
+        Ok(Err(why)) => {
+            eprintln!("\ngmem bench: the native backend is not measured: {why}");
+            false
+        }
+        Err(e) => {
+            eprintln!("\ngmem bench: the native backend is not measured: {e}");
+            false
+        }
+    }
+}
+
+/// First touch by the `touch` guest: gmem at several fault-arounds and the
+/// native backend, against plain anonymous KVM memory.
+fn first_touch_figures(
+    mib: u64,
+    reps: u64,
+    native: bool,
+    figures: &mut Vec<Figure>,
+) -> Result<(), String> {
     let touch = gmem_guest::guest("touch").expect("the touch guest is built in");
     let fault_arounds = [DEFAULT_FAULT_AROUND_PAGES, 64, 1];
     let mut backings = vec![Backing::Anonymous];
     backings.extend(fault_arounds.iter().map(|&fault_around| Backing::Gmem { fault_around }));
+    if native {
+        backings.push(Backing::Native);
+    }
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); backings.len()];
     for rep in 1..=reps {
         progress(&format!("first touch of {mib} MiB, round {rep}/{reps}"));
@@ -179,13 +203,9 @@ fn first_touch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result
             samples.push(time);
         }
     }
-    let why_not_native = match gmem_kvm::native::probe() {
-        Ok(native) => native.usable().err().unwrap_or_default(),
-        Err(e) => e.to_string(),
-    };
-    eprintln!("\ngmem bench: first touch on native guest_memfd not measured: {why_not_native}");
     let rate = |samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
     let plain = (rate(&mut samples[0]), "plain KVM memory");
+    let gmem = rate(&mut samples[1]);
     for (&pages, samples) in fault_arounds.iter().zip(samples.iter_mut().skip(1)) {
         let figure = if pages == DEFAULT_FAULT_AROUND_PAGES {
             Figure::rate("first-touch", rate(samples), "MiB/s", plain).target(1.0)
@@ -195,29 +215,53 @@ fn first_touch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result
         };
         figures.push(figure);
     }
+    if native {
+        let native = rate(samples.last_mut().expect("the native samples"));
+        figures.push(Figure::rate("native-first-touch", native, "MiB/s", plain));
+        figures.push(Figure::rate(
+            "first-touch-vs-native",
+            gmem,
+            "MiB/s",
+            (native, "native backend"),
+        ));
+    }
     Ok(())
 }
 
-/// Launch-time populate of private memory against a plain memcpy.
-fn populate_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
-    let (mut gmem, mut memcpy) = (Vec::new(), Vec::new());
+/// Launch-time populate of private memory against a plain memcpy, on gmem
+/// and on the native backend.
+fn populate_figures(
+    mib: u64,
+    reps: u64,
+    native: bool,
+    figures: &mut Vec<Figure>,
+) -> Result<(), String> {
+    let (mut gmem, mut memcpy, mut on_native) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 1..=reps {
         progress(&format!("populate {mib} MiB, round {rep}/{reps}"));
-        let (g, m) = populate(mib).map_err(|e| format!("populate: {e}"))?;
+        let gmem_backing = Backing::Gmem { fault_around: DEFAULT_FAULT_AROUND_PAGES };
+        let (g, m) = populate(mib, gmem_backing).map_err(|e| format!("populate: {e}"))?;
         gmem.push(g);
         memcpy.push(m);
+        if native {
+            let (n, _) = populate(mib, Backing::Native).map_err(|e| format!("populate: {e}"))?;
+            on_native.push(n);
+        }
     }
     let rate = |samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
     let baseline = (rate(&mut memcpy), "memcpy to fresh memory");
     figures.push(Figure::rate("populate", rate(&mut gmem), "MiB/s", baseline).target(0.8));
+    if native {
+        figures.push(Figure::rate("native-populate", rate(&mut on_native), "MiB/s", baseline));
+    }
     Ok(())
 }
 
 /// Punch with invalidation against raw punches of a memfd (unmapped and
 /// mapped) and a guest_memfd.
 fn punch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
-    let (mut gmem, mut memfd, mut mapped, mut native) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut gmem, mut memfd, mut mapped, mut native, mut on_native) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 1..=reps {
         progress(&format!("punch {mib} MiB, round {rep}/{reps}"));
         let times = punch(mib).map_err(|e| format!("punch: {e}"))?;
@@ -225,6 +269,7 @@ fn punch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), S
         memfd.push(times.memfd);
         mapped.push(times.mapped_memfd);
         native.extend(times.guest_memfd);
+        on_native.extend(times.native);
     }
     let rate = |samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
     let gmem = rate(&mut gmem);
@@ -235,26 +280,39 @@ fn punch_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), S
     if !native.is_empty() {
         let raw = (rate(&mut native), "raw guest_memfd punch");
         figures.push(Figure::rate("punch-vs-guest_memfd", gmem, "MiB/s", raw));
+        if !on_native.is_empty() {
+            figures.push(Figure::rate("native-punch", rate(&mut on_native), "MiB/s", raw));
+        }
     }
     Ok(())
 }
 
 /// Conversion round trips (4 KiB, 2 MiB) against a bare port-I/O exit.
-fn conversion_figures(reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+fn conversion_figures(reps: u64, native: bool, figures: &mut Vec<Figure>) -> Result<(), String> {
     let guest = gmem_guest::guest("convbench").expect("the convbench guest is built in");
-    let (mut bare, mut small, mut large) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bare, mut small, mut large, mut small_native) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 1..=reps {
         progress(&format!("conversion round trips, round {rep}/{reps}"));
-        let times = conversions(guest).map_err(|e| format!("conversions: {e}"))?;
+        let gmem_backing = Backing::Gmem { fault_around: DEFAULT_FAULT_AROUND_PAGES };
+        let times = conversions(guest, gmem_backing).map_err(|e| format!("conversions: {e}"))?;
         bare.push(times.bare_exit);
         small.push(times.convert_4k);
         large.push(times.convert_2m);
+        if native {
+            let times =
+                conversions(guest, Backing::Native).map_err(|e| format!("conversions: {e}"))?;
+            small_native.push(times.convert_4k);
+        }
     }
     let micros = |samples: &mut Vec<Duration>| median(samples).as_secs_f64() * 1e6;
     let exit = (micros(&mut bare), "bare port-I/O exit");
     // Target: a 4 KiB conversion costs at most 3 bare exits.
     figures.push(Figure::cost("convert-4k", micros(&mut small), "us", exit).target(1.0 / 3.0));
     figures.push(Figure::cost("convert-2m", micros(&mut large), "us", exit));
+    if native {
+        figures.push(Figure::cost("native-convert-4k", micros(&mut small_native), "us", exit));
+    }
     Ok(())
 }
 

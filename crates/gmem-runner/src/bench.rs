@@ -21,24 +21,32 @@ pub enum Backing {
     },
     /// Plain anonymous KVM memory (the baseline).
     Anonymous,
+    /// The native backend: the kernel's guest_memfd, mapped.
+    Native,
+}
+
+/// A VM with `ram` bytes of RAM on `backing`.
+fn vm_on(backing: Backing, ram: u64) -> Result<Vm> {
+    match backing {
+        Backing::Gmem { fault_around } => {
+            let vm = Vm::with_fault_around(fault_around)?;
+            vm.add_ram(ram)?;
+            Ok(vm)
+        }
+        Backing::Anonymous => {
+            let vm = Vm::new()?;
+            vm.add_anonymous_memory(Gpa(0), ram)?;
+            Ok(vm)
+        }
+        Backing::Native => Vm::with_native_ram(ram),
+    }
 }
 
 /// Time for the `touch` guest to first-touch `mib` MiB on `backing`,
 /// guest run only (VM set-up and image load excluded).
 pub fn first_touch(touch_guest: &[u8], mib: u64, backing: Backing) -> Result<Duration> {
     let ram = TOUCH_BASE + (mib << 20) + (2 << 20);
-    let vm = match backing {
-        Backing::Gmem { fault_around } => {
-            let vm = Vm::with_fault_around(fault_around)?;
-            vm.add_ram(ram)?;
-            vm
-        }
-        Backing::Anonymous => {
-            let vm = Vm::new()?;
-            vm.add_anonymous_memory(Gpa(0), ram)?;
-            vm
-        }
-    };
+    let vm = vm_on(backing, ram)?;
     Ok(run_to_success(&vm, touch_guest, ram)?.1)
 }
 
@@ -71,10 +79,11 @@ pub struct ConversionTimes {
     pub convert_2m: Duration,
 }
 
-/// Runs the `convbench` guest once and returns its per-request times.
-pub fn conversions(convbench_guest: &[u8]) -> Result<ConversionTimes> {
+/// Runs the `convbench` guest once on `backing` and returns its
+/// per-request times.
+pub fn conversions(convbench_guest: &[u8], backing: Backing) -> Result<ConversionTimes> {
     const RAM: u64 = 32 << 20;
-    let (vm, _file) = Vm::with_ram(RAM)?;
+    let vm = vm_on(backing, RAM)?;
     let (console, _) = run_to_success(&vm, convbench_guest, RAM)?;
     let per_request = |key: &str| -> Option<f64> {
         let field = console.split_whitespace().find_map(|w| w.strip_prefix(key))?;
@@ -119,10 +128,10 @@ pub fn metadata_bytes_per_page(ram: u64) -> Result<f64> {
 /// Times of writing `mib` MiB into fresh memory: gmem's launch-time
 /// [`Vm::populate`] of private memory, and a plain `memcpy` into a fresh
 /// anonymous mapping (page faults included in both).
-pub fn populate(mib: u64) -> Result<(Duration, Duration)> {
+pub fn populate(mib: u64, backing: Backing) -> Result<(Duration, Duration)> {
     let len = mib << 20;
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let (vm, _file) = Vm::with_ram(len + (2 << 20))?;
+    let vm = vm_on(backing, len + (2 << 20))?;
     let start = Instant::now();
     vm.populate(Gpa(0), &data)?;
     let gmem = start.elapsed();
@@ -161,6 +170,10 @@ pub struct PunchTimes {
     pub mapped_memfd: Duration,
     /// The kernel's guest_memfd, where KVM has it.
     pub guest_memfd: Option<Duration>,
+    /// [`GuestMemory::punch`](gmem_kvm::GuestMemory::punch) of a native
+    /// region (guest_memfd under gmem's states, listeners told), where the
+    /// native backend runs.
+    pub native: Option<Duration>,
 }
 
 /// An owner that only counts invalidated pages.
@@ -248,7 +261,15 @@ pub fn punch(mib: u64) -> Result<PunchTimes> {
     } else {
         None
     };
-    Ok(PunchTimes { gmem, memfd: raw, mapped_memfd, guest_memfd })
+    let native = match gmem_kvm::native::probe()?.usable() {
+        Ok(()) => {
+            let vm = Vm::with_native_ram(len + (2 << 20))?;
+            vm.populate(Gpa(0), &vec![1u8; len as usize])?;
+            Some(timed(&|| vm.punch(Gpa(0), len))?)
+        }
+        Err(_) => None,
+    };
+    Ok(PunchTimes { gmem, memfd: raw, mapped_memfd, guest_memfd, native })
 }
 
 /// The median of `samples` (which must not be empty).

@@ -10,6 +10,7 @@
 use rustix::io::Errno;
 
 use crate::conformance::{self, errno_name, Comparison, Expect};
+use crate::{scenarios, Outcome};
 use gmem_kvm::native;
 
 /// Which backend a check ran on.
@@ -82,6 +83,7 @@ pub fn run() -> Vec<Check> {
             Check { name, backend: Backend::Userspace, status, errno: seed.errno, detail }
         })
         .collect();
+    checks.extend(scenario_rows());
     let why_not = match native::probe() {
         Ok(support) if support.guest_memfd => None,
         Ok(_) => Some("this kernel has no guest_memfd (KVM_CAP_GUEST_MEMFD)".to_string()),
@@ -113,6 +115,59 @@ pub fn run() -> Vec<Check> {
         Err(e) => checks.push(failed("side-by-side comparison", Backend::Userspace, e)),
     }
     checks
+}
+
+/// The GUEST_ABI guests' scenarios: each must exit as it should on gmem's
+/// backend, and the native backend must match it exactly (outcome and
+/// every host action's result), or be unsupported with the reason.
+fn scenario_rows() -> Vec<Check> {
+    let native = native::probe().map_err(|e| e.to_string()).and_then(|n| n.usable());
+    let mut rows = Vec::new();
+    for scenario in scenarios::scenarios() {
+        let name = format!(
+            "guest {} ({} vCPUs, {} MiB)",
+            scenario.guest,
+            scenario.vcpus,
+            scenario.ram >> 20
+        );
+        let ours = scenarios::run(&scenario, false);
+        let (status, detail) = match &ours {
+            Ok((Outcome::Exit(code), _)) if *code == scenario.exit => {
+                (Status::Pass, format!("exit {code}"))
+            }
+            Ok((outcome, _)) => {
+                (Status::Fail, format!("{outcome:?}, expected exit {}", scenario.exit))
+            }
+            Err(e) => (Status::Fail, format!("could not run: {e}")),
+        };
+        rows.push(Check {
+            name: name.clone(),
+            backend: Backend::Userspace,
+            status,
+            errno: None,
+            detail,
+        });
+        let (status, detail) = match (&native, &ours) {
+            (Err(why), _) => (Status::Unsupported, why.clone()),
+            (Ok(()), Err(_)) => {
+                (Status::Unsupported, "the user-space run failed: nothing to match".into())
+            }
+            (Ok(()), Ok(ours)) => match scenarios::run(&scenario, true) {
+                Ok(theirs) if theirs == *ours => (
+                    Status::Pass,
+                    format!(
+                        "same as the user-space backend: {:?}, {} host actions",
+                        ours.0,
+                        ours.1.len()
+                    ),
+                ),
+                Ok(theirs) => (Status::Fail, format!("native {theirs:?}, user space {ours:?}")),
+                Err(e) => (Status::Fail, format!("could not run: {e}")),
+            },
+        };
+        rows.push(Check { name, backend: Backend::Native, status, errno: None, detail });
+    }
+    rows
 }
 
 fn failed(name: &str, backend: Backend, error: gmem_kvm::Error) -> Check {

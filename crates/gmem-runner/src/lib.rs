@@ -23,6 +23,7 @@ pub mod boot;
 pub mod check;
 pub mod conformance;
 pub mod kick;
+pub mod scenarios;
 pub mod stress;
 mod vcpu;
 mod vm;
