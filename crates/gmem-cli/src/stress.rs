@@ -18,6 +18,10 @@ pub(crate) struct StressArgs {
     /// Host threads reading, writing, punching and converting meanwhile.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     threads: u32,
+    /// Run on the native backend (the kernel's guest_memfd, where the
+    /// kernel can) instead of gmem's user-space backend.
+    #[arg(long)]
+    native: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -46,13 +50,18 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// held, 1 on a violation, 3 when the VM could not run.
 pub(crate) fn stress(args: &StressArgs) -> u8 {
     let guest = gmem_guest::guest("stress").expect("the stress guest is built in");
-    let config =
-        StressConfig { duration: args.duration, vcpus: args.vcpus, host_threads: args.threads };
+    let config = StressConfig {
+        duration: args.duration,
+        vcpus: args.vcpus,
+        host_threads: args.threads,
+        native: args.native,
+    };
     eprintln!(
-        "gmem stress: {:.1} s, {} vCPU(s), {} host thread(s)",
+        "gmem stress: {:.1} s, {} vCPU(s), {} host thread(s), {} backend",
         args.duration.as_secs_f64(),
         args.vcpus,
-        args.threads
+        args.threads,
+        if args.native { "native" } else { "user-space" }
     );
     let report = match stress::run(guest, &config) {
         Ok(report) => report,

@@ -581,3 +581,21 @@ fn guests_behave_the_same_on_both_backends() {
         assert_eq!(reports[0], reports[1], "{case:?}: userspace vs native");
     }
 }
+
+/// The same soak on the native backend: the kernel's guest_memfd under
+/// gmem's states keeps every invariant too.
+#[test]
+fn stress_on_the_native_backend_finds_no_violation() {
+    if !kvm() {
+        return;
+    }
+    if json(&gmem(&["probe", "--json"]))["native"]["usable"] != true {
+        eprintln!("SKIPPED: the native backend cannot run on this host");
+        return;
+    }
+    let out = gmem_bounded(&["stress", "--native", "--duration", "3s", "--json"]);
+    let report = json(&out);
+    assert_eq!(report["violations"], serde_json::json!([]), "{report}");
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(report["guest"]["conversions"].as_u64().unwrap() > 0, "{report}");
+}

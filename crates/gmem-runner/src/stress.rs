@@ -45,6 +45,9 @@ pub struct StressConfig {
     pub vcpus: u32,
     /// Host threads.
     pub host_threads: u32,
+    /// Run on the native backend (the kernel's guest_memfd) instead of
+    /// gmem's user-space one.
+    pub native: bool,
 }
 
 /// Counts of a stress run.
@@ -266,7 +269,7 @@ pub fn run(guest: &[u8], config: &StressConfig) -> gmem_kvm::Result<StressReport
 }
 
 fn stress_vm(guest: &[u8], config: &StressConfig) -> gmem_kvm::Result<StressReport> {
-    let (vm, _file) = Vm::with_ram(RAM)?;
+    let vm = if config.native { Vm::with_native_ram(RAM)? } else { Vm::with_ram(RAM)?.0 };
     let image = GuestImage::parse(guest, RAM)?;
     vm.load(&image, RAM, config.vcpus)?;
     let stop = AtomicBool::new(false);
