@@ -256,7 +256,15 @@ pub fn run(guest: &[u8], config: &StressConfig) -> gmem_kvm::Result<StressReport
     }
     let before = resources();
     let mut report = stress_vm(guest, config)?;
-    let after = resources();
+    // KVM tears a VM down asynchronously (its NX-huge-page recovery thread
+    // is a thread of this process and leaves after the VM's last fd): wait
+    // up to 10 s for the counts to come back.
+    let mut after = resources();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while after != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        after = resources();
+    }
     for (name, (b, a)) in ["descriptors", "threads", "memfd and KVM mappings", "locked KiB"]
         .iter()
         .zip(before.iter().zip(&after))
