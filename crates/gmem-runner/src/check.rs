@@ -2,7 +2,8 @@
 //!
 //! - the seed's own flows on the user-space backend ([`gmem::seed`]);
 //! - the kernel selftests' guest_memfd checklist on the kernel's
-//!   guest_memfd, each result against what the selftests expect;
+//!   guest_memfd ([`selftests`]), each row naming its source;
+//! - the GUEST_ABI guests' scenarios on both backends ([`scenarios`]);
 //! - the same operation sequences on both backends
 //!   ([`conformance::compare`]), gmem's errno against the kernel's: where
 //!   they differ, the row says whether it is deliberate, and why.
@@ -10,7 +11,7 @@
 use rustix::io::Errno;
 
 use crate::conformance::{self, errno_name, Comparison, Expect};
-use crate::{scenarios, Outcome};
+use crate::{scenarios, selftests, Outcome};
 use gmem_kvm::native;
 
 /// Which backend a check ran on.
@@ -99,16 +100,14 @@ pub fn run() -> Vec<Check> {
         });
         return checks;
     }
-    match conformance::kernel_only() {
-        Ok(kernel) => {
-            checks.extend(kernel.into_iter().map(|k| native_row(k.name, k.expected, k.kernel)))
-        }
-        Err(e) => checks.push(failed("guest_memfd checklist", Backend::Native, e)),
+    match selftests::run() {
+        Ok(rows) => checks.extend(rows),
+        Err(e) => checks.push(failed("guest_memfd selftests checklist", Backend::Native, e)),
     }
     match conformance::compare() {
         Ok(comparisons) => {
             for c in comparisons {
-                checks.push(native_row(c.name.into(), c.expected, c.kernel));
+                checks.push(native_row(c.name.into(), c.expected, c.kernel, &c.source));
                 checks.push(userspace_row(&c));
             }
         }
@@ -125,10 +124,11 @@ fn scenario_rows() -> Vec<Check> {
     let mut rows = Vec::new();
     for scenario in scenarios::scenarios() {
         let name = format!(
-            "guest {} ({} vCPUs, {} MiB)",
+            "guest {} ({} vCPUs, {} MiB{})",
             scenario.guest,
             scenario.vcpus,
-            scenario.ram >> 20
+            scenario.ram >> 20,
+            if scenario.allocate_first { ", file allocated first" } else { "" }
         );
         let ours = scenarios::run(&scenario, false);
         let (status, detail) = match &ours {
@@ -167,6 +167,15 @@ fn scenario_rows() -> Vec<Check> {
         };
         rows.push(Check { name, backend: Backend::Native, status, errno: None, detail });
     }
+    let (status, detail) = match scenarios::memslot_deleted_under_a_vcpu() {
+        Ok(Outcome::Error(why)) if why.contains("GPA 0x") => {
+            (Status::Pass, format!("the VM stopped: {why}"))
+        }
+        Ok(outcome) => (Status::Fail, format!("{outcome:?}: expected an error naming the GPA")),
+        Err(e) => (Status::Fail, format!("could not run: {e}")),
+    };
+    let name = "a memslot deleted while a vCPU uses it".to_string();
+    rows.push(Check { name, backend: Backend::Userspace, status, errno: None, detail });
     rows
 }
 
@@ -181,12 +190,12 @@ fn failed(name: &str, backend: Backend, error: gmem_kvm::Error) -> Check {
 }
 
 /// The kernel's answer against the selftests' expectation.
-fn native_row(name: String, expected: Expect, kernel: Option<Errno>) -> Check {
+fn native_row(name: String, expected: Expect, kernel: Option<Errno>, source: &str) -> Check {
     let seen = errno_name(kernel);
     let (status, detail) = if expected.matches(kernel) {
-        (Status::Pass, format!("{seen}, as the selftests expect"))
+        (Status::Pass, format!("{seen}, as expected ({source})"))
     } else {
-        (Status::Fail, format!("{seen}; the selftests expect {expected}"))
+        (Status::Fail, format!("{seen}; expected {expected} ({source})"))
     };
     Check { name, backend: Backend::Native, status, errno: kernel, detail }
 }

@@ -24,6 +24,7 @@ pub mod check;
 pub mod conformance;
 pub mod kick;
 pub mod scenarios;
+pub mod selftests;
 pub mod stress;
 mod vcpu;
 mod vm;

@@ -34,42 +34,47 @@ pub struct Scenario {
     pub syncs: &'static [(u64, HostAction)],
     /// The exit code the guest must give.
     pub exit: u32,
+    /// On the user-space backend, allocate the whole file before the run
+    /// (fallocate), so that conversions discard allocated pages.
+    pub allocate_first: bool,
 }
+
+/// The convert guest's host actions: a read and a write of the page it
+/// shares at stage 1, a read of its private neighbour, and a read of the
+/// page once it is private again.
+const CONVERT_SYNCS: &[(u64, HostAction)] = &[
+    (1, HostAction::Read(0x60_0000, 11)),
+    (1, HostAction::Write(0x60_0040, b"host->gu")),
+    (1, HostAction::Read(0x60_1000, 8)),
+    (2, HostAction::Read(0x60_0000, 8)),
+];
 
 /// The scenarios `gmem check` runs on both backends.
 pub fn scenarios() -> Vec<Scenario> {
     const MIB: u64 = 1 << 20;
+    let plain = |guest, vcpus, ram, exit| Scenario {
+        guest,
+        vcpus,
+        ram,
+        syncs: &[],
+        exit,
+        allocate_first: false,
+    };
     vec![
         Scenario {
-            guest: "demo",
-            vcpus: 2,
-            ram: 64 * MIB,
             syncs: &[(1, HostAction::Read(0x80_0000, 64))],
-            exit: 0,
+            ..plain("demo", 2, 64 * MIB, 0)
         },
+        Scenario { syncs: CONVERT_SYNCS, ..plain("convert", 1, 64 * MIB, 0) },
+        Scenario { syncs: CONVERT_SYNCS, allocate_first: true, ..plain("convert", 1, 64 * MIB, 0) },
         Scenario {
-            guest: "convert",
-            vcpus: 1,
-            ram: 64 * MIB,
-            syncs: &[
-                (1, HostAction::Read(0x60_0000, 11)),
-                (1, HostAction::Write(0x60_0040, b"host->gu")),
-                (1, HostAction::Read(0x60_1000, 8)),
-                (2, HostAction::Read(0x60_0000, 8)),
-            ],
-            exit: 0,
-        },
-        Scenario {
-            guest: "punch",
-            vcpus: 1,
-            ram: 64 * MIB,
             syncs: &[(1, HostAction::Punch(0x60_0000, 0x3000))],
-            exit: 3,
+            ..plain("punch", 1, 64 * MIB, 3)
         },
-        Scenario { guest: "convsmp", vcpus: 2, ram: 64 * MIB, syncs: &[], exit: 0 },
-        Scenario { guest: "convstorm", vcpus: 4, ram: 64 * MIB, syncs: &[], exit: 0 },
-        Scenario { guest: "smp", vcpus: 4, ram: 64 * MIB, syncs: &[], exit: 0 },
-        Scenario { guest: "memmap", vcpus: 2, ram: 3 * 1024 * MIB + 64 * MIB, syncs: &[], exit: 0 },
+        plain("convsmp", 2, 64 * MIB, 0),
+        plain("convstorm", 4, 64 * MIB, 0),
+        plain("smp", 4, 64 * MIB, 0),
+        plain("memmap", 2, 3 * 1024 * MIB + 64 * MIB, 0),
     ]
 }
 
@@ -105,6 +110,31 @@ pub fn run(scenario: &Scenario, native: bool) -> Result<ScenarioResult> {
         RunConfig { timeout: Some(Duration::from_secs(60)), ..RunConfig::new(scenario.vcpus) };
     let report = vm.run(&image, scenario.ram, &config, &on_sync)?;
     Ok((report.outcome, seen.into_inner().unwrap_or_else(|p| p.into_inner())))
+}
+
+/// gmem's answer to a memslot deleted while a vCPU uses it: the `punch`
+/// guest runs with RAM in two memslots of one file ([0, 4 MiB) and the
+/// rest, which holds its pages at 6 MiB and its stack); at its sync point
+/// the host deletes the second. The vCPU's next access there must stop the
+/// VM with an error that names a GPA in the deleted range, not hang.
+pub fn memslot_deleted_under_a_vcpu() -> Result<Outcome> {
+    const RAM: u64 = 64 << 20;
+    const SPLIT: u64 = 4 << 20;
+    let vm = Vm::new()?;
+    let file = std::sync::Arc::new(gmem::PrivateMemFile::new_guest("split")?);
+    file.set_len(RAM)?;
+    vm.add_private_memory(Gpa(0), &file, gmem::FileOffset(0), SPLIT)?;
+    let second = vm.add_private_memory(Gpa(SPLIT), &file, gmem::FileOffset(SPLIT), RAM - SPLIT)?;
+    let image = GuestImage::parse(gmem_guest_image("punch")?, RAM)?;
+    vm.load(&image, RAM, 1)?;
+    let removed = Mutex::new(None);
+    let on_sync = |vm: &Vm, _: u64| {
+        *removed.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.remove_memory(second));
+    };
+    let config = RunConfig { timeout: Some(Duration::from_secs(60)), ..RunConfig::new(1) };
+    let report = vm.run(&image, RAM, &config, &on_sync)?;
+    removed.into_inner().unwrap_or_else(|p| p.into_inner()).transpose()?;
+    Ok(report.outcome)
 }
 
 /// The built-in guest `name`, embedded by gmem-guest at build time.

@@ -250,6 +250,13 @@ impl Vm {
         Ok(slot)
     }
 
+    /// Deletes memslot `slot` ([`GuestMemory::remove_region`]), even while
+    /// vCPUs run: their next access there stops the VM with an error that
+    /// names the GPA.
+    pub fn remove_memory(&self, slot: u32) -> Result<()> {
+        self.memory.remove_region(&self.fd, slot).map(drop)
+    }
+
     /// Adds plain anonymous memory at `gpa`: not private, not served by
     /// gmem; the baseline that benchmarks compare gmem against.
     pub fn add_anonymous_memory(&self, gpa: Gpa, size: u64) -> Result<u32> {
