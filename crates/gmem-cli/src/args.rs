@@ -53,7 +53,7 @@ impl Action {
 pub(crate) struct RunArgs {
     /// Guest ELF image: a path, or the name of a built-in guest (badport,
     /// convbench, convert, convsmp, convstorm, demo, hypercall, memmap,
-    /// punch, smp, spin, stress, touch). Default: the demo guest.
+    /// punch, smp, spin, stress, touch, disk). Default: the demo guest.
     #[arg(long)]
     pub(crate) guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).
@@ -81,9 +81,27 @@ pub(crate) struct RunArgs {
     /// default: on kvm_pvm hosts a vmcall hangs the vCPU regardless.
     #[arg(long)]
     pub(crate) hypercall_exits: bool,
+    /// A virtio-blk disk for the guest (GUEST_ABI 1.1 devices): PATH, or
+    /// PATH:SIZE; created with SIZE bytes (default 8M) if missing.
+    #[arg(long, value_name = "PATH[:SIZE]", value_parser = parse_disk)]
+    pub(crate) disk: Option<(std::path::PathBuf, u64)>,
     /// Print one JSON object on stdout at the end (console still on stderr).
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `PATH` or `PATH:SIZE` (a whole number of 512-byte sectors, at most 1 TiB).
+fn parse_disk(text: &str) -> Result<(std::path::PathBuf, u64), String> {
+    let (path, size) = match text.rsplit_once(':') {
+        Some((path, size)) if !path.is_empty() => (path, parse_size(size)?),
+        _ => (text, 8 << 20),
+    };
+    if path.is_empty() || size == 0 || size % 512 != 0 || size > 1 << 40 {
+        return Err(format!(
+            "'{text}': a disk is PATH or PATH:SIZE, SIZE a multiple of 512 up to 1T"
+        ));
+    }
+    Ok((path.into(), size))
 }
 
 /// A number in decimal or 0x-prefixed hex.

@@ -262,6 +262,10 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         Vm::with_fault_around(args.fault_around).and_then(|vm| vm.add_ram(args.mem).map(|_| vm))
     };
     let vm = vm.or_else(|e| fail(BAD_INPUT, format!("cannot create the VM: {e}")))?;
+    if let Some((path, size)) = &args.disk {
+        vm.attach_disk(path, *size)
+            .or_else(|e| fail(BAD_INPUT, format!("disk {}: {e}", path.display())))?;
+    }
     if let Err(e) = vm.load(&image, args.mem, args.vcpus) {
         return fail(VM_ERROR, format!("cannot load the guest: {e}"));
     }

@@ -158,9 +158,10 @@ impl GuestImage {
     }
 }
 
-/// The VMM region's content for `ram_size` bytes of RAM and `vcpus` vCPUs:
-/// (GPA, bytes) pairs to populate before the first vCPU runs.
-pub fn vmm_region(ram_size: u64, vcpus: u32) -> Vec<(Gpa, Vec<u8>)> {
+/// The VMM region's content for `ram_size` bytes of RAM, `vcpus` vCPUs and
+/// virtio-mmio `devices` ((GPA, virtio device id) each): (GPA, bytes)
+/// pairs to populate before the first vCPU runs.
+pub fn vmm_region(ram_size: u64, vcpus: u32, devices: &[(Gpa, u32)]) -> Vec<(Gpa, Vec<u8>)> {
     let regions = ram_regions(ram_size);
     let end = ram_end(ram_size);
     let mut boot_info = Vec::with_capacity(64);
@@ -175,14 +176,22 @@ pub fn vmm_region(ram_size: u64, vcpus: u32) -> Vec<(Gpa, Vec<u8>)> {
         boot_info.extend_from_slice(&gpa.0.to_le_bytes());
         boot_info.extend_from_slice(&size.to_le_bytes());
     }
-    boot_info.extend_from_slice(&0u64.to_le_bytes()); // no devices (count, reserved)
+    boot_info.extend_from_slice(&(devices.len() as u32).to_le_bytes());
+    boot_info.extend_from_slice(&0u32.to_le_bytes());
+    for (gpa, id) in devices {
+        boot_info.extend_from_slice(&gpa.0.to_le_bytes());
+        boot_info.extend_from_slice(&id.to_le_bytes());
+        boot_info.extend_from_slice(&0u32.to_le_bytes());
+    }
 
     let gdt = GDT_ENTRIES.iter().flat_map(|e| e.to_le_bytes()).collect();
 
-    // Identity map with 2 MiB pages up to the end of RAM (the gap too:
-    // accesses there exit to the VMM as MMIO): PML4[0] → PDPT; PDPT[i] → PD i.
+    // Identity map with 2 MiB pages up to the end of RAM, and at least the
+    // first 4 GiB, so that the gap (devices, MMIO exits) is mapped too:
+    // PML4[0] → PDPT; PDPT[i] → PD i.
     const PRESENT_RW: u64 = 0b11;
     const HUGE: u64 = 1 << 7;
+    let end = end.max(HIGH_RAM_START);
     let gibs = end.div_ceil(GIB);
     let pml4 = (PDPT | PRESENT_RW).to_le_bytes().to_vec();
     let pdpt = (0..gibs).flat_map(|i| ((PD + i * 0x1000) | PRESENT_RW).to_le_bytes()).collect();
@@ -217,10 +226,22 @@ pub fn load(
     image: &GuestImage,
     ram_size: u64,
     vcpus: u32,
+    populate: impl FnMut(Gpa, &[u8]) -> Result<()>,
+) -> Result<()> {
+    load_with_devices(image, ram_size, vcpus, &[], populate)
+}
+
+/// As [`load`], with virtio-mmio `devices` ((GPA, device id) each) listed
+/// in the boot info.
+pub fn load_with_devices(
+    image: &GuestImage,
+    ram_size: u64,
+    vcpus: u32,
+    devices: &[(Gpa, u32)],
     mut populate: impl FnMut(Gpa, &[u8]) -> Result<()>,
 ) -> Result<()> {
     check_layout(image, ram_size, vcpus)?;
-    for (gpa, bytes) in vmm_region(ram_size, vcpus) {
+    for (gpa, bytes) in vmm_region(ram_size, vcpus, devices) {
         populate(gpa, &bytes)?;
     }
     for segment in &image.segments {

@@ -32,4 +32,4 @@ mod vm;
 pub use boot::GuestImage;
 pub use gmem_kvm::Gpa;
 pub use vcpu::ports;
-pub use vm::{Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats};
+pub use vm::{Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats};

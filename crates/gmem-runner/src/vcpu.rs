@@ -102,6 +102,21 @@ impl Vm {
                 }
                 VcpuExit::Hlt => return,
                 VcpuExit::Shutdown => return stop("triple fault (shutdown)".into()),
+                VcpuExit::MmioRead(gpa, data) if self.device_at(gpa).is_some() => {
+                    if let Some((disk, offset)) = self.device_at(gpa) {
+                        disk.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+                    }
+                    continue;
+                }
+                VcpuExit::MmioWrite(gpa, data) if self.device_at(gpa).is_some() => {
+                    if let Some((disk, offset)) = self.device_at(gpa) {
+                        // The device reaches guest memory through the view
+                        // of shared pages only.
+                        let view = self.memory().shared();
+                        disk.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data, &view);
+                    }
+                    continue;
+                }
                 VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _) => {
                     let why = match self.memory().region_of(gmem_kvm::Gpa(gpa)) {
                         Some(_) => "could not be served (fenced off after a fault error)",

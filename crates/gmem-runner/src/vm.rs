@@ -145,7 +145,12 @@ pub struct Vm {
     pub(crate) conversion_requests: AtomicU64,
     pub(crate) sync_lock: Mutex<()>,
     anonymous: Mutex<Vec<AnonymousSlot>>,
+    /// virtio-mmio devices, device n at `gmem_virtio::device_gpa(n)`.
+    devices: Mutex<Vec<Arc<Mutex<Disk>>>>,
 }
+
+/// A virtio-blk disk behind the virtio-mmio transport.
+pub type Disk = gmem_virtio::mmio::VirtioMmio<gmem_virtio::blk::Block>;
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -194,6 +199,7 @@ impl Vm {
             conversion_requests: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             anonymous: Mutex::new(Vec::new()),
+            devices: Mutex::new(Vec::new()),
         })
     }
 
@@ -290,6 +296,26 @@ impl Vm {
         Ok(id)
     }
 
+    /// Attaches a virtio-blk disk backed by `path` (created with `size`
+    /// bytes if missing) as the next virtio-mmio device (GUEST_ABI 1.1: in
+    /// the gap, listed in the boot info). Before [`load`](Self::load).
+    pub fn attach_disk(&self, path: &std::path::Path, size: u64) -> Result<Arc<Mutex<Disk>>> {
+        let block =
+            gmem_virtio::blk::Block::open(path, size).map_err(Error::io("open the disk"))?;
+        let disk = Arc::new(Mutex::new(gmem_virtio::mmio::VirtioMmio::new(block)));
+        self.devices.lock().unwrap_or_else(|p| p.into_inner()).push(disk.clone());
+        Ok(disk)
+    }
+
+    /// The device whose register window holds `gpa`, and the offset in it.
+    pub(crate) fn device_at(&self, gpa: u64) -> Option<(Arc<Mutex<Disk>>, u64)> {
+        let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        devices.iter().enumerate().find_map(|(n, disk)| {
+            let base = gmem_virtio::device_gpa(n as u32);
+            (gpa >= base && gpa < base + gmem_virtio::WINDOW).then(|| (disk.clone(), gpa - base))
+        })
+    }
+
     /// The guest memory, for everything gmem-kvm offers (conversions,
     /// host access, listeners, stats).
     pub fn memory(&self) -> &Arc<GuestMemory> {
@@ -320,7 +346,21 @@ impl Vm {
                 "memslots do not cover the RAM of {ram_size:#x} bytes"
             )));
         }
-        boot::load(image, ram_size, vcpus, |gpa, bytes| self.populate(gpa, bytes))
+        use gmem_virtio::mmio::Device;
+        let devices: Vec<(Gpa, u32)> = self
+            .devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .enumerate()
+            .map(|(n, disk)| {
+                let id = disk.lock().unwrap_or_else(|p| p.into_inner()).device().device_id();
+                (Gpa(gmem_virtio::device_gpa(n as u32)), id)
+            })
+            .collect();
+        boot::load_with_devices(image, ram_size, vcpus, &devices, |gpa, bytes| {
+            self.populate(gpa, bytes)
+        })
     }
 
     fn covers(&self, ram_size: u64) -> bool {
