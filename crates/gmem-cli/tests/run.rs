@@ -599,3 +599,45 @@ fn stress_on_the_native_backend_finds_no_violation() {
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     assert!(report["guest"]["conversions"].as_u64().unwrap() > 0, "{report}");
 }
+
+/// `gmem run --guest disk --disk PATH` twice: the first run creates the
+/// disk and writes it, the second finds the first's data (on both
+/// backends); a disk that is not whole sectors is refused with status 2.
+#[test]
+fn the_disk_guest_finds_its_data_on_the_second_run() {
+    if !kvm() {
+        return;
+    }
+    let disk = std::env::temp_dir().join(format!("gmem-cli-disk-{}", std::process::id()));
+    let _ = std::fs::remove_file(&disk);
+    for (run, backend) in [(1, "userspace"), (2, "userspace"), (3, "native")] {
+        if backend == "native" && json(&gmem(&["probe", "--json"]))["native"]["usable"] != true {
+            break;
+        }
+        let out = gmem(&[
+            "run",
+            "--guest",
+            "disk",
+            "--backend",
+            backend,
+            "--disk",
+            disk.to_str().unwrap(),
+        ]);
+        assert_eq!(status(&out), 0, "run {run}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("disk: run {run}:")), "{}", stderr(&out));
+        if run > 1 {
+            assert!(
+                stderr(&out).contains(&format!("run {}'s data was there", run - 1)),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
+    std::fs::write(&disk, [0u8; 1000]).unwrap();
+    let out = gmem(&["run", "--guest", "disk", "--disk", disk.to_str().unwrap()]);
+    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("512-byte sectors"), "{}", stderr(&out));
+    let out = gmem(&["run", "--guest", "disk", "--disk", "/tmp/x.img:1000"]);
+    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    let _ = std::fs::remove_file(&disk);
+}

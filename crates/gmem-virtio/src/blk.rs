@@ -21,7 +21,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
 
-use crate::mmio::{Device, QUEUE_SIZE};
+use crate::mmio::Device;
 
 /// Bytes of a sector.
 pub const SECTOR: u64 = 512;
@@ -211,7 +211,7 @@ impl Device for Block {
             let descs: Vec<Descriptor> = chain.collect();
             match descs.last() {
                 None => return Err(format!("descriptor {head} cannot be read")),
-                Some(last) if last.has_next() && descs.len() == usize::from(QUEUE_SIZE) => {
+                Some(last) if last.has_next() && descs.len() == usize::from(queue.size()) => {
                     return Err(format!(
                         "the chain at descriptor {head} loops or is longer than the queue"
                     ))

@@ -150,7 +150,7 @@ impl<D: Device> VirtioMmio<D> {
         }
         if !self.queue.ready() || !self.queue.is_valid(mem) {
             return self.needs_reset(
-                "the queue is not ready or its rings lie outside guest memory".into(),
+                "the queue is not ready, or its rings are not in (shared) guest memory".into(),
             );
         }
         match self.device.process(&mut self.queue, mem) {

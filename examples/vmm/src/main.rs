@@ -4,6 +4,11 @@
 //! guest (boot layout from gmem-runner's `boot` module), serves its
 //! conversion requests, and reads the message the guest shares, through
 //! vm-memory. Exit status 0 when the guest exits 0 and the message came.
+//!
+//! `gmem-example-vmm --disk PATH` boots the `disk` guest instead, with a
+//! virtio-blk device (gmem-virtio) wired into the same loop: the device's
+//! MMIO window in the gap, listed in the boot info, and every notify served
+//! through the view of shared pages.
 
 use std::sync::Arc;
 
@@ -11,10 +16,17 @@ use gmem::{FileOffset, PrivateMemFile};
 use gmem_kvm::convert::ConversionRequest;
 use gmem_kvm::{GuestMemory, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
 use gmem_runner::boot;
+use gmem_virtio::blk::Block;
+use gmem_virtio::mmio::{Device, VirtioMmio};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress};
 
 const RAM: u64 = 64 << 20;
+
+/// Whether `gpa` is in device 0's register window.
+fn window(gpa: u64) -> bool {
+    (gmem_virtio::device_gpa(0)..gmem_virtio::device_gpa(0) + gmem_virtio::WINDOW).contains(&gpa)
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kvm = Kvm::new()?;
@@ -31,12 +43,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // is no longer run).
     unsafe { memory.add_region(&vm, spec) }?;
 
-    // 2. Launch: the image and boot data, written into private memory.
-    let image = boot::GuestImage::parse(gmem_guest::demo(), RAM)?;
-    boot::load(&image, RAM, 1, |gpa, bytes| memory.populate(gpa, bytes))?;
+    // 2. A disk, if asked for: device 0 of GUEST_ABI 1.1's device list.
+    let disk_path = std::env::args().skip_while(|a| a != "--disk").nth(1);
+    let mut disk = match &disk_path {
+        Some(path) => Some(VirtioMmio::new(Block::open(std::path::Path::new(path), 8 << 20)?)),
+        None => None,
+    };
+    let devices: Vec<(gmem_kvm::Gpa, u32)> = disk
+        .iter()
+        .map(|d| (gmem_kvm::Gpa(gmem_virtio::device_gpa(0)), d.device().device_id()))
+        .collect();
+
+    // 3. Launch: the image and boot data, written into private memory.
+    let guest = if disk.is_some() {
+        gmem_guest::guest("disk").ok_or("no disk guest")?
+    } else {
+        gmem_guest::demo()
+    };
+    let image = boot::GuestImage::parse(guest, RAM)?;
+    boot::load_with_devices(&image, RAM, 1, &devices, |gpa, bytes| memory.populate(gpa, bytes))?;
     memory.finish_launch();
 
-    // 3. Fault serving in our own event loop: a thread polling the fd.
+    // 4. Fault serving in our own event loop: a thread polling the fd.
     let faults = memory.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
@@ -54,7 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    // 4. Our own vCPU loop.
+    // 5. Our own vCPU loop.
     let mut vcpu = vm.create_vcpu(0)?;
     boot::init_vcpu(&kvm, &vcpu, image.entry, 0, RAM)?;
     let (message_gpa, message_len, message_stage) = gmem_guest::DEMO_MESSAGE;
@@ -62,6 +90,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let code = loop {
         match vcpu.run()? {
             VcpuExit::IoOut(0xE9, data) => eprint!("{}", data[0] as char),
+            // The device's registers; a notify serves its queue through the
+            // view of shared pages (a private buffer gets an I/O error).
+            VcpuExit::MmioRead(gpa, data) if disk.is_some() && window(gpa) => {
+                disk.as_ref().ok_or("no disk")?.read(gpa - gmem_virtio::device_gpa(0), data)
+            }
+            VcpuExit::MmioWrite(gpa, data) if disk.is_some() && window(gpa) => {
+                let view = memory.shared();
+                disk.as_mut().ok_or("no disk")?.write(gpa - gmem_virtio::device_gpa(0), data, &view)
+            }
             VcpuExit::IoOut(0xF4, data) => break data[0],
             VcpuExit::IoOut(port @ (0xF0 | 0xF8), _) => {
                 let mut regs = vcpu.get_regs()?;
@@ -87,6 +124,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().map_err(|_| "the fault thread panicked")?;
+    if disk_path.is_some() {
+        println!("example vmm: disk guest exited with {code}");
+        std::process::exit(i32::from(code));
+    }
     let message = message.ok_or("the guest never shared its message")?;
     println!("example vmm: guest exited with {code}; it shared: {message:?}");
     std::process::exit(i32::from(code));
