@@ -301,7 +301,10 @@ impl Vm {
     /// the gap, listed in the boot info). Before [`load`](Self::load).
     pub fn attach_disk(&self, path: &std::path::Path, size: u64) -> Result<Arc<Mutex<Disk>>> {
         let block =
-            gmem_virtio::blk::Block::open(path, size).map_err(Error::io("open the disk"))?;
+            gmem_virtio::blk::Block::open(path, size).map_err(|e| match e.raw_os_error() {
+                Some(_) => Error::io("open the disk")(e),
+                None => Error::InvalidArgument(format!("the disk: {e}")),
+            })?;
         let disk = Arc::new(Mutex::new(gmem_virtio::mmio::VirtioMmio::new(block)));
         self.devices.lock().unwrap_or_else(|p| p.into_inner()).push(disk.clone());
         Ok(disk)
