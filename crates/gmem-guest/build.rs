@@ -16,7 +16,7 @@ fn main() {
         .expect("guests/")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|n| n.strip_suffix(".rs").map(str::to_owned))
-        .filter(|n| n != "rt")
+        .filter(|n| n != "rt" && n != "virtio")
         .collect();
     names.sort();
 

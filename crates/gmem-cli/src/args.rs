@@ -53,7 +53,8 @@ impl Action {
 pub(crate) struct RunArgs {
     /// Guest ELF image: a path, or the name of a built-in guest (badport,
     /// convbench, convert, convsmp, convstorm, demo, hypercall, memmap,
-    /// punch, smp, spin, stress, touch, disk). Default: the demo guest.
+    /// punch, smp, spin, stress, touch, disk, diskbench). Default: the demo
+    /// guest.
     #[arg(long)]
     pub(crate) guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use gmem_runner::bench::{
-    conversions, first_touch, median, metadata_bytes_per_page, populate, punch, Backing,
+    conversions, first_touch, median, metadata_bytes_per_page, populate, punch, virtio_blk, Backing,
 };
 use serde_json::json;
 
@@ -104,6 +104,7 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
         .and_then(|()| populate_figures(mib, reps, native, &mut figures))
         .and_then(|()| punch_figures(mib, reps, &mut figures))
         .and_then(|()| conversion_figures(reps, native, &mut figures))
+        .and_then(|()| virtio_figures(reps, &mut figures))
         .and_then(|()| metadata_figures(&mut figures));
     eprintln!();
     if let Err(e) = measured {
@@ -313,6 +314,27 @@ fn conversion_figures(reps: u64, native: bool, figures: &mut Vec<Figure>) -> Res
     if native {
         figures.push(Figure::cost("native-convert-4k", micros(&mut small_native), "us", exit));
     }
+    Ok(())
+}
+
+/// virtio-blk through bounce buffers against the same guest and device
+/// with the data already in shared pages (64 KiB requests).
+fn virtio_figures(reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let guest = gmem_guest::guest("diskbench").expect("the diskbench guest is built in");
+    let (mut bounced, mut direct) = (Vec::new(), Vec::new());
+    for rep in 1..=reps {
+        progress(&format!("virtio-blk, 64 KiB requests, round {rep}/{reps}"));
+        let (b, d) =
+            virtio_blk(guest, &std::env::temp_dir()).map_err(|e| format!("virtio-blk: {e}"))?;
+        bounced.push(b);
+        direct.push(d);
+    }
+    let middle = |samples: &mut Vec<f64>| {
+        samples.sort_by(f64::total_cmp);
+        samples[samples.len() / 2]
+    };
+    let baseline = (middle(&mut direct), "no bounce (64 KiB)");
+    figures.push(Figure::rate("virtio-blk", middle(&mut bounced), "MiB/s", baseline).target(0.8));
     Ok(())
 }
 

@@ -17,6 +17,9 @@
 //! - `memmap`: checks the 1.1 memory map and uses RAM in every region.
 //! - `hypercall`: conversions by `KVM_HC_MAP_GPA_RANGE`, KVM's encoding.
 //! - `stress`: the hostile soak guest of `gmem stress`.
+//! - `disk`: a virtio-blk driver (queue and bounce buffers in shared pages)
+//!   that writes, flushes and reads back, and checks an earlier run's data;
+//!   `diskbench`: bounced against direct 64 KiB requests (TSC cycles).
 //!
 //! ```
 //! let demo = gmem_guest::guest("demo").unwrap();
