@@ -53,7 +53,7 @@ impl Action {
 pub(crate) struct RunArgs {
     /// Guest ELF image: a path, or the name of a built-in guest (badport,
     /// convbench, convert, convsmp, convstorm, demo, hypercall, memmap,
-    /// punch, smp, spin, stress, touch, disk, diskbench). Default: the demo
+    /// punch, smp, sparse, spin, stress, touch, disk, diskbench). Default: the demo
     /// guest.
     #[arg(long)]
     pub(crate) guest: Option<String>,

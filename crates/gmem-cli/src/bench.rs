@@ -101,6 +101,7 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
     let mut figures = Vec::new();
     let native = native_runs();
     let measured = first_touch_figures(mib, reps, native, &mut figures)
+        .and_then(|()| size_figures(mib, reps, &mut figures))
         .and_then(|()| populate_figures(mib, reps, native, &mut figures))
         .and_then(|()| punch_figures(mib, reps, &mut figures))
         .and_then(|()| conversion_figures(reps, native, &mut figures))
@@ -199,8 +200,8 @@ fn first_touch_figures(
     for rep in 1..=reps {
         progress(&format!("first touch of {mib} MiB, round {rep}/{reps}"));
         for (backing, samples) in backings.iter().zip(&mut samples) {
-            let time =
-                first_touch(touch, mib, *backing).map_err(|e| format!("{backing:?}: {e}"))?;
+            let (time, _, _) =
+                first_touch(touch, mib, *backing, 1).map_err(|e| format!("{backing:?}: {e}"))?;
             samples.push(time);
         }
     }
@@ -226,6 +227,52 @@ fn first_touch_figures(
             (native, "native backend"),
         ));
     }
+    Ok(())
+}
+
+/// Real VM sizes: first touch on as many vCPUs as the host has cores (at
+/// least 2), each its share, and a sparse first touch (one page per 64 KiB
+/// of 4x as much RAM), gmem against plain KVM memory; and the pages gmem
+/// allocates per page the sparse guest touches.
+fn size_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let vcpus = std::thread::available_parallelism().map_or(2, |n| n.get().max(2)) as u32;
+    let touch = gmem_guest::guest("touch").expect("the touch guest is built in");
+    let sparse = gmem_guest::guest("sparse").expect("the sparse guest is built in");
+    let gmem = Backing::Gmem { fault_around: DEFAULT_FAULT_AROUND_PAGES };
+    let (mut smp, mut sparse_times, mut per_page) = ([vec![], vec![]], [vec![], vec![]], vec![]);
+    for rep in 1..=reps {
+        progress(&format!("first touch on {vcpus} vCPUs, and sparse, round {rep}/{reps}"));
+        for (i, backing) in [Backing::Anonymous, gmem].into_iter().enumerate() {
+            let (time, _, _) =
+                first_touch(touch, mib, backing, vcpus).map_err(|e| format!("smp: {e}"))?;
+            smp[i].push(time);
+            let (time, console, allocated) =
+                first_touch(sparse, 4 * mib, backing, vcpus).map_err(|e| format!("sparse: {e}"))?;
+            sparse_times[i].push(time);
+            if let Some(allocated) = allocated {
+                let touched = console
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("touched=")?.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        format!("no touched= in the sparse guest's report: {console}")
+                    })?;
+                per_page.push(allocated as f64 / touched as f64);
+            }
+        }
+    }
+    let rate = |mib: u64, samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
+    let [plain, ours] = &mut smp;
+    let baseline = (rate(mib, plain), "plain KVM memory");
+    figures.push(Figure::rate("first-touch-smp", rate(mib, ours), "MiB/s", baseline).target(1.0));
+    let [plain, ours] = &mut sparse_times;
+    let baseline = (rate(4 * mib, plain), "plain KVM memory");
+    figures.push(
+        Figure::rate("first-touch-sparse", rate(4 * mib, ours), "MiB/s", baseline).target(0.8),
+    );
+    per_page.sort_by(f64::total_cmp);
+    let bound = (1.1, "bound: 1.1 per page touched");
+    let allocated = per_page[per_page.len() / 2];
+    figures.push(Figure::cost("memory-sparse", allocated, "pages/page", bound).target(1.0));
     Ok(())
 }
 

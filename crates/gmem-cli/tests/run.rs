@@ -208,7 +208,10 @@ fn bench_json_has_ratios() {
         // Oriented so that higher is better: rates over, costs under the baseline.
         let expected = if r["unit"] == "MiB/s" { value / baseline } else { baseline / value };
         assert!((ratio - expected).abs() < 1e-9, "{r}");
-        assert!(["MiB/s", "us", "B/page"].contains(&r["unit"].as_str().unwrap()), "{r}");
+        assert!(
+            ["MiB/s", "us", "B/page", "pages/page"].contains(&r["unit"].as_str().unwrap()),
+            "{r}"
+        );
         match r["target"].as_f64() {
             Some(target) => assert_eq!(r["met"], ratio >= target, "{r}"),
             None => assert_eq!(r["met"], Value::Null, "{r}"),
@@ -640,4 +643,30 @@ fn the_disk_guest_finds_its_data_on_the_second_run() {
     let out = gmem(&["run", "--guest", "disk", "--disk", "/tmp/x.img:1000"]);
     assert_eq!(status(&out), 2, "{}", stderr(&out));
     let _ = std::fs::remove_file(&disk);
+}
+
+/// 8 GiB of RAM, every page of it touched by two vCPUs (both sides of the
+/// gap): the run ends with exit 0, and every page was served.
+#[test]
+fn an_8_gib_guest_touches_all_of_its_ram() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem_bounded(&[
+        "run",
+        "--guest",
+        "touch",
+        "--mem",
+        "8G",
+        "--vcpus",
+        "2",
+        "--json",
+        "--timeout",
+        "300",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let served = json(&out)["stats"]["pages_served"].as_u64().unwrap();
+    // Everything from 4 MiB up to the stacks, in both regions.
+    let touched = ((8u64 << 30) - (4 << 20) - 2 * 0x10000) / 4096;
+    assert!(served >= touched, "{served} pages served, {touched} touched");
 }

@@ -253,3 +253,36 @@ unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// libcore is built with unwind tables; with panic=abort nothing calls this.
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
+
+/// Writes one word in every `stride`-th byte of this vCPU's share of RAM
+/// (from 4 MiB up to the stacks, every region, split into `vcpu_count`
+/// contiguous shares), then returns how many words it wrote. The inner loop
+/// is a bare store and add: on hosts that emulate guest code, every extra
+/// instruction there counts.
+pub fn touch_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
+    const BASE: u64 = 0x40_0000;
+    let range = |i: u32| {
+        let (start, size) = boot.region(i);
+        (start.max(BASE), (start + size).min(boot.stacks_floor()))
+    };
+    let total: u64 = (0..boot.region_count).map(|i| range(i)).map(|(lo, hi)| hi.saturating_sub(lo)).sum();
+    let share = total / u64::from(boot.vcpu_count) / stride * stride;
+    let from = share * u64::from(vcpu);
+    let to = if vcpu + 1 == boot.vcpu_count { total } else { from + share };
+    let (mut linear, mut touched) = (0, 0);
+    for i in 0..boot.region_count {
+        let (lo, hi) = range(i);
+        let len = hi.saturating_sub(lo);
+        let (a, b) = (from.max(linear), to.min(linear + len));
+        if a < b {
+            let (mut gpa, end) = (lo + (a - linear), lo + (b - linear));
+            touched += (end - gpa).div_ceil(stride);
+            while gpa < end {
+                write_u64(gpa, gpa);
+                gpa += stride;
+            }
+        }
+        linear += len;
+    }
+    touched
+}

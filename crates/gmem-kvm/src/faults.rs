@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use gmem::PAGE_SIZE;
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use rustix::event::{eventfd, EventfdFlags};
 
 use crate::error::{Errno, Error, Result};
 use crate::memory::GuestMemory;
@@ -70,44 +70,68 @@ impl GuestMemory {
     /// ends); a panic in it is caught, and serving goes on.
     pub fn start_fault_server(
         self: &Arc<Self>,
-        on_error: impl Fn(Error) + Send + 'static,
+        on_error: impl Fn(Error) + Send + Sync + 'static,
     ) -> Result<FaultServer> {
-        let stop = eventfd(0, EventfdFlags::CLOEXEC).map_err(Error::os("eventfd"))?;
-        let stop_seen = stop.try_clone().map_err(Error::io("dup eventfd"))?;
-        let memory = self.clone();
-        let report = move |error: Error| {
-            let call = std::panic::AssertUnwindSafe(|| on_error(error));
-            let _ = std::panic::catch_unwind(call);
-        };
-        let thread = std::thread::Builder::new()
-            .name("gmem-faults".into())
-            .spawn(move || loop {
-                let uffd = memory.fault_fd();
-                let mut fds =
-                    [PollFd::new(&uffd, PollFlags::IN), PollFd::new(&stop_seen, PollFlags::IN)];
-                match poll(&mut fds, None) {
-                    Ok(_) | Err(Errno::INTR) => {}
-                    Err(errno) => return report(Error::Os { op: "poll userfaultfd", errno }),
-                }
-                if !fds[1].revents().is_empty() {
-                    return;
-                }
-                match memory.serve_faults() {
-                    Ok((_, failed)) => {
-                        failed.into_iter().for_each(|f| report(Error::Fault(Box::new(f))))
-                    }
-                    Err(error) => return report(error),
-                }
-            })
-            .map_err(Error::io("spawn the fault thread"))?;
-        Ok(FaultServer { stop, thread: Some(thread) })
+        self.start_fault_servers(1, on_error)
     }
 
-    /// Serves the fault at window address `addr`: get-and-lock a batch of
-    /// pages around it (clipped to the region and to the file's current
-    /// size), map the unmapped ones, unlock. When the fault lands right
-    /// after the batch served before (a sequential toucher), the next batch
-    /// is mapped too, while the woken vCPU already runs (read-ahead).
+    /// As [`start_fault_server`](Self::start_fault_server), with `threads`
+    /// threads (at least one) serving the same descriptor: faults of many
+    /// vCPUs are served in parallel (page locks keep them apart).
+    pub fn start_fault_servers(
+        self: &Arc<Self>,
+        threads: usize,
+        on_error: impl Fn(Error) + Send + Sync + 'static,
+    ) -> Result<FaultServer> {
+        let stop = eventfd(0, EventfdFlags::CLOEXEC).map_err(Error::os("eventfd"))?;
+        let on_error = Arc::new(on_error);
+        let mut server = FaultServer { stop, threads: Vec::new() };
+        for _ in 0..threads.max(1) {
+            // Each thread waits in an epoll of its own with the descriptor
+            // added EPOLLEXCLUSIVE: a fault wakes one thread, not all.
+            use rustix::event::epoll;
+            let waiter =
+                epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
+            let exclusive = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
+            epoll::add(&waiter, self.fault_fd(), epoll::EventData::new_u64(0), exclusive)
+                .map_err(Error::os("epoll_ctl (userfaultfd)"))?;
+            epoll::add(&waiter, &server.stop, epoll::EventData::new_u64(1), epoll::EventFlags::IN)
+                .map_err(Error::os("epoll_ctl (stop)"))?;
+            let (memory, on_error) = (self.clone(), on_error.clone());
+            let report = move |error: Error| {
+                let call = std::panic::AssertUnwindSafe(|| on_error(error));
+                let _ = std::panic::catch_unwind(call);
+            };
+            let thread = std::thread::Builder::new()
+                .name("gmem-faults".into())
+                .spawn(move || loop {
+                    let mut events = Vec::with_capacity(2);
+                    match epoll::wait(&waiter, rustix::buffer::spare_capacity(&mut events), None) {
+                        Ok(_) | Err(Errno::INTR) => {}
+                        Err(errno) => return report(Error::Os { op: "epoll_wait", errno }),
+                    }
+                    if events.iter().any(|e| e.data.u64() == 1) {
+                        return;
+                    }
+                    match memory.serve_faults() {
+                        Ok((_, failed)) => {
+                            failed.into_iter().for_each(|f| report(Error::Fault(Box::new(f))))
+                        }
+                        Err(error) => return report(error),
+                    }
+                })
+                .map_err(Error::io("spawn a fault thread"))?;
+            server.threads.push(thread);
+        }
+        Ok(server)
+    }
+
+    /// Serves the fault at window address `addr`: get-and-lock its page, or
+    /// for a sequential toucher a batch of pages around it (clipped to the
+    /// region and to the file's current size), map the unmapped ones,
+    /// unlock. When the fault lands right after the batch served before,
+    /// the next batch is mapped too, while the woken vCPU already runs
+    /// (read-ahead).
     fn serve(&self, addr: u64) -> std::result::Result<(), FaultError> {
         let Some(region) = self
             .regions()
@@ -123,8 +147,23 @@ impl GuestMemory {
         };
         let Backing::File(f) = &region.backing else { return Ok(()) };
         let page = (addr - f.window_addr()) / PAGE_SIZE;
-        let start = page & !(self.fault_around - 1);
-        let served = self.serve_batch(&region, f, start, page).map_err(|error| {
+        // Fault-around adapts to the access pattern, like the page cache's
+        // read-ahead: a fault where a recent batch ended continues a
+        // sequential toucher (one of several vCPUs, say) and gets a batch
+        // twice as long, up to the fault-around size (then the next batch
+        // is mapped too, while the vCPU runs on); a fault anywhere else gets
+        // its page alone, so that a sparse guest allocates what it touches.
+        let len = f.streams.continues(page).map_or(1, |len| (2 * len).min(self.fault_around));
+        let sequential = len == self.fault_around && len > 1;
+        // A batch that cannot be served (a page of it locked for good, cut
+        // off by a truncate) is retried as the faulting page alone: only a
+        // page that cannot be served itself is fenced.
+        let served = self.serve_batch(&region, f, page, len, page);
+        let served = match served {
+            Err(_) if len > 1 => self.serve_batch(&region, f, page, 1, page),
+            served => served,
+        };
+        let served = served.map_err(|error| {
             let gpa = region.gpa_of(page);
             self.fence(f, page);
             FaultError { gpa, error }
@@ -133,18 +172,17 @@ impl GuestMemory {
             // Another fault mapped the page first; wake whoever waits on it.
             let _ = self.uffd.wake(f.window_addr() + page * PAGE_SIZE, PAGE_SIZE);
         }
-        let next = start + self.fault_around;
-        if f.last_batch_end.swap(next, Ordering::Relaxed) == start
-            && next < region.pages()
-            && self.serve_batch(&region, f, next, next).is_ok()
+        let mut end = page + len;
+        if sequential && end < region.pages() && self.serve_batch(&region, f, end, len, end).is_ok()
         {
-            f.last_batch_end.store(next + self.fault_around, Ordering::Relaxed);
+            end += len;
         }
+        f.streams.record(end.min(region.pages()), len);
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Maps the unmapped pages of the batch starting at region page `start`
+    /// Maps the unmapped pages of the `len` pages from region page `start`
     /// (clipped to what exists of the file, but always holding `needed`);
     /// returns how many it mapped.
     fn serve_batch(
@@ -152,11 +190,12 @@ impl GuestMemory {
         region: &PrivateRegion,
         f: &FileBacking,
         start: u64,
+        len: u64,
         needed: u64,
     ) -> Result<u64> {
         let file_pages = f.binding.file().size() / PAGE_SIZE;
         let in_file = file_pages.saturating_sub(f.file_offset / PAGE_SIZE);
-        let end = (start + self.fault_around).min(region.pages()).min(in_file.max(needed + 1));
+        let end = (start + len).min(region.pages()).min(in_file.max(needed + 1));
         let batch = start..end;
         let guard = f.binding.get_and_lock_range(f.file_pages(&batch))?;
         let mut served = 0;
@@ -191,18 +230,18 @@ impl GuestMemory {
     }
 }
 
-/// The fault-serving thread of [`GuestMemory::start_fault_server`]; stopped
-/// and joined on drop.
+/// The fault-serving threads of [`GuestMemory::start_fault_servers`];
+/// stopped and joined on drop.
 #[derive(Debug)]
 pub struct FaultServer {
     stop: OwnedFd,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Drop for FaultServer {
     fn drop(&mut self) {
         let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }

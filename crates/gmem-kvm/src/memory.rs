@@ -360,7 +360,7 @@ impl GuestMemory {
             gpa,
             size,
             shared: PageBits::new(size / PAGE_SIZE),
-            backing: Backing::File(FileBacking {
+            backing: Backing::File(Box::new(FileBacking {
                 file_offset: offset,
                 file_id: file.id(),
                 binding,
@@ -368,8 +368,8 @@ impl GuestMemory {
                 mapped: PageBits::new(size / PAGE_SIZE),
                 host_view,
                 host_mapped: PageBits::new(size / PAGE_SIZE),
-                last_batch_end: AtomicU64::new(u64::MAX),
-            }),
+                streams: crate::region::Streams::default(),
+            })),
         }))
     }
 

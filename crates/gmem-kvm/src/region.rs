@@ -4,7 +4,7 @@
 //! guest_memfd (the native backend).
 
 use std::ops::Range;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use gmem::{
@@ -51,7 +51,7 @@ pub enum BackendKind {
 
 /// A region's memory: a gmem file and its windows, or a guest_memfd.
 pub(crate) enum Backing {
-    File(FileBacking),
+    File(Box<FileBacking>),
     GuestMemfd(NativeBacking),
 }
 
@@ -67,8 +67,36 @@ pub(crate) struct FileBacking {
     pub(crate) host_view: OwnerWindow,
     /// Pages mapped in `host_view`.
     pub(crate) host_mapped: PageBits,
-    /// End (region page) of the batch served last, for sequential read-ahead.
-    pub(crate) last_batch_end: AtomicU64,
+    /// Where recent faults' batches ended: a fault there is sequential.
+    pub(crate) streams: Streams,
+}
+
+/// Where the last few faults' batches ended, and how long they were: one
+/// slot each for up to [`Streams::SLOTS`] interleaved sequential touchers
+/// (vCPUs). A slot packs `end << 4 | log2(len)`; 0 is empty.
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    ends: [AtomicU64; Streams::SLOTS],
+    next: AtomicU64,
+}
+
+impl Streams {
+    const SLOTS: usize = 16;
+
+    /// The length of the recent batch that a fault at `page` continues.
+    pub(crate) fn continues(&self, page: u64) -> Option<u64> {
+        self.ends
+            .iter()
+            .map(|slot| slot.load(Ordering::Relaxed))
+            .find_map(|packed| (packed != 0 && packed >> 4 == page).then(|| 1 << (packed & 15)))
+    }
+
+    /// Records that a fault's batch of `len` pages (a power of two) ended
+    /// before `end`.
+    pub(crate) fn record(&self, end: u64, len: u64) {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) as usize % Self::SLOTS;
+        self.ends[slot].store(end << 4 | u64::from(len.trailing_zeros()), Ordering::Relaxed);
+    }
 }
 
 /// A guest_memfd of its own, and its one mapping: the memslot's memory,

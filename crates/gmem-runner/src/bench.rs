@@ -42,21 +42,46 @@ fn vm_on(backing: Backing, ram: u64) -> Result<Vm> {
     }
 }
 
-/// Time for the `touch` guest to first-touch `mib` MiB on `backing`,
-/// guest run only (VM set-up and image load excluded).
-pub fn first_touch(touch_guest: &[u8], mib: u64, backing: Backing) -> Result<Duration> {
-    let ram = TOUCH_BASE + (mib << 20) + (2 << 20);
+/// Time for a touching guest (`touch`, or `sparse`) on `vcpus` vCPUs to
+/// first-touch its shares of `mib` MiB on `backing`, guest run only (VM
+/// set-up and image load excluded), with its console output and, on gmem,
+/// the pages the run allocated in the file (the launch's not counted).
+pub fn first_touch(
+    touch_guest: &[u8],
+    mib: u64,
+    backing: Backing,
+    vcpus: u32,
+) -> Result<(Duration, String, Option<u64>)> {
+    let ram = TOUCH_BASE + (mib << 20) + (2 << 20) + u64::from(vcpus) * crate::boot::STACK_SIZE;
+    let ram = ram.div_ceil(2 << 20) * (2 << 20);
     let vm = vm_on(backing, ram)?;
-    Ok(run_to_success(&vm, touch_guest, ram)?.1)
+    let allocated =
+        || vm.memory().regions().first().and_then(|r| r.file()).map(|f| f.stats().allocated_pages);
+    let mut at_launch = None;
+    let (console, time) = run_with(&vm, touch_guest, ram, vcpus, &mut || at_launch = allocated())?;
+    let touched = allocated().zip(at_launch).map(|(after, before)| after - before);
+    Ok((time, console, touched))
 }
 
 /// Loads `guest` into `vm` (`ram` bytes of RAM at GPA 0) and runs it on
-/// one vCPU; returns its console output and how long the run took. An
-/// error unless the guest exits 0.
-fn run_to_success(vm: &Vm, guest: &[u8], ram: u64) -> Result<(String, Duration)> {
+/// `vcpus` vCPUs; returns its console output and how long the run took.
+/// An error unless the guest exits 0.
+fn run_to_success(vm: &Vm, guest: &[u8], ram: u64, vcpus: u32) -> Result<(String, Duration)> {
+    run_with(vm, guest, ram, vcpus, &mut || {})
+}
+
+/// As [`run_to_success`], calling `launched` between the load and the run.
+fn run_with(
+    vm: &Vm,
+    guest: &[u8],
+    ram: u64,
+    vcpus: u32,
+    launched: &mut dyn FnMut(),
+) -> Result<(String, Duration)> {
     let image = GuestImage::parse(guest, ram)?;
-    vm.load(&image, ram, 1)?;
-    let config = RunConfig { timeout: Some(Duration::from_secs(600)), ..RunConfig::new(1) };
+    vm.load(&image, ram, vcpus)?;
+    launched();
+    let config = RunConfig { timeout: Some(Duration::from_secs(600)), ..RunConfig::new(vcpus) };
     let start = Instant::now();
     let report = vm.run(&image, ram, &config, &|_, _| {})?;
     let elapsed = start.elapsed();
@@ -84,7 +109,7 @@ pub struct ConversionTimes {
 pub fn conversions(convbench_guest: &[u8], backing: Backing) -> Result<ConversionTimes> {
     const RAM: u64 = 32 << 20;
     let vm = vm_on(backing, RAM)?;
-    let (console, _) = run_to_success(&vm, convbench_guest, RAM)?;
+    let (console, _) = run_to_success(&vm, convbench_guest, RAM, 1)?;
     let time = |key: &str| per_unit(&console, key).map(Duration::from_secs_f64);
     Ok(ConversionTimes {
         bare_exit: time("bare=")?,
@@ -115,7 +140,7 @@ pub fn virtio_blk(diskbench_guest: &[u8], dir: &std::path::Path) -> Result<(f64,
     let _ = std::fs::remove_file(&path);
     let (vm, _file) = Vm::with_ram(RAM)?;
     vm.attach_disk(&path, 16 << 20)?;
-    let result = run_to_success(&vm, diskbench_guest, RAM);
+    let result = run_to_success(&vm, diskbench_guest, RAM, 1);
     let _ = std::fs::remove_file(&path);
     let (console, _) = result?;
     let rate = |key: &str| {

@@ -185,8 +185,11 @@ impl Vm {
         let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         let control = Arc::new(Control::default());
         let on_error = control.clone();
-        let server =
-            memory.start_fault_server(move |e| on_error.stop(Outcome::Error(e.to_string())))?;
+        // One fault thread per core (at most 16): many vCPUs' first
+        // touches are served in parallel.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
+        let server = memory
+            .start_fault_servers(threads, move |e| on_error.stop(Outcome::Error(e.to_string())))?;
         kick::install_handler()?;
         Ok(Self {
             kvm,

@@ -154,14 +154,14 @@ fn host_access_to_private_memory_is_denied_with_the_gpa() {
     assert_eq!(vm.read_guest(Gpa(RAM), &mut [0; 8]).unwrap_err().errno(), Errno::INVAL);
 }
 
-/// GUEST_ABI 1.1: RAM past 3 GiB goes above 4 GiB; the guest finds both
+/// GUEST_ABI 1.1: RAM past 3 GiB (here 4.5 GiB of it) goes above 4 GiB; the guest finds both
 /// regions in the boot info and uses memory on both sides of the gap.
 #[test]
 fn ram_above_3_gib_is_placed_above_4_gib() {
     if !kvm() {
         return;
     }
-    let ram = (3 << 30) + (64 << 20);
+    let ram = (4 << 30) + (512 << 20);
     let (vm, _file) = Vm::with_ram(ram).unwrap();
     let image = gmem_runner::GuestImage::parse(gmem_guest::guest("memmap").unwrap(), ram).unwrap();
     vm.load(&image, ram, 2).unwrap();
