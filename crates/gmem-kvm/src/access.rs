@@ -7,8 +7,9 @@
 //! change waits until the host is done, which is what makes device access
 //! fault-free (no SIGBUS, no private bytes). It is never held across a file
 //! operation: a punch or truncate takes the file's resize lock first and
-//! this lock in its callback, and the other order would deadlock with it. Unlike `std`'s lock it knows its holders: a
-//! thread may nest shared holds, may take it shared while it holds it
+//! this lock in its callback, and the other order would deadlock with it.
+//!
+//! Unlike `std`'s lock it knows its holders: a thread may nest shared holds, may take it shared while it holds it
 //! exclusively (a conversion's own invalidation), gets `EDEADLK` for
 //! exclusive while it holds it shared, and a waiting writer keeps new
 //! readers out so that conversions are not starved.
@@ -26,6 +27,16 @@ struct State {
     readers: Vec<(std::thread::ThreadId, usize)>,
     writer: Option<(std::thread::ThreadId, usize)>,
     writers_waiting: usize,
+}
+
+impl State {
+    fn reads(&self, thread: std::thread::ThreadId) -> bool {
+        self.readers.iter().any(|(t, _)| *t == thread)
+    }
+
+    fn writes(&self, thread: std::thread::ThreadId) -> bool {
+        self.writer.is_some_and(|(t, _)| t == thread)
+    }
 }
 
 /// See the module docs.
@@ -59,12 +70,10 @@ impl AccessLock {
     pub(crate) fn shared(&self) -> Shared<'_> {
         let me = current_thread();
         let mut state = self.state();
-        loop {
-            let mine = state.writer.is_some_and(|(t, _)| t == me)
-                || state.readers.iter().any(|(t, _)| *t == me);
-            if mine || (state.writer.is_none() && state.writers_waiting == 0) {
-                break;
-            }
+        // A holder nests; anyone else waits for writers, waiting ones too.
+        while !(state.writes(me) || state.reads(me))
+            && (state.writer.is_some() || state.writers_waiting > 0)
+        {
             state = self.wait(state);
         }
         match state.readers.iter_mut().find(|(t, _)| *t == me) {
@@ -76,8 +85,7 @@ impl AccessLock {
 
     /// Whether this thread holds the lock shared.
     pub(crate) fn held_shared_here(&self) -> bool {
-        let me = current_thread();
-        self.state().readers.iter().any(|(t, _)| *t == me)
+        self.state().reads(current_thread())
     }
 
     /// `EDEADLK` if this thread holds the lock shared: it must not wait for
@@ -85,9 +93,7 @@ impl AccessLock {
     pub(crate) fn check_not_shared_here(&self, op: &'static str) -> Result<()> {
         let me = current_thread();
         let state = self.state();
-        if state.readers.iter().any(|(t, _)| *t == me)
-            && !state.writer.is_some_and(|(t, _)| t == me)
-        {
+        if state.reads(me) && !state.writes(me) {
             return Err(Error::Memory(gmem::Error::WouldDeadlock {
                 op,
                 held: "host access to guest memory (a read, write or shared view)".into(),
@@ -98,16 +104,11 @@ impl AccessLock {
 
     /// Takes the lock exclusively; `EDEADLK` if this thread holds it shared.
     pub(crate) fn exclusive(&self, op: &'static str) -> Result<Exclusive<'_>> {
+        // Only this thread changes its own holds: the check stays true
+        // after the state lock is dropped and taken again.
+        self.check_not_shared_here(op)?;
         let me = current_thread();
         let mut state = self.state();
-        if state.readers.iter().any(|(t, _)| *t == me)
-            && !state.writer.is_some_and(|(t, _)| t == me)
-        {
-            return Err(Error::Memory(gmem::Error::WouldDeadlock {
-                op,
-                held: "host access to guest memory (a read, write or shared view)".into(),
-            }));
-        }
         state.writers_waiting += 1;
         loop {
             match state.writer {

@@ -26,6 +26,10 @@ use crate::memory::GuestMemory;
 use crate::region::{Backing, FileBacking, PrivateRegion};
 use crate::Gpa;
 
+/// The epoll tokens of a fault thread's two descriptors.
+const FAULT_EVENT: u64 = 0;
+const STOP_EVENT: u64 = 1;
+
 /// A guest page fault that could not be served.
 #[derive(Debug, thiserror::Error)]
 #[error("guest page fault at {gpa} could not be served (the page is fenced off): {error}")]
@@ -93,10 +97,15 @@ impl GuestMemory {
             let waiter =
                 epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
             let exclusive = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
-            epoll::add(&waiter, self.fault_fd(), epoll::EventData::new_u64(0), exclusive)
+            epoll::add(&waiter, self.fault_fd(), epoll::EventData::new_u64(FAULT_EVENT), exclusive)
                 .map_err(Error::os("epoll_ctl (userfaultfd)"))?;
-            epoll::add(&waiter, &server.stop, epoll::EventData::new_u64(1), epoll::EventFlags::IN)
-                .map_err(Error::os("epoll_ctl (stop)"))?;
+            epoll::add(
+                &waiter,
+                &server.stop,
+                epoll::EventData::new_u64(STOP_EVENT),
+                epoll::EventFlags::IN,
+            )
+            .map_err(Error::os("epoll_ctl (stop)"))?;
             let (memory, on_error) = (self.clone(), on_error.clone());
             let report = move |error: Error| {
                 let call = std::panic::AssertUnwindSafe(|| on_error(error));
@@ -104,26 +113,35 @@ impl GuestMemory {
             };
             let thread = std::thread::Builder::new()
                 .name("gmem-faults".into())
-                .spawn(move || loop {
-                    let mut events = Vec::with_capacity(2);
-                    match epoll::wait(&waiter, rustix::buffer::spare_capacity(&mut events), None) {
-                        Ok(_) | Err(Errno::INTR) => {}
-                        Err(errno) => return report(Error::Os { op: "epoll_wait", errno }),
-                    }
-                    if events.iter().any(|e| e.data.u64() == 1) {
-                        return;
-                    }
-                    match memory.serve_faults() {
-                        Ok((_, failed)) => {
-                            failed.into_iter().for_each(|f| report(Error::Fault(Box::new(f))))
-                        }
-                        Err(error) => return report(error),
-                    }
-                })
+                .spawn(move || memory.serve_until_stopped(&waiter, report))
                 .map_err(Error::io("spawn a fault thread"))?;
             server.threads.push(thread);
         }
         Ok(server)
+    }
+
+    /// A fault thread: waits in `waiter` (the fault descriptor and the
+    /// server's stop descriptor) and serves faults until told to stop or
+    /// the descriptor fails.
+    fn serve_until_stopped(&self, waiter: &OwnedFd, report: impl Fn(Error)) {
+        use rustix::event::epoll;
+        let mut events = Vec::with_capacity(2);
+        loop {
+            events.clear();
+            match epoll::wait(waiter, rustix::buffer::spare_capacity(&mut events), None) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(errno) => return report(Error::Os { op: "epoll_wait", errno }),
+            }
+            if events.iter().any(|e| e.data.u64() == STOP_EVENT) {
+                return;
+            }
+            match self.serve_faults() {
+                Ok((_, failed)) => {
+                    failed.into_iter().for_each(|f| report(Error::Fault(Box::new(f))))
+                }
+                Err(error) => return report(error),
+            }
+        }
     }
 
     /// Serves the fault at window address `addr`: get-and-lock its page, or

@@ -321,7 +321,7 @@ impl GuestMemory {
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let regions = self.regions();
         for other in regions.iter().map(|r| Reserved::of(r)).chain(reserved.iter().cloned()) {
-            if new.gpa.start < other.gpa.end && other.gpa.start < new.gpa.end {
+            if overlaps(&new.gpa, &other.gpa) {
                 return Err(Error::Exists(format!(
                     "region {:#x}..{gpa_end:#x} overlaps {:#x}..{:#x}",
                     gpa.0, other.gpa.start, other.gpa.end
@@ -329,8 +329,7 @@ impl GuestMemory {
             }
             if new.file.is_some()
                 && other.file == new.file
-                && new.file_range.start < other.file_range.end
-                && other.file_range.start < new.file_range.end
+                && overlaps(&new.file_range, &other.file_range)
             {
                 // EINVAL, not EEXIST: what the kernel's guest_memfd returns.
                 return Err(Error::InvalidArgument(format!(
@@ -527,10 +526,7 @@ impl GuestMemory {
         loop {
             let shared = self.access.shared();
             let changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-            let overlaps = |r: &std::ops::Range<u64>| {
-                range.as_ref().is_none_or(|g| r.start < g.end && g.start < r.end)
-            };
-            if !changing.iter().any(overlaps) {
+            if !changing.iter().any(|r| range.as_ref().is_none_or(|g| overlaps(r, g))) {
                 return shared;
             }
             drop(shared);
@@ -542,7 +538,7 @@ impl GuestMemory {
     /// access lock before the change began).
     pub(crate) fn check_not_changing(&self, gpa: u64, end: u64) -> Result<()> {
         let changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-        if changing.iter().any(|r| r.start < end && gpa < r.end) {
+        if changing.iter().any(|r| overlaps(r, &(gpa..end))) {
             return Err(Error::Memory(gmem::Error::Again { op: "host access during a change" }));
         }
         Ok(())
@@ -613,6 +609,11 @@ impl Drop for Changing<'_> {
         drop(changing);
         self.memory.changed.notify_all();
     }
+}
+
+/// Whether two ranges share an element.
+fn overlaps(a: &std::ops::Range<u64>, b: &std::ops::Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
 }
 
 pub(crate) fn outside(gpa: Gpa, len: u64) -> Error {

@@ -101,6 +101,20 @@ fn to_vm_memory(error: Error, gpa: Gpa) -> GuestMemoryError {
     }
 }
 
+impl SharedRegion<'_> {
+    /// [`GuestMemory::map_shared`] of `len` bytes at `offset`, with
+    /// vm-memory's error.
+    fn map_shared(
+        &self,
+        offset: MemoryRegionAddress,
+        len: usize,
+    ) -> vm_memory::guest_memory::Result<*mut u8> {
+        self.memory
+            .map_shared(&self.region, offset.0, len)
+            .map_err(|e| to_vm_memory(e, Gpa(self.region.gpa.0.saturating_add(offset.0))))
+    }
+}
+
 impl GuestMemoryRegion for SharedRegion<'_> {
     type B = ();
 
@@ -120,9 +134,7 @@ impl GuestMemoryRegion for SharedRegion<'_> {
         &self,
         addr: MemoryRegionAddress,
     ) -> vm_memory::guest_memory::Result<*mut u8> {
-        self.memory
-            .map_shared(&self.region, addr.0, 1)
-            .map_err(|e| to_vm_memory(e, Gpa(self.region.gpa.0.saturating_add(addr.0))))
+        self.map_shared(addr, 1)
     }
 
     fn get_slice(
@@ -130,10 +142,7 @@ impl GuestMemoryRegion for SharedRegion<'_> {
         offset: MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let host = self
-            .memory
-            .map_shared(&self.region, offset.0, count)
-            .map_err(|e| to_vm_memory(e, Gpa(self.region.gpa.0.saturating_add(offset.0))))?;
+        let host = self.map_shared(offset, count)?;
         // SAFETY: `host` points at `count` bytes of the region's host view,
         // all shared and mapped (map_shared checked them); the view's shared
         // hold on the access lock keeps them so until it is dropped, and the

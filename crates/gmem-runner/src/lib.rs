@@ -23,6 +23,7 @@ pub mod boot;
 pub mod check;
 pub mod conformance;
 pub mod kick;
+mod map;
 pub mod scenarios;
 pub mod selftests;
 pub mod stress;

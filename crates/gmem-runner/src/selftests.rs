@@ -23,10 +23,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use rustix::fs::FallocateFlags;
-use rustix::mm::{MapFlags, ProtFlags};
+use rustix::mm::MapFlags;
 
 use crate::check::{Backend, Check, Status};
 use crate::conformance::errno_name;
+use crate::map::Map;
 
 const GMEM_TEST: &str = "guest_memfd_test.c";
 const REGION_TEST: &str = "set_memory_region_test.c";
@@ -59,28 +60,8 @@ fn create(vm: &VmFd, size: u64, flags: u64) -> std::result::Result<GuestMemfd, E
     GuestMemfd::create(vm, size, flags).map_err(|e| e.errno())
 }
 
-/// An owned shared mapping, unmapped on drop.
-struct Map(*mut u8, usize);
-
+/// The checklist's probes of a mapping.
 impl Map {
-    fn new(fd: &OwnedFd, len: usize, flags: MapFlags) -> std::result::Result<Self, Errno> {
-        let prot = ProtFlags::READ | ProtFlags::WRITE;
-        // SAFETY: a new mapping at a kernel-chosen address, owned by `Map`.
-        unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }
-            .map(|p| Self(p.cast(), len))
-    }
-
-    fn anonymous(len: usize) -> std::result::Result<Self, Errno> {
-        let prot = ProtFlags::READ | ProtFlags::WRITE;
-        // SAFETY: a new private mapping at a kernel-chosen address, owned by `Map`.
-        unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, MapFlags::PRIVATE) }
-            .map(|p| Self(p.cast(), len))
-    }
-
-    fn at(&self, offset: usize) -> *mut u8 {
-        self.0.wrapping_add(offset)
-    }
-
     /// Whether the kernel can read one byte at `offset` (false where a
     /// user access would raise SIGBUS).
     fn readable(&self, offset: usize, pipe: &(OwnedFd, OwnedFd)) -> bool {
@@ -105,13 +86,6 @@ impl Map {
             // SAFETY: as in `fill`; a volatile read of one mapped byte.
             unsafe { std::ptr::read_volatile(self.at(i)) == value }
         })
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made by `Map::new`, owned by `self`.
-        let _ = unsafe { rustix::mm::munmap(self.0.cast(), self.1) };
     }
 }
 
@@ -359,7 +333,7 @@ fn madvise_rows(fd: &OwnedFd, len: usize, set: &str, pipe: &(OwnedFd, OwnedFd)) 
     let advise = |advice: rustix::mm::Advice| {
         // SAFETY: advice on the mapping `map` owns; none frees memory that a
         // Rust reference points to.
-        unsafe { rustix::mm::madvise(map.0.cast(), len, advice) }.err()
+        unsafe { rustix::mm::madvise(map.at(0).cast(), len, advice) }.err()
     };
     let mut rows = vec![row(
         format!("[{set}] MADV_HUGEPAGE"),
@@ -369,7 +343,7 @@ fn madvise_rows(fd: &OwnedFd, len: usize, set: &str, pipe: &(OwnedFd, OwnedFd)) 
     )];
     // MADV_COLLAPSE (25) is not in rustix's Advice: the raw call.
     // SAFETY: as above; collapse changes no content.
-    let collapse = unsafe { libc::madvise(map.0.cast(), len, 25) };
+    let collapse = unsafe { libc::madvise(map.at(0).cast(), len, 25) };
     let collapse = if collapse != 0 { last_errno() } else { None };
     rows.push(row(
         format!("[{set}] MADV_COLLAPSE"),
@@ -391,7 +365,7 @@ fn madvise_rows(fd: &OwnedFd, len: usize, set: &str, pipe: &(OwnedFd, OwnedFd)) 
     // SAFETY: mbind with an invalid mode on the mapping `map` owns; it
     // changes nothing when refused.
     let bad_mode =
-        unsafe { libc::syscall(libc::SYS_mbind, map.0, len, 999usize, 0usize, 0usize, 0usize) };
+        unsafe { libc::syscall(libc::SYS_mbind, map.at(0), len, 999usize, 0usize, 0usize, 0usize) };
     let bad_mode = if bad_mode != 0 { last_errno() } else { None };
     rows.push(row(
         format!("[{set}] mbind with policy 999"),
@@ -473,7 +447,7 @@ fn run_guest_memfd_guest(kvm: &Kvm) -> Result<Option<String>> {
         flags: 0,
         guest_phys_addr: 0,
         memory_size: DATA,
-        userspace_addr: code.0 as u64,
+        userspace_addr: code.at(0) as u64,
     };
     // SAFETY: `code` is a mapping of DATA bytes that outlives the VM's
     // only run, below.

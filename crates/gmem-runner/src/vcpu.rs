@@ -48,6 +48,15 @@ impl Vm {
         self.memory().convert_for_guest(request)
     }
 
+    /// Why an MMIO exit at `gpa`, where no device is, stops the VM.
+    fn unserved_access(&self, gpa: u64) -> String {
+        let why = match self.memory().region_of(gmem_kvm::Gpa(gpa)) {
+            Some(_) => "could not be served (fenced off after a fault error)",
+            None => "is outside guest RAM",
+        };
+        format!("access to GPA {gpa:#x} {why}")
+    }
+
     pub(crate) fn vcpu_loop(
         &self,
         vcpu: &mut VcpuFd,
@@ -102,28 +111,23 @@ impl Vm {
                 }
                 VcpuExit::Hlt => return,
                 VcpuExit::Shutdown => return stop("triple fault (shutdown)".into()),
-                VcpuExit::MmioRead(gpa, data) if self.device_at(gpa).is_some() => {
-                    if let Some((disk, offset)) = self.device_at(gpa) {
+                VcpuExit::MmioRead(gpa, data) => match self.device_at(gpa) {
+                    Some((disk, offset)) => {
                         disk.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+                        continue;
                     }
-                    continue;
-                }
-                VcpuExit::MmioWrite(gpa, data) if self.device_at(gpa).is_some() => {
-                    if let Some((disk, offset)) = self.device_at(gpa) {
+                    None => return stop(self.unserved_access(gpa)),
+                },
+                VcpuExit::MmioWrite(gpa, data) => match self.device_at(gpa) {
+                    Some((disk, offset)) => {
                         // The device reaches guest memory through the view
                         // of shared pages only.
                         let view = self.memory().shared();
                         disk.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data, &view);
+                        continue;
                     }
-                    continue;
-                }
-                VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _) => {
-                    let why = match self.memory().region_of(gmem_kvm::Gpa(gpa)) {
-                        Some(_) => "could not be served (fenced off after a fault error)",
-                        None => "is outside guest RAM",
-                    };
-                    return stop(format!("access to GPA {gpa:#x} {why}"));
-                }
+                    None => return stop(self.unserved_access(gpa)),
+                },
                 VcpuExit::InternalError => {
                     // SAFETY: KVM filled the `internal` member for this exit.
                     let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };

@@ -16,6 +16,7 @@ use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 
 use crate::boot::{self, GuestImage};
 use crate::kick::{self, Kicker};
+use crate::map::Map;
 use crate::Gpa;
 
 /// How a run ended.
@@ -129,7 +130,7 @@ impl Control {
 struct AnonymousSlot {
     gpa: Gpa,
     size: u64,
-    addr: usize,
+    map: Map,
 }
 
 /// A KVM VM with private memory served by gmem (the user-space backend).
@@ -155,19 +156,6 @@ pub type Disk = gmem_virtio::mmio::VirtioMmio<gmem_virtio::blk::Block>;
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm").field("memory", &self.memory).finish_non_exhaustive()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        for slot in self.anonymous.get_mut().unwrap_or_else(|p| p.into_inner()).iter() {
-            // SAFETY: the mapping was made by add_anonymous_memory and only the
-            // VM refers to it; unmapping memory of a live memslot is safe (KVM's
-            // MMU notifier drops its mappings), and no vCPU runs any more.
-            let _ = unsafe {
-                rustix::mm::munmap(slot.addr as *mut std::ffi::c_void, slot.size as usize)
-            };
-        }
     }
 }
 
@@ -271,29 +259,20 @@ impl Vm {
     pub fn add_anonymous_memory(&self, gpa: Gpa, size: u64) -> Result<u32> {
         let len =
             usize::try_from(size).map_err(|_| Error::InvalidArgument("size too large".into()))?;
-        // SAFETY: a new private anonymous mapping at a kernel-chosen address.
-        let addr = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
-            )
-        }
-        .map_err(Error::os("mmap anonymous"))?;
-        let slot = AnonymousSlot { gpa, size, addr: addr as usize };
+        let map = Map::anonymous(len).map_err(Error::os("mmap anonymous"))?;
         let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let region = kvm_userspace_memory_region {
             slot: id,
             flags: 0,
             guest_phys_addr: gpa.0,
             memory_size: size,
-            userspace_addr: addr as u64,
+            userspace_addr: map.at(0) as u64,
         };
-        // Owned by the VM from here, so that Drop unmaps it on any error.
+        let slot = AnonymousSlot { gpa, size, map };
+        // Owned by the VM from here, which unmaps it on drop, after its VmFd.
         self.anonymous.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
-        // SAFETY: `addr` is a live mapping of `size` bytes that the VM keeps
-        // until it is dropped, after its VmFd.
+        // SAFETY: the slot's map is a live mapping of `size` bytes that the
+        // VM keeps until it is dropped, after its VmFd.
         unsafe { self.fd.set_user_memory_region(region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         Ok(id)
@@ -333,7 +312,7 @@ impl Vm {
         let anonymous = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
         let end = gpa.0.saturating_add(bytes.len() as u64);
         if let Some(slot) = anonymous.iter().find(|s| gpa.0 >= s.gpa.0 && end <= s.gpa.0 + s.size) {
-            let host = (slot.addr as *mut u8).wrapping_add((gpa.0 - slot.gpa.0) as usize);
+            let host = slot.map.at((gpa.0 - slot.gpa.0) as usize);
             // SAFETY: the range lies inside a live anonymous slot mapping
             // (checked above), which no Rust reference points into, and
             // cannot overlap `bytes`; no vCPU runs before launch.

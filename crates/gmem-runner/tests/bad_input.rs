@@ -96,10 +96,12 @@ fn bad_images_are_refused() {
         image[phoff + offset..phoff + offset + 8].copy_from_slice(&value.to_le_bytes());
         image
     };
-    let first = |field: usize| {
-        u64::from_le_bytes(demo[phoff + field..phoff + field + 8].try_into().unwrap())
+    // Field `field` of program header `i`.
+    let at = |i: usize, field: usize| {
+        let o = phoff + i * 56 + field;
+        u64::from_le_bytes(demo[o..o + 8].try_into().unwrap())
     };
-    let (paddr, filesz) = (first(24), first(32));
+    let (paddr, filesz) = (at(0, 24), at(0, 32));
     assert!(filesz > 0);
     // File bytes but no memory: refused, not skipped.
     let err = errno(&with(40, 0), RAM);
@@ -110,10 +112,6 @@ fn bad_images_are_refused() {
     // The highest loadable segment, made to reach up to the end of RAM:
     // it fits in RAM but runs over the vCPU stacks.
     let phnum = u16::from_le_bytes(demo[56..58].try_into().unwrap()) as usize;
-    let at = |i: usize, field: usize| {
-        let o = phoff + i * 56 + field;
-        u64::from_le_bytes(demo[o..o + 8].try_into().unwrap())
-    };
     let last = (0..phnum).filter(|&i| at(i, 0) as u32 == 1).max_by_key(|&i| at(i, 24)).unwrap();
     let mut long = demo.to_vec();
     let o = phoff + last * 56 + 40;

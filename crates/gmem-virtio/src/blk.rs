@@ -157,11 +157,12 @@ impl Block {
                 }
                 // Every buffer is read before the file is touched: a buffer
                 // in a private page writes nothing.
-                let mut bytes = Vec::with_capacity(total as usize);
+                let mut bytes = vec![0u8; total as usize];
+                let mut at = 0;
                 for d in data {
-                    let mut buf = vec![0u8; d.len() as usize];
-                    mem.read_slice(&mut buf, d.addr()).map_err(|_| IOERR)?;
-                    bytes.extend_from_slice(&buf);
+                    let buf = &mut bytes[at..at + d.len() as usize];
+                    mem.read_slice(buf, d.addr()).map_err(|_| IOERR)?;
+                    at += buf.len();
                 }
                 self.file.write_all_at(&bytes, sector * SECTOR).map_err(|_| IOERR)?;
                 self.stats.bytes_out += total;

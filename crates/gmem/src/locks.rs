@@ -79,36 +79,38 @@ impl PageLocks {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until no other thread holds or invalidates part of `pages`;
-    /// with `again_if_invalidating`, an invalidation in progress is
-    /// `EAGAIN` instead of a wait.
-    fn wait_free(
+    /// Waits until no other thread holds or invalidates part of `pages`
+    /// (with `again_if_invalidating`, an invalidation in progress is
+    /// `EAGAIN` instead of a wait), then records them in `list` for this
+    /// thread.
+    fn take(
         &self,
         pages: PageRange,
         op: &'static str,
         again_if_invalidating: bool,
-    ) -> Result<(MutexGuard<'_, Table>, u64)> {
-        let me = current_thread();
+        list: impl FnOnce(&mut Table) -> &mut Vec<Held>,
+    ) -> Result<LockToken> {
+        let thread = current_thread();
         let mut table = self.table();
         loop {
             if again_if_invalidating && table.invalidating(pages) {
                 return Err(Error::Again { op });
             }
-            if table.free(pages, op, me)? {
-                return Ok((table, me));
+            if table.free(pages, op, thread)? {
+                break;
             }
             table = self.changed.wait(table).unwrap_or_else(|p| p.into_inner());
         }
+        let token = next_token();
+        list(&mut table).push(Held { pages, thread, token });
+        Ok(LockToken(token))
     }
 
     /// Locks `pages`, waiting for holders and invalidations of any of them
     /// (or, with `again_if_invalidating`, failing with `EAGAIN` while part
     /// of them is being invalidated).
     pub(crate) fn lock(&self, pages: PageRange, again_if_invalidating: bool) -> Result<LockToken> {
-        let (mut table, thread) = self.wait_free(pages, "get-and-lock", again_if_invalidating)?;
-        let token = next_token();
-        table.locked.push(Held { pages, thread, token });
-        Ok(LockToken(token))
+        self.take(pages, "get-and-lock", again_if_invalidating, |t| &mut t.locked)
     }
 
     /// Releases a run locked with [`PageLocks::lock`], from any thread.
@@ -118,10 +120,7 @@ impl PageLocks {
 
     /// Marks `pages` as being invalidated once no thread holds any of them.
     pub(crate) fn begin_invalidate(&self, pages: PageRange, op: &'static str) -> Result<LockToken> {
-        let (mut table, thread) = self.wait_free(pages, op, false)?;
-        let token = next_token();
-        table.invalidating.push(Held { pages, thread, token });
-        Ok(LockToken(token))
+        self.take(pages, op, false, |t| &mut t.invalidating)
     }
 
     /// Ends an invalidation started with [`PageLocks::begin_invalidate`].
