@@ -279,13 +279,12 @@ impl GuestMemory {
             // (no Rust reference points into it); the caller promised it
             // outlives the memslot.
             unsafe { memfd.bind(vm, slot, gpa.0, size, 0, map.addr() as u64) }?;
-            Ok(Arc::new(PrivateRegion {
+            Ok(PrivateRegion::new(
                 slot,
                 gpa,
                 size,
-                shared: PageBits::new(size / PAGE_SIZE),
-                backing: Backing::GuestMemfd(NativeBacking { memfd, map }),
-            }))
+                Backing::GuestMemfd(NativeBacking { memfd, map }),
+            ))
         })();
         self.settle(slot, region)
     }
@@ -354,22 +353,17 @@ impl GuestMemory {
         self.uffd.register(window.as_ptr() as u64, size)?;
         let host_view = binding.map_window(FileOffset(offset), size)?;
         self.host_uffd.register(host_view.as_ptr() as u64, size)?;
-        Ok(Arc::new(PrivateRegion {
-            slot,
-            gpa,
-            size,
-            shared: PageBits::new(size / PAGE_SIZE),
-            backing: Backing::File(Box::new(FileBacking {
-                file_offset: offset,
-                file_id: file.id(),
-                binding,
-                window,
-                mapped: PageBits::new(size / PAGE_SIZE),
-                host_view,
-                host_mapped: PageBits::new(size / PAGE_SIZE),
-                streams: crate::region::Streams::default(),
-            })),
-        }))
+        let backing = Backing::File(Box::new(FileBacking {
+            file_offset: offset,
+            file_id: file.id(),
+            binding,
+            window,
+            mapped: PageBits::new(size / PAGE_SIZE),
+            host_view,
+            host_mapped: PageBits::new(size / PAGE_SIZE),
+            streams: crate::region::Streams::default(),
+        }));
+        Ok(PrivateRegion::new(slot, gpa, size, backing))
     }
 
     /// Deletes memslot `slot` from KVM, then forgets the region (its

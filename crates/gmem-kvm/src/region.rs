@@ -128,6 +128,12 @@ impl std::fmt::Debug for PrivateRegion {
 }
 
 impl PrivateRegion {
+    /// A region of `size` bytes at `gpa` in memslot `slot`, every page
+    /// private.
+    pub(crate) fn new(slot: u32, gpa: Gpa, size: u64, backing: Backing) -> Arc<Self> {
+        Arc::new(Self { slot, gpa, size, shared: PageBits::new(size / PAGE_SIZE), backing })
+    }
+
     /// The KVM memslot id.
     pub fn slot(&self) -> u32 {
         self.slot

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use gmem::PAGE_SIZE;
 
+use crate::map::Map;
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 use gmem_kvm::{Error, Result};
 
@@ -183,23 +184,11 @@ pub fn populate(mib: u64, backing: Backing) -> Result<(Duration, Duration)> {
     let gmem = start.elapsed();
 
     let size = usize::try_from(len).map_err(|_| Error::InvalidArgument("too large".into()))?;
-    // SAFETY: a new private anonymous mapping at a kernel-chosen address,
-    // unmapped below and referred to by nothing else.
-    let dst = unsafe {
-        rustix::mm::mmap_anonymous(
-            std::ptr::null_mut(),
-            size,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-            rustix::mm::MapFlags::PRIVATE,
-        )
-    }
-    .map_err(Error::os("mmap"))?;
+    let dst = Map::anonymous(size).map_err(Error::os("mmap"))?;
     let start = Instant::now();
     // SAFETY: `dst` is a fresh writable mapping of `size` bytes, disjoint from `data`.
-    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.cast::<u8>(), size) };
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.at(0), size) };
     let memcpy = start.elapsed();
-    // SAFETY: the mapping made above; nothing refers to it any more.
-    unsafe { rustix::mm::munmap(dst, size) }.map_err(Error::os("munmap"))?;
     Ok((gmem, memcpy))
 }
 
@@ -266,32 +255,17 @@ pub fn punch(mib: u64) -> Result<PunchTimes> {
     })?;
     let mapped_memfd = {
         let size = usize::try_from(len).map_err(|_| Error::InvalidArgument("too large".into()))?;
-        // SAFETY: a new shared mapping of the memfd at a kernel-chosen
-        // address, unmapped below and referred to by nothing else.
-        let map = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                size,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &memfd,
-                0,
-            )
-        }
-        .map_err(Error::os("mmap memfd"))?;
+        let map = Map::new(&memfd, size, rustix::mm::MapFlags::SHARED)
+            .map_err(Error::os("mmap memfd"))?;
         // SAFETY: faults in (zero-filled) pages of the mapping made above,
         // mapped as gmem maps its pages (a read fault).
-        let populated =
-            unsafe { rustix::mm::madvise(map, size, rustix::mm::Advice::LinuxPopulateRead) }
-                .map_err(Error::os("MADV_POPULATE_READ"));
-        let time = populated.and_then(|()| {
-            timed(&|| {
-                rustix::fs::fallocate(&memfd, punch_flags, 0, len).map_err(Error::os("fallocate"))
-            })
-        });
-        // SAFETY: the mapping made above; nothing refers to it any more.
-        unsafe { rustix::mm::munmap(map, size) }.map_err(Error::os("munmap"))?;
-        time?
+        unsafe {
+            rustix::mm::madvise(map.at(0).cast(), size, rustix::mm::Advice::LinuxPopulateRead)
+        }
+        .map_err(Error::os("MADV_POPULATE_READ"))?;
+        timed(&|| {
+            rustix::fs::fallocate(&memfd, punch_flags, 0, len).map_err(Error::os("fallocate"))
+        })?
     };
 
     let kvm = kvm_ioctls::Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;

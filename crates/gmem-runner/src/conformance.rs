@@ -15,7 +15,8 @@ use crate::{Gpa, Vm};
 use gmem_kvm::native::GuestMemfd;
 use gmem_kvm::{Error, Result};
 
-/// Binds a guest_memfd range with no shared backing (`userspace_addr` 0).
+/// Binds a guest_memfd range with no shared backing (`userspace_addr` 0),
+/// in a VM of the conformance table, which never runs a vCPU.
 fn bind_private(
     native: &GuestMemfd,
     vm: &VmFd,
@@ -24,7 +25,8 @@ fn bind_private(
     size: u64,
     offset: u64,
 ) -> Result<()> {
-    // SAFETY: `userspace_addr` 0 maps no host memory into the guest.
+    // SAFETY: `userspace_addr` 0 maps no host memory into the guest, and
+    // the table's VMs run no vCPU that could reach the slot at all.
     unsafe { native.bind(vm, slot, gpa, size, offset, 0) }
 }
 
