@@ -177,3 +177,34 @@ fn ram_above_3_gib_is_placed_above_4_gib() {
     // The gap is no RAM: the host cannot reach it either.
     assert_eq!(vm.convert(Gpa(3 << 30), 4096, 0).unwrap_err().errno(), Errno::INVAL);
 }
+
+/// Fault-around adapts to the access pattern: a guest touching one page per
+/// 64 KiB on two vCPUs gets single pages and allocates what it touches
+/// (with a fixed 2 MiB batch it allocated 16 times that), while a guest
+/// touching every page in order gets growing batches, far fewer faults
+/// than pages.
+#[test]
+fn fault_around_follows_sparse_and_dense_guests() {
+    if !kvm() {
+        return;
+    }
+    use gmem_runner::bench::{first_touch, Backing};
+    let backing = Backing::Gmem { fault_around: gmem_kvm::DEFAULT_FAULT_AROUND_PAGES };
+    let sparse = gmem_guest::guest("sparse").unwrap();
+    let (_, report, allocated) = first_touch(sparse, 64, backing, 2).unwrap();
+    let touched = report
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("touched=")?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no touched= in {report}"));
+    let allocated = allocated.expect("a gmem run counts its allocated pages");
+    // 64 MiB, one page in 16, give or take the shares' edges.
+    assert!(touched >= 1000, "{report}");
+    assert!(allocated * 10 <= touched * 11, "{allocated} pages allocated for {touched} touched");
+
+    let (vm, _file) = Vm::with_ram(RAM).unwrap();
+    let report = run(&vm, "touch", 2, &|_, _| {});
+    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    let stats = vm.stats().memory;
+    assert!(stats.pages_served >= (RAM - (4 << 20)) / PAGE_SIZE / 2, "{stats:?}");
+    assert!(stats.faults * 16 <= stats.pages_served, "dense touches are batched: {stats:?}");
+}
