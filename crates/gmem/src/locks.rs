@@ -37,6 +37,8 @@ pub(crate) struct LockToken(u64);
 struct Table {
     locked: Vec<Held>,
     invalidating: Vec<Held>,
+    /// The token of the last run taken: tokens are unique per table.
+    last_token: u64,
 }
 
 impl Table {
@@ -60,11 +62,6 @@ impl Table {
     fn invalidating(&self, pages: PageRange) -> bool {
         self.invalidating.iter().any(|h| h.pages.overlaps(&pages))
     }
-}
-
-fn next_token() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Locks on runs of pages, and runs being invalidated.
@@ -101,7 +98,8 @@ impl PageLocks {
             }
             table = self.changed.wait(table).unwrap_or_else(|p| p.into_inner());
         }
-        let token = next_token();
+        table.last_token += 1;
+        let token = table.last_token;
         list(&mut table).push(Held { pages, thread, token });
         Ok(LockToken(token))
     }
