@@ -231,6 +231,8 @@ fn report_json(
         "syncs": syncs,
         "stats": {
             "pages_served": stats.memory.pages_served,
+            "allocated_pages": stats.memory.allocated_pages,
+            "kernel_handovers": stats.memory.kernel_handovers,
             "faults": stats.memory.faults,
             "invalidations": stats.memory.invalidations,
             "conversions": stats.memory.conversions,

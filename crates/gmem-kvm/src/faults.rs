@@ -1,8 +1,10 @@
 //! Serving guest page faults, driven by the VMM.
 //!
 //! KVM's first touch of a page in a region's window raises a userfaultfd
-//! event. The VMM either polls [`GuestMemory::fault_fd`] in its own event
-//! loop and calls [`GuestMemory::serve_faults`], or lets
+//! event (unless a sparse guest's region has handed first touches to the
+//! kernel: see [`first_touch`](crate::first_touch)). The VMM either polls
+//! [`GuestMemory::fault_fd`] in its own event loop and calls
+//! [`GuestMemory::serve_faults`], or lets
 //! [`GuestMemory::start_fault_server`] run a thread that does so and hands
 //! it the errors.
 //!
@@ -22,6 +24,7 @@ use gmem::PAGE_SIZE;
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::error::{Errno, Error, Result};
+use crate::first_touch::PROBE_AFTER;
 use crate::memory::GuestMemory;
 use crate::region::{Backing, FileBacking, PrivateRegion};
 use crate::Gpa;
@@ -56,7 +59,14 @@ impl GuestMemory {
 
     /// Serves every pending guest fault without blocking; returns how many
     /// it served, and the faults it could not serve (each fenced off).
+    ///
+    /// It also takes first touches back from the kernel where it has
+    /// served them for [`PROBE_AFTER`] (see [`first_touch`](crate::first_touch)):
+    /// a VMM that wants a guest turned sequential to get its batches back
+    /// calls this at least that often, fault or not
+    /// ([`start_fault_server`](Self::start_fault_server) does).
     pub fn serve_faults(&self) -> Result<(usize, Vec<FaultError>)> {
+        self.take_back_first_touches();
         let mut faults = Vec::new();
         self.uffd.read_faults(&mut faults)?;
         let mut failed = Vec::new();
@@ -126,9 +136,13 @@ impl GuestMemory {
     fn serve_until_stopped(&self, waiter: &OwnedFd, report: impl Fn(Error)) {
         use rustix::event::epoll;
         let mut events = Vec::with_capacity(2);
+        let probe = rustix::event::Timespec::try_from(PROBE_AFTER).unwrap_or_default();
         loop {
             events.clear();
-            match epoll::wait(waiter, rustix::buffer::spare_capacity(&mut events), None) {
+            // While the kernel serves some region's first touches, wake up
+            // to take them back in time.
+            let timeout = self.kernel_serves_first_touches().then_some(&probe);
+            match epoll::wait(waiter, rustix::buffer::spare_capacity(&mut events), timeout) {
                 Ok(_) | Err(Errno::INTR) => {}
                 Err(errno) => return report(Error::Os { op: "epoll_wait", errno }),
             }
@@ -164,6 +178,7 @@ impl GuestMemory {
             return Ok(());
         };
         let Backing::File(f) = &region.backing else { return Ok(()) };
+        let serving = f.first_touch.serving();
         let page = (addr - f.window_addr()) / PAGE_SIZE;
         // Fault-around adapts to the access pattern, like the page cache's
         // read-ahead: a fault where a recent batch ended continues a
@@ -171,8 +186,13 @@ impl GuestMemory {
         // twice as long, up to the fault-around size (then the next batch
         // is mapped too, while the vCPU runs on); a fault anywhere else gets
         // its page alone, so that a sparse guest allocates what it touches.
-        let len = f.streams.continues(page).map_or(1, |len| (2 * len).min(self.fault_around));
+        let continued = f.streams.continues(page);
+        let len = continued.map_or(1, |len| (2 * len).min(self.fault_around));
         let sequential = len == self.fault_around && len > 1;
+        // Recorded before the batch wakes the vCPU, whose next fault (on
+        // another fault thread, maybe) must find it.
+        let end = (page + len).min(region.pages());
+        f.streams.record(end, len);
         // A batch that cannot be served (a page of it locked for good, cut
         // off by a truncate) is retried as the faulting page alone: only a
         // page that cannot be served itself is fenced.
@@ -190,14 +210,34 @@ impl GuestMemory {
             // Another fault mapped the page first; wake whoever waits on it.
             let _ = self.uffd.wake(f.window_addr() + page * PAGE_SIZE, PAGE_SIZE);
         }
-        let mut end = page + len;
-        if sequential && end < region.pages() && self.serve_batch(&region, f, end, len, end).is_ok()
-        {
-            end += len;
+        if sequential && end < region.pages() {
+            f.streams.record((end + len).min(region.pages()), len);
+            let _ = self.serve_batch(&region, f, end, len, end);
         }
-        f.streams.record(end.min(region.pages()), len);
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        drop(serving);
+        // A page someone else mapped first says nothing of the pattern.
+        if served > 0 {
+            f.first_touch.record(continued.is_none(), &self.uffd, &f.window);
+        }
         Ok(())
+    }
+
+    /// Whether the kernel serves some region's first touches.
+    fn kernel_serves_first_touches(&self) -> bool {
+        self.regions()
+            .iter()
+            .any(|r| r.file_backing().is_some_and(|f| f.first_touch.kernel_serves()))
+    }
+
+    /// Takes first touches back from the kernel in every region where it
+    /// has served them for [`PROBE_AFTER`].
+    fn take_back_first_touches(&self) {
+        for region in self.regions().iter() {
+            if let Some(f) = region.file_backing() {
+                f.first_touch.take_back(&self.uffd, &f.window);
+            }
+        }
     }
 
     /// Maps the unmapped pages of the `len` pages from region page `start`

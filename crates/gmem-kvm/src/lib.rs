@@ -57,6 +57,7 @@ mod bits;
 pub mod convert;
 mod error;
 pub mod faults;
+pub mod first_touch;
 pub mod harden;
 mod host;
 pub mod memory;

@@ -25,7 +25,7 @@ use crate::native::{
     GuestMemfd, GuestMemfdMap, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
 };
 use crate::region::{Backing, FileBacking, NativeBacking, PageState, PrivateRegion, RegionSpec};
-use crate::uffd::Userfaultfd;
+use crate::uffd::{Registration, Userfaultfd};
 use crate::Gpa;
 
 /// Pages served per fault by default: 512 (2 MiB, the huge-page size).
@@ -78,6 +78,15 @@ pub struct MemoryStats {
     pub metadata_bytes: u64,
     /// Pages of guest RAM in all regions.
     pub pages: u64,
+    /// Times a region handed its first touches to the kernel (its faults
+    /// kept landing away from every recent batch: a sparse guest); see
+    /// [`first_touch`](crate::first_touch).
+    pub kernel_handovers: u64,
+    /// Regions whose first touches the kernel serves now.
+    pub kernel_serving_regions: u64,
+    /// Pages allocated in the regions' gmem files (each file counted once),
+    /// by gmem or, after a hand-over, by the kernel.
+    pub allocated_pages: u64,
 }
 
 #[derive(Default)]
@@ -350,9 +359,9 @@ impl GuestMemory {
         let RegionSpec { slot, gpa, ref file, file_offset: FileOffset(offset), size } = *spec;
         let binding = file.bind(self)?;
         let window = binding.map_window(FileOffset(offset), size)?;
-        self.uffd.register(window.as_ptr() as u64, size)?;
+        self.uffd.register(window.as_ptr() as u64, size, Registration::MissingAndMinor)?;
         let host_view = binding.map_window(FileOffset(offset), size)?;
-        self.host_uffd.register(host_view.as_ptr() as u64, size)?;
+        self.host_uffd.register(host_view.as_ptr() as u64, size, Registration::MissingAndMinor)?;
         let backing = Backing::File(Box::new(FileBacking {
             file_offset: offset,
             file_id: file.id(),
@@ -362,6 +371,7 @@ impl GuestMemory {
             host_view,
             host_mapped: PageBits::new(size / PAGE_SIZE),
             streams: crate::region::Streams::default(),
+            first_touch: crate::first_touch::FirstTouch::default(),
         }));
         Ok(PrivateRegion::new(slot, gpa, size, backing))
     }
@@ -572,6 +582,14 @@ impl GuestMemory {
     pub fn stats(&self) -> MemoryStats {
         let c = &self.counters;
         let regions = self.regions();
+        let first_touches =
+            || regions.iter().filter_map(|r| r.file_backing()).map(|f| &f.first_touch);
+        let mut files: Vec<&Arc<gmem::PrivateMemFile>> = Vec::new();
+        for file in regions.iter().filter_map(|r| r.file()) {
+            if !files.iter().any(|f| Arc::ptr_eq(f, file)) {
+                files.push(file);
+            }
+        }
         MemoryStats {
             pages_served: c.pages_served.load(Ordering::Relaxed),
             faults: c.faults.load(Ordering::Relaxed),
@@ -584,6 +602,9 @@ impl GuestMemory {
             listener_panics: c.listener_panics.load(Ordering::Relaxed),
             metadata_bytes: regions.iter().map(|r| r.metadata_bytes() as u64).sum(),
             pages: regions.iter().map(|r| r.pages()).sum(),
+            kernel_handovers: first_touches().map(|t| t.handovers.load(Ordering::Relaxed)).sum(),
+            kernel_serving_regions: first_touches().filter(|t| t.kernel_serves()).count() as u64,
+            allocated_pages: files.iter().map(|f| f.stats().allocated_pages).sum(),
         }
     }
 }

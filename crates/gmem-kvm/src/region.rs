@@ -12,6 +12,7 @@ use gmem::{
 };
 
 use crate::bits::PageBits;
+use crate::first_touch::FirstTouch;
 use crate::native::{GuestMemfd, GuestMemfdMap};
 use crate::Gpa;
 
@@ -69,6 +70,8 @@ pub(crate) struct FileBacking {
     pub(crate) host_mapped: PageBits,
     /// Where recent faults' batches ended: a fault there is sequential.
     pub(crate) streams: Streams,
+    /// Whether gmem or the kernel serves first touches.
+    pub(crate) first_touch: FirstTouch,
 }
 
 /// Where the last few faults' batches ended, and how long they were: one

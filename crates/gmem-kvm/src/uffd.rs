@@ -11,7 +11,9 @@ use linux_raw_sys::general::{
     UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT,
     UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS,
 };
-use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_REGISTER, UFFDIO_WAKE};
+use linux_raw_sys::ioctl::{
+    UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE,
+};
 use rustix::io::Errno;
 use rustix::mm::UserfaultfdFlags;
 
@@ -32,8 +34,36 @@ impl UffdArg for uffdio_register {
 impl UffdArg for uffdio_continue {
     const REQUEST: u32 = UFFDIO_CONTINUE;
 }
-impl UffdArg for uffdio_range {
+/// `UFFDIO_WAKE`'s range.
+#[repr(transparent)]
+struct Wake(uffdio_range);
+impl UffdArg for Wake {
     const REQUEST: u32 = UFFDIO_WAKE;
+}
+/// `UFFDIO_UNREGISTER`'s range.
+#[repr(transparent)]
+struct Unregister(uffdio_range);
+impl UffdArg for Unregister {
+    const REQUEST: u32 = UFFDIO_UNREGISTER;
+}
+
+/// Which faults of a registered range are reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Registration {
+    /// Every first touch (missing) and every touch of a page in the file
+    /// but not mapped here (minor).
+    MissingAndMinor,
+    /// Minor faults only: the kernel allocates holes itself.
+    MinorOnly,
+}
+
+impl Registration {
+    fn other(self) -> Self {
+        match self {
+            Self::MissingAndMinor => Self::MinorOnly,
+            Self::MinorOnly => Self::MissingAndMinor,
+        }
+    }
 }
 
 /// A userfaultfd for shmem ranges, registered for missing and minor faults.
@@ -98,11 +128,17 @@ impl Userfaultfd {
         Ok(())
     }
 
-    /// Reports missing and minor faults on `[addr, addr + len)`.
-    pub(crate) fn register(&self, addr: u64, len: u64) -> Result<()> {
+    /// Reports the faults `registration` names on `[addr, addr + len)`.
+    pub(crate) fn register(&self, addr: u64, len: u64, registration: Registration) -> Result<()> {
+        let mode = match registration {
+            Registration::MissingAndMinor => {
+                UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR
+            }
+            Registration::MinorOnly => UFFDIO_REGISTER_MODE_MINOR,
+        };
         let mut reg = uffdio_register {
             range: uffdio_range { start: addr, len },
-            mode: (UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR).into(),
+            mode: mode.into(),
             ioctls: 0,
         };
         self.ioctl(&mut reg, "UFFDIO_REGISTER")?;
@@ -112,6 +148,18 @@ impl Userfaultfd {
             ));
         }
         Ok(())
+    }
+
+    /// Registers `[addr, addr + len)` (registered as the other
+    /// [`Registration`]) anew as `registration`. The kernel wakes the
+    /// faults pending there (they fault again, and are served as the new
+    /// registration says); where the new registration fails, the old one
+    /// is restored.
+    pub(crate) fn reregister(&self, addr: u64, len: u64, registration: Registration) -> Result<()> {
+        self.ioctl(&mut Unregister(uffdio_range { start: addr, len }), "UFFDIO_UNREGISTER")?;
+        self.register(addr, len, registration).inspect_err(|_| {
+            let _ = self.register(addr, len, registration.other());
+        })
     }
 
     /// Maps the page-cache pages of `[addr, addr + len)` and wakes the
@@ -145,8 +193,7 @@ impl Userfaultfd {
 
     /// Wakes threads waiting on faults in `[addr, addr + len)`.
     pub(crate) fn wake(&self, addr: u64, len: u64) -> Result<()> {
-        let mut range = uffdio_range { start: addr, len };
-        self.ioctl(&mut range, "UFFDIO_WAKE")
+        self.ioctl(&mut Wake(uffdio_range { start: addr, len }), "UFFDIO_WAKE")
     }
 
     /// Reads pending page-fault addresses into `out`; returns when none is left.

@@ -36,7 +36,9 @@ fn vm_on(backing: Backing, ram: u64) -> Result<Vm> {
         }
         Backing::Anonymous => {
             let vm = Vm::new()?;
-            vm.add_anonymous_memory(Gpa(0), ram)?;
+            for (gpa, size) in crate::boot::ram_regions(ram) {
+                vm.add_anonymous_memory(gpa, size)?;
+            }
             Ok(vm)
         }
         Backing::Native => Vm::with_native_ram(ram),

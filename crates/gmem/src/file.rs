@@ -13,10 +13,12 @@
 //!   seals are the kernel's own. `F_SEAL_WRITE`/`F_SEAL_FUTURE_WRITE` cannot
 //!   be used for the GUEST seal, since they would forbid the writable windows
 //!   KVM needs.
-//! - Every allocated page is mapped in the file's frame window, the one
+//! - Every page gmem allocates is mapped in the file's frame window, a
 //!   mapping locked in RAM (`mlock2(MLOCK_ONFAULT)`, so never swapped): the
 //!   file costs its size in `RLIMIT_MEMLOCK`, once, however many windows an
-//!   owner maps. Every mapping of a sealed file is excluded from core dumps
+//!   owner maps. An owner that lets the kernel allocate pages through its
+//!   window locks that window too ([`OwnerWindow::lock_in_ram`], charged
+//!   again). Every mapping of a sealed file is excluded from core dumps
 //!   and from forked children.
 //! - Not enforceable from user space: code of this process that opens
 //!   `/proc/self/fd/N` or reads `/proc/self/mem`, ptrace by a privileged

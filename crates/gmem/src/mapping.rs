@@ -215,4 +215,13 @@ impl OwnerWindow {
     pub fn file_offset(&self) -> crate::FileOffset {
         crate::FileOffset(self.offset)
     }
+
+    /// Locks the window's pages in RAM as they are faulted in, for an owner
+    /// that lets the kernel allocate pages through it (which the frame
+    /// window then does not hold). Charges the window's length to
+    /// `RLIMIT_MEMLOCK` (`EAGAIN`/`ENOMEM`/`EPERM` beyond it, as
+    /// [`Error::MemlockLimit`](crate::Error::MemlockLimit)).
+    pub fn lock_in_ram(&self) -> Result<()> {
+        self.map.lock_in_ram()
+    }
 }
