@@ -24,7 +24,7 @@ use gmem::PAGE_SIZE;
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::error::{Errno, Error, Result};
-use crate::first_touch::PROBE_AFTER;
+use crate::first_touch::{PROBE_AFTER, SCATTERED_FAULTS, SCATTERED_FAULTS_WHILE_SPARSE};
 use crate::memory::GuestMemory;
 use crate::region::{Backing, FileBacking, PrivateRegion};
 use crate::Gpa;
@@ -218,7 +218,13 @@ impl GuestMemory {
         drop(serving);
         // A page someone else mapped first says nothing of the pattern.
         if served > 0 {
-            f.first_touch.record(continued.is_none(), &self.uffd, &f.window);
+            let scattered = continued.is_none();
+            let threshold = if scattered && self.kernel_serves_first_touches() {
+                SCATTERED_FAULTS_WHILE_SPARSE
+            } else {
+                SCATTERED_FAULTS
+            };
+            f.first_touch.record(scattered, threshold, &self.uffd, &f.window);
         }
         Ok(())
     }

@@ -20,8 +20,9 @@
 //!
 //! Nothing tells gmem how a region is touched while the kernel serves it,
 //! so every [`PROBE_AFTER`] gmem takes first touches back: a sparse guest
-//! hands them over again after [`SCATTERED_FAULTS`] faults, a guest that
-//! has turned sequential keeps its batches.
+//! hands them over again after [`SCATTERED_FAULTS`] faults (fewer while
+//! another region is handed over), a guest that has turned sequential
+//! keeps its batches.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -35,6 +36,12 @@ use crate::uffd::{Registration, Userfaultfd};
 /// serves a region's first touches (more than vCPUs starting to touch
 /// memory at once, each one fault away from its own stream).
 pub const SCATTERED_FAULTS: u32 = 32;
+
+/// The same, while the kernel serves another region's first touches: the
+/// guest is known to be sparse, and a VMM's RAM in many regions (memslots)
+/// should not pay the full count in each. A sequential toucher still never
+/// gets there: only the first fault of its stream is away from a batch.
+pub const SCATTERED_FAULTS_WHILE_SPARSE: u32 = 4;
 
 /// How long the kernel serves a region's first touches before gmem takes
 /// them back to look again.
@@ -80,16 +87,23 @@ impl FirstTouch {
     }
 
     /// Counts a served fault of `window`, `scattered` or continuing a
-    /// batch; after [`SCATTERED_FAULTS`] scattered ones in a row, hands
+    /// batch; after `threshold` scattered ones in a row
+    /// ([`SCATTERED_FAULTS`] or [`SCATTERED_FAULTS_WHILE_SPARSE`]), hands
     /// first touches to the kernel. Not called with
     /// [`serving`](Self::serving) held. Where the window cannot be locked
     /// or registered anew, gmem goes on serving.
-    pub(crate) fn record(&self, scattered: bool, uffd: &Userfaultfd, window: &OwnerWindow) {
+    pub(crate) fn record(
+        &self,
+        scattered: bool,
+        threshold: u32,
+        uffd: &Userfaultfd,
+        window: &OwnerWindow,
+    ) {
         if !scattered {
             self.scattered.store(0, Ordering::Relaxed);
             return;
         }
-        if self.scattered.fetch_add(1, Ordering::Relaxed) + 1 < SCATTERED_FAULTS {
+        if self.scattered.fetch_add(1, Ordering::Relaxed) + 1 < threshold {
             return;
         }
         let mut since = self.kernel_since.write().unwrap_or_else(|p| p.into_inner());

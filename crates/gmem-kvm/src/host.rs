@@ -18,37 +18,50 @@ use crate::region::{Backing, PrivateRegion};
 use crate::Gpa;
 
 impl GuestMemory {
-    /// Reads shared guest memory at `gpa` into `buf`, after any conversion
-    /// or punch of the range under way. `EPERM` naming the GPA if any page
-    /// is private; `EINVAL` for a range outside one region; `EAGAIN` if the
-    /// file is being punched directly (not through this memory) right now,
-    /// or if this thread already held an access when a change began.
+    /// Reads shared guest memory at `gpa` into `buf` (across adjacent
+    /// regions too), after any conversion or punch of the range under way.
+    /// Nothing is read unless all of it can be: `EPERM` naming the GPA if
+    /// any page is private; `EINVAL` where a byte lies outside every
+    /// region; `EAGAIN` if the file is being punched directly (not through
+    /// this memory) right now, or if this thread already held an access
+    /// when a change began.
     pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
         let _shared = self.shared_when_stable(Some(gpa.0..gpa.0.saturating_add(buf.len() as u64)));
-        let slice = self.host_slice(gpa, buf.len())?;
-        slice.copy_to(buf);
+        let mut at = 0;
+        for slice in self.host_slices(gpa, buf.len())? {
+            slice.copy_to(&mut buf[at..at + slice.len()]);
+            at += slice.len();
+        }
         Ok(())
     }
 
-    /// Writes `data` into shared guest memory at `gpa`; errors as
-    /// [`read`](Self::read).
+    /// Writes `data` into shared guest memory at `gpa`, all of it or
+    /// nothing; errors as [`read`](Self::read).
     pub fn write(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
         let _shared = self.shared_when_stable(Some(gpa.0..gpa.0.saturating_add(data.len() as u64)));
-        let slice = self.host_slice(gpa, data.len())?;
-        slice.copy_from(data);
+        let mut at = 0;
+        for slice in self.host_slices(gpa, data.len())? {
+            slice.copy_from(&data[at..at + slice.len()]);
+            at += slice.len();
+        }
         Ok(())
     }
 
-    /// The host view of `[gpa, gpa + len)`, every page shared and mapped.
-    /// The caller holds the access lock shared for as long as it uses it.
-    fn host_slice(&self, gpa: Gpa, len: usize) -> Result<VolatileSlice<'_>> {
-        let region = self.region_holding(gpa, len as u64)?;
-        let host = self.map_shared(&region, gpa.0 - region.gpa.0, len)?;
-        // SAFETY: `host` points at `len` bytes of the region's host view
-        // (map_shared checked the range), mapped and shared; the caller's
-        // shared hold on the access lock keeps them so for the slice's use,
-        // and the region, owned by the memory, outlives the borrow.
-        Ok(unsafe { VolatileSlice::new(host, len) })
+    /// The host view of `[gpa, gpa + len)`, one slice per region it spans,
+    /// every page shared and mapped. The caller holds the access lock
+    /// shared for as long as it uses them.
+    fn host_slices(&self, gpa: Gpa, len: usize) -> Result<Vec<VolatileSlice<'_>>> {
+        let mut slices = Vec::new();
+        for (region, offset, part) in self.parts(gpa, len as u64)? {
+            let host = self.map_shared(&region, offset, part as usize)?;
+            // SAFETY: `host` points at `part` bytes of the region's host
+            // view (map_shared checked the range), mapped and shared; the
+            // caller's shared hold on the access lock keeps them so for the
+            // slice's use, and the region, owned by the memory, outlives
+            // the borrow.
+            slices.push(unsafe { VolatileSlice::new(host, part as usize) });
+        }
+        Ok(slices)
     }
 
     /// Checks that the `len` bytes at region offset `offset` are shared and

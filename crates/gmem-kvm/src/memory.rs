@@ -423,13 +423,6 @@ impl GuestMemory {
         self.region_of(gpa)?.page_state(gpa)
     }
 
-    /// The region holding all of `[gpa, gpa + len)`; `EINVAL` if none does.
-    pub(crate) fn region_holding(&self, gpa: Gpa, len: u64) -> Result<Arc<PrivateRegion>> {
-        self.region_of(gpa)
-            .filter(|r| len <= r.size - (gpa.0 - r.gpa.0))
-            .ok_or_else(|| outside(gpa, len))
-    }
-
     /// Regions covering `[gpa, gpa + len)` without a gap, in GPA order,
     /// each with its pages of the range; `EINVAL` where RAM has a hole.
     pub(crate) fn regions_covering(
@@ -437,22 +430,43 @@ impl GuestMemory {
         gpa: Gpa,
         len: u64,
     ) -> Result<Vec<(Arc<PrivateRegion>, std::ops::Range<u64>)>> {
+        let parts = self.parts(gpa, len)?;
+        Ok(parts
+            .into_iter()
+            .map(|(region, offset, len)| {
+                let pages = region.pages_of(Gpa(region.gpa.0 + offset), len);
+                (region, pages)
+            })
+            .collect())
+    }
+
+    /// The parts of `[gpa, gpa + len)` in each region that covers it, in
+    /// GPA order: region, offset in it, length; `EINVAL` where RAM has a
+    /// hole. Adjacent regions (a VMM's RAM in several memslots) serve one
+    /// range together. An empty range is one empty part, of the region
+    /// holding `gpa`.
+    pub(crate) fn parts(&self, gpa: Gpa, len: u64) -> Result<Vec<(Arc<PrivateRegion>, u64, u64)>> {
         let end = gpa.0.checked_add(len).ok_or_else(|| outside(gpa, len))?;
-        let mut covering = Vec::new();
+        if len == 0 {
+            let region = self.region_of(gpa).ok_or_else(|| outside(gpa, len))?;
+            return Ok(vec![(region.clone(), gpa.0 - region.gpa.0, 0)]);
+        }
+        let mut parts = Vec::new();
         let mut at = gpa.0;
         while at < end {
             let region = self.region_of(Gpa(at)).ok_or_else(|| outside(gpa, len))?;
             let upto = end.min(region.gpa.0 + region.size);
-            covering.push((region.clone(), region.pages_of(Gpa(at), upto - at)));
+            parts.push((region.clone(), at - region.gpa.0, upto - at));
             at = upto;
         }
-        Ok(covering)
+        Ok(parts)
     }
 
     /// Launch-time populate: copies `bytes` into private memory at `gpa`
     /// (the one host write a sealed file accepts, like guest_memfd's
     /// populate, or SEV's LAUNCH_UPDATE_DATA). `EPERM` after
-    /// [`finish_launch`](Self::finish_launch); `EINVAL` outside one region.
+    /// [`finish_launch`](Self::finish_launch); `EINVAL` where no region
+    /// holds a byte of it (nothing is written then).
     pub fn populate(&self, gpa: Gpa, bytes: &[u8]) -> Result<()> {
         if self.launched.load(Ordering::SeqCst) {
             return Err(Error::NotPermitted("populate: the launch is finished".into()));
@@ -460,17 +474,20 @@ impl GuestMemory {
         if bytes.is_empty() {
             return Ok(());
         }
-        let region = self.region_holding(gpa, bytes.len() as u64)?;
-        let offset = gpa.0 - region.gpa.0;
-        match &region.backing {
-            Backing::File(f) => f.binding.populate(FileOffset(f.file_offset + offset), bytes)?,
-            Backing::GuestMemfd(n) => {
-                let host = n.map.addr().wrapping_add(offset as usize);
-                // SAFETY: the `bytes.len()` bytes at `host` lie inside the
-                // guest_memfd's mapping (region_holding checked the range),
-                // which the region owns; the guest may write them too, so
-                // the copy is volatile.
-                unsafe { vm_memory::VolatileSlice::new(host, bytes.len()) }.copy_from(bytes);
+        let mut rest = bytes;
+        for (region, offset, len) in self.parts(gpa, bytes.len() as u64)? {
+            let (part, after) = rest.split_at(len as usize);
+            rest = after;
+            match &region.backing {
+                Backing::File(f) => f.binding.populate(FileOffset(f.file_offset + offset), part)?,
+                Backing::GuestMemfd(n) => {
+                    let host = n.map.addr().wrapping_add(offset as usize);
+                    // SAFETY: the `part.len()` bytes at `host` lie inside the
+                    // guest_memfd's mapping (`parts` clipped them to the
+                    // region), which the region owns; the guest may write
+                    // them too, so the copy is volatile.
+                    unsafe { vm_memory::VolatileSlice::new(host, part.len()) }.copy_from(part);
+                }
             }
         }
         Ok(())
@@ -487,9 +504,9 @@ impl GuestMemory {
     /// hole punch on the file, with invalidation; the guest reads zero there
     /// afterwards. Its invalidation waits for host accesses to the memory to
     /// end; `EDEADLK` if this thread holds one. `EINVAL` for unaligned
-    /// ranges or ranges outside one region.
+    /// ranges or ranges with a byte outside every region.
     pub fn punch(&self, gpa: Gpa, len: u64) -> Result<()> {
-        let region = self.region_holding(gpa, len)?;
+        let covering = self.regions_covering(gpa, len)?;
         if gpa.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
             return Err(Error::InvalidArgument(format!(
                 "punch of {:#x}+{len:#x}: must be page-aligned and non-empty",
@@ -497,7 +514,7 @@ impl GuestMemory {
             )));
         }
         let _changing = self.begin_change("punch", gpa.0..gpa.0 + len)?;
-        self.discard(&region, region.pages_of(gpa, len))
+        covering.iter().try_for_each(|(region, pages)| self.discard(region, pages.clone()))
     }
 
     /// Marks `range` as changing once no host access is under way (`EDEADLK`
@@ -633,7 +650,7 @@ fn overlaps(a: &std::ops::Range<u64>, b: &std::ops::Range<u64>) -> bool {
 
 pub(crate) fn outside(gpa: Gpa, len: u64) -> Error {
     Error::InvalidArgument(format!(
-        "{:#x}..{:#x} is not inside guest RAM (one region)",
+        "{:#x}..{:#x} is not inside guest RAM",
         gpa.0,
         gpa.0.saturating_add(len)
     ))

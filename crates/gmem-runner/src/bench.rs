@@ -58,8 +58,8 @@ pub fn first_touch(
     let ram = TOUCH_BASE + (mib << 20) + (2 << 20) + u64::from(vcpus) * crate::boot::STACK_SIZE;
     let ram = ram.div_ceil(2 << 20) * (2 << 20);
     let vm = vm_on(backing, ram)?;
-    let allocated =
-        || vm.memory().regions().first().and_then(|r| r.file()).map(|f| f.stats().allocated_pages);
+    let on_gmem = matches!(backing, Backing::Gmem { .. });
+    let allocated = || on_gmem.then(|| vm.memory().stats().allocated_pages);
     let mut at_launch = None;
     let (console, time) = run_with(&vm, touch_guest, ram, vcpus, &mut || at_launch = allocated())?;
     let touched = allocated().zip(at_launch).map(|(after, before)| after - before);

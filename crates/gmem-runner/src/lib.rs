@@ -33,4 +33,4 @@ mod vm;
 pub use boot::GuestImage;
 pub use gmem_kvm::Gpa;
 pub use vcpu::ports;
-pub use vm::{Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats};
+pub use vm::{Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats, RAM_FILE_SIZE};

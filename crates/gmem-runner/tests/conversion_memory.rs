@@ -31,7 +31,8 @@ fn memory_is_not_held_twice_after_conversions() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     const LEN: u64 = 16 << 20;
     const BASE: u64 = 0x100_0000;
-    let (vm, file) = Vm::with_ram(RAM).unwrap();
+    let (vm, files) = Vm::with_ram(RAM).unwrap();
+    let file = &files[0];
     let allocated = file.stats().allocated_pages;
     let resident = status_kib("RssShmem:");
     let data = vec![0x5a; LEN as usize];

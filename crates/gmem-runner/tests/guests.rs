@@ -16,7 +16,8 @@ fn demo_guest_exits_zero_on_private_memory() {
         return;
     }
     for vcpus in [1, 2] {
-        let (vm, file) = Vm::with_ram(RAM).unwrap();
+        let (vm, files) = Vm::with_ram(RAM).unwrap();
+        let file = &files[0];
         let report = run(&vm, "demo", vcpus, &|_, _| {});
         assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
         assert!(console(&report).contains(&format!("gmem demo: {vcpus} vCPU(s) filled 4 MiB")));
@@ -108,7 +109,8 @@ fn file_outlives_the_vm_and_can_be_punched() {
     if !kvm() {
         return;
     }
-    let (vm, file) = Vm::with_ram(RAM).unwrap();
+    let (vm, files) = Vm::with_ram(RAM).unwrap();
+    let file = &files[0];
     let report = run(&vm, "punch", 1, &|_, _| {});
     assert_eq!(report.outcome, Outcome::Exit(0));
     assert!(file.is_bound());
@@ -122,7 +124,7 @@ fn file_outlives_the_vm_and_can_be_punched() {
     // A new VM may own it now.
     file.set_len(RAM).unwrap();
     let (vm2, _) = Vm::with_ram(RAM).unwrap();
-    vm2.add_private_memory(Gpa(RAM), &file, FileOffset(0), RAM).unwrap();
+    vm2.add_private_memory(Gpa(RAM), file, FileOffset(0), RAM).unwrap();
 }
 
 #[test]
@@ -172,8 +174,16 @@ fn ram_above_3_gib_is_placed_above_4_gib() {
     let report = vm.run(&image, ram, &config, &|_, _| {}).unwrap();
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     assert!(console(&report).contains("2 RAM region(s) ok"), "{}", console(&report));
-    assert_eq!(vm.memory().regions().len(), 2);
-    assert_eq!(vm.memory().regions()[1].gpa(), Gpa(4 << 30));
+    // Below the gap and from 4 GiB, in files of at most RAM_FILE_SIZE.
+    let regions = vm.memory().regions();
+    let mut spans: Vec<_> = regions.iter().map(|r| (r.gpa().0, r.gpa().0 + r.size())).collect();
+    spans.sort();
+    assert_eq!(spans.first().unwrap().0, 0);
+    assert!(spans.iter().any(|&(start, _)| start == 4 << 30), "{spans:?}");
+    assert!(spans.iter().all(|&(_, end)| end <= 3 << 30 || end > 4 << 30), "{spans:?}");
+    assert_eq!(spans.last().unwrap().1, ram + (1 << 30), "1.5 GiB above 4 GiB");
+    let covered: u64 = spans.iter().map(|(start, end)| end - start).sum();
+    assert_eq!(covered, ram);
     // The gap is no RAM: the host cannot reach it either.
     assert_eq!(vm.convert(Gpa(3 << 30), 4096, 0).unwrap_err().errno(), Errno::INVAL);
 }
@@ -238,7 +248,8 @@ fn a_sparse_guest_hands_its_first_touches_to_the_kernel() {
     if !kvm() {
         return;
     }
-    let (vm, file) = Vm::with_ram(RAM).unwrap();
+    let (vm, files) = Vm::with_ram(RAM).unwrap();
+    let file = &files[0];
     let image = gmem_runner::GuestImage::parse(gmem_guest::guest("sparse").unwrap(), RAM).unwrap();
     vm.load(&image, RAM, 1).unwrap();
     let at_launch = file.stats().allocated_pages;
@@ -287,4 +298,49 @@ fn a_benchmark_baseline_past_3_gib_runs() {
     let (_, report, allocated) = first_touch(sparse, 3100, Backing::Anonymous, 1).unwrap();
     assert!(touched(&report) >= (3100 << 20) / (64 << 10), "{report}");
     assert_eq!(allocated, None, "anonymous memory has no file");
+}
+
+/// RAM past `RAM_FILE_SIZE` spans several files, one memslot each, and a
+/// range across two of them is one range to the library: populate,
+/// conversions, host reads and writes (all or nothing) and punches.
+#[test]
+fn ranges_span_adjacent_regions() {
+    if !kvm() {
+        return;
+    }
+    use gmem_kvm::PageState;
+    let boundary = gmem_runner::RAM_FILE_SIZE;
+    let (vm, files) = Vm::with_ram(2 * boundary).unwrap();
+    assert_eq!(files.len(), 2);
+    assert_eq!(vm.memory().regions().len(), 2);
+    let memory = vm.memory();
+    let at = Gpa(boundary - 2 * PAGE_SIZE);
+    memory.populate(at, &[0xab; 4 * PAGE_SIZE as usize]).unwrap();
+    assert!(files.iter().all(|f| f.stats().allocated_pages == 2), "both files hold their half");
+
+    assert_eq!(memory.convert(at, 4 * PAGE_SIZE, PageState::Shared).unwrap(), 4);
+    let mut back = vec![0xff; 4 * PAGE_SIZE as usize];
+    memory.read(at, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0), "converted pages read zero");
+    let data: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+    memory.write(at, &data).unwrap();
+    memory.read(at, &mut back).unwrap();
+    assert_eq!(back, data);
+
+    // One private page past the end: nothing is read or written.
+    let longer = vec![0x11; 5 * PAGE_SIZE as usize];
+    assert_eq!(memory.write(at, &longer).unwrap_err().errno(), Errno::PERM);
+    let mut longer_back = vec![0; 5 * PAGE_SIZE as usize];
+    assert_eq!(memory.read(at, &mut longer_back).unwrap_err().errno(), Errno::PERM);
+    memory.read(at, &mut back).unwrap();
+    assert_eq!(back, data, "a refused write wrote nothing");
+
+    memory.punch(at, 4 * PAGE_SIZE).unwrap();
+    let left: Vec<_> = files.iter().map(|f| f.stats()).collect();
+    assert!(left.iter().all(|s| s.allocated_pages == 0), "both halves freed: {left:?}");
+    memory.read(at, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0), "punched pages read zero");
+    // A range that runs past RAM is refused whole.
+    let end = Gpa(2 * boundary - PAGE_SIZE);
+    assert_eq!(memory.punch(end, 2 * PAGE_SIZE).unwrap_err().errno(), Errno::INVAL);
 }

@@ -244,7 +244,8 @@ fn conversions_racing_direct_file_punches_do_not_deadlock() {
     if !kvm() {
         return;
     }
-    let (vm, file) = Vm::with_ram(RAM).unwrap();
+    let (vm, files) = Vm::with_ram(RAM).unwrap();
+    let file = files[0].clone();
     let (done, finished) = std::sync::mpsc::channel();
     let vm = Arc::new(vm);
     let worker = vm.clone();
