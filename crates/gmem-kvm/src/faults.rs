@@ -186,7 +186,13 @@ impl GuestMemory {
         // twice as long, up to the fault-around size (then the next batch
         // is mapped too, while the vCPU runs on); a fault anywhere else gets
         // its page alone, so that a sparse guest allocates what it touches.
-        let continued = f.streams.continues(page);
+        let continued = f.streams.continues(page).or_else(|| {
+            // A stream that ran to the end of the region just below (RAM
+            // in several memslots) goes on here.
+            let below = self.region_of(Gpa(region.gpa.0.checked_sub(1)?))?;
+            let below_file = below.file_backing()?;
+            (page == 0).then(|| below_file.streams.continues(below.pages()))?
+        });
         let len = continued.map_or(1, |len| (2 * len).min(self.fault_around));
         let sequential = len == self.fault_around && len > 1;
         // Recorded before the batch wakes the vCPU, whose next fault (on
