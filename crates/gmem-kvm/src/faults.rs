@@ -202,7 +202,13 @@ impl GuestMemory {
         // A batch that cannot be served (a page of it locked for good, cut
         // off by a truncate) is retried as the faulting page alone: only a
         // page that cannot be served itself is fenced.
-        let served = self.serve_batch(&region, f, page, len, page);
+        // A fault on a read-ahead batch's first page finds the rest of the
+        // batch mapped: only that page is served before the vCPU goes on.
+        let now = match f.mapped.runs(page..end, false).first() {
+            Some(run) if sequential && run.start == page => run.end - page,
+            _ => len,
+        };
+        let served = self.serve_batch(&region, f, page, now, page);
         let served = match served {
             Err(_) if len > 1 => self.serve_batch(&region, f, page, 1, page),
             served => served,
@@ -216,9 +222,12 @@ impl GuestMemory {
             // Another fault mapped the page first; wake whoever waits on it.
             let _ = self.uffd.wake(f.window_addr() + page * PAGE_SIZE, PAGE_SIZE);
         }
-        if sequential && end < region.pages() {
-            f.streams.record((end + len).min(region.pages()), len);
-            let _ = self.serve_batch(&region, f, end, len, end);
+        // Read-ahead: the next batch but its first page, where the vCPU's
+        // next fault (recorded above as continuing this stream) starts the
+        // batch after it while the vCPU runs through this one, like the
+        // page cache's read-ahead marker.
+        if sequential && end + 1 < region.pages() {
+            let _ = self.serve_batch(&region, f, end + 1, len - 1, end + 1);
         }
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         drop(serving);
