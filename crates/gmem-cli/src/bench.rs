@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use gmem_runner::bench::{
-    conversions, first_touch, median, metadata_bytes_per_page, populate, punch, virtio_blk, Backing,
+    conversions, first_touch, median, metadata_bytes_per_page, populate, punch, touched_pages,
+    virtio_blk, Backing,
 };
 use serde_json::json;
 
@@ -252,12 +253,9 @@ fn size_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), St
                 first_touch(sparse, sparse_mib, backing, 1).map_err(|e| format!("sparse: {e}"))?;
             sparse_times[i].push(time);
             if let Some(allocated) = allocated {
-                let touched = console
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("touched=")?.parse::<u64>().ok())
-                    .ok_or_else(|| {
-                        format!("no touched= in the sparse guest's report: {console}")
-                    })?;
+                let touched = touched_pages(&console).ok_or_else(|| {
+                    format!("no touched= in the sparse guest's report: {console}")
+                })?;
                 per_page.push(allocated as f64 / touched as f64);
             }
         }

@@ -66,6 +66,12 @@ pub fn first_touch(
     Ok((time, console, touched))
 }
 
+/// The pages a touching guest (`sparse`) reports it touched: its
+/// `touched=N` field.
+pub fn touched_pages(console: &str) -> Option<u64> {
+    console.split_whitespace().find_map(|w| w.strip_prefix("touched=")?.parse().ok())
+}
+
 /// Loads `guest` into `vm` (`ram` bytes of RAM at GPA 0) and runs it on
 /// `vcpus` vCPUs; returns its console output and how long the run took.
 /// An error unless the guest exits 0.

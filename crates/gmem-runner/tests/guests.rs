@@ -219,10 +219,7 @@ fn fault_around_follows_sparse_and_dense_guests() {
 
 /// The `touched=N` count a touching guest printed.
 fn touched(report: &str) -> u64 {
-    report
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("touched=")?.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no touched= in {report}"))
+    gmem_runner::bench::touched_pages(report).unwrap_or_else(|| panic!("no touched= in {report}"))
 }
 
 /// `Locked:` of the mapping at `addr` in this process, in pages.
