@@ -22,19 +22,12 @@
 #![no_main]
 
 mod rt;
+mod stress_layout;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// The host writes a non-zero word here to stop the guest (shared page).
-const STOP: u64 = 0xF0_0000;
-/// First vCPU window.
-const WINDOWS: u64 = 0x100_0000;
-/// Pages per vCPU window.
-const WINDOW: u64 = 64;
-/// What the host writes into shared pages.
-const HOST: u64 = 0x4848_4848_4848_4848;
-/// Top 16 bits of a token written while the page was private.
-const PRIVATE_MARK: u64 = 0xF00D;
+use stress_layout::{HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
+
 /// Top 16 bits of a token written while the page was shared.
 const SHARED_MARK: u64 = 0x5A4E;
 const MAX_VCPUS: usize = 64;

@@ -28,6 +28,9 @@
 
 include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 
+#[path = "../guests/stress_layout.rs"]
+pub mod stress_layout;
+
 /// Where the demo guest leaves its message for the host: GPA, bytes, and
 /// the sync stage at which it is there (a shared page, NUL-terminated).
 pub const DEMO_MESSAGE: (u64, u64, u64) = (0x80_0000, 64, 1);

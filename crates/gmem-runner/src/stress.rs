@@ -16,23 +16,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use gmem_guest::stress_layout::{HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
 use gmem_kvm::{Errno, GuestMemory, PageState};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 
-/// The guest's stop word (a page it shares first); counts follow it.
-const STOP: u64 = 0xF0_0000;
-/// The guest's vCPU windows, and their size in pages.
-const WINDOWS: u64 = 0x100_0000;
-const WINDOW: u64 = 64;
 /// The host's own range: 64 pages only host threads convert.
 const HOST_RANGE: u64 = 0x300_0000;
 const HOST_PAGES: u64 = 64;
-/// What host threads write into shared pages (the guest accepts it).
-const HOST: u64 = 0x4848_4848_4848_4848;
-/// The top 16 bits of tokens the guest writes into private pages.
-const PRIVATE_MARK: u64 = 0xF00D;
 /// Guest RAM: room for the windows, the host range and 64 vCPU stacks.
 pub const RAM: u64 = 64 << 20;
 

@@ -1,0 +1,16 @@
+//! The memory layout that the `stress` guest and `gmem stress`'s host
+//! threads agree on: compiled into the guest and exported by this crate as
+//! `gmem_guest::stress_layout`, so the two sides cannot drift apart.
+
+/// The host writes a non-zero word here to stop the guest (the guest
+/// shares this page first; its counts follow the word).
+pub const STOP: u64 = 0xF0_0000;
+/// The first vCPU window.
+pub const WINDOWS: u64 = 0x100_0000;
+/// Pages per vCPU window.
+pub const WINDOW: u64 = 64;
+/// What the host writes into shared pages (the guest accepts it).
+pub const HOST: u64 = 0x4848_4848_4848_4848;
+/// Top 16 bits of a token the guest writes into a private page: the host
+/// must never read one.
+pub const PRIVATE_MARK: u64 = 0xF00D;
