@@ -39,29 +39,32 @@ fn demo_exits_zero() {
     assert!(out.stdout.is_empty(), "without --json stdout stays empty");
 }
 
+/// Host accesses around the convert guest's stages: it shares 0x600000 at
+/// stage 1 and takes it back at stage 2; 0x601000 stays private.
+const CONVERT_SYNCS: [&str; 8] = [
+    "--sync",
+    "1:read:0x600000:11",
+    "--sync",
+    "1:write:0x600040:686f73742d3e6775",
+    "--sync",
+    "1:read:0x601000:8",
+    "--sync",
+    "2:read:0x600000:8",
+];
+
 #[test]
 fn sync_read_and_write_follow_the_page_states() {
     if !kvm() {
         return;
     }
-    // The convert guest shares 0x600000 at stage 1 and takes it back at
-    // stage 2; 0x601000 stays private.
-    let out = gmem(&[
-        "run",
-        "--guest",
-        "convert",
-        "--json",
-        "--sync",
-        "1:read:0x600000:11",
-        "--sync",
-        "1:write:0x600040:686f73742d3e6775",
-        "--sync",
-        "1:read:0x601000:8",
-        "--sync",
-        "2:read:0x600000:8",
-        "--sync",
-        "2:write:0x600000:00",
-    ]);
+    let out = gmem(
+        &[
+            &["run", "--guest", "convert", "--json"][..],
+            &CONVERT_SYNCS,
+            &["--sync", "2:write:0x600000:00"],
+        ]
+        .concat(),
+    );
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     let v = json(&out);
     let syncs = v["syncs"].as_array().unwrap();
@@ -551,19 +554,9 @@ fn guests_behave_the_same_on_both_backends() {
         );
         return;
     }
-    let convert_syncs = [
-        "--sync",
-        "1:read:0x600000:11",
-        "--sync",
-        "1:write:0x600040:686f73742d3e6775",
-        "--sync",
-        "1:read:0x601000:8",
-        "--sync",
-        "2:read:0x600000:8",
-    ];
     let cases: Vec<Vec<&str>> = vec![
         vec!["--guest", "demo", "--vcpus", "2"],
-        [&["--guest", "convert"][..], &convert_syncs].concat(),
+        [&["--guest", "convert"][..], &CONVERT_SYNCS].concat(),
         vec!["--guest", "convsmp", "--vcpus", "2"],
         vec!["--guest", "convstorm", "--vcpus", "4"],
         vec!["--guest", "punch", "--sync", "1:punch:0x600000:0x3000"],
