@@ -224,11 +224,9 @@ fn touched(report: &str) -> u64 {
 
 /// `Locked:` of the mapping at `addr` in this process, in pages.
 fn locked_pages_of_mapping(addr: u64) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let start = format!("{addr:x}-");
-    let block = smaps.split_once(&start).unwrap_or_else(|| panic!("no mapping at {start}")).1;
-    let kib = block
-        .lines()
+    let entry = common::smaps_entry(addr);
+    let kib = entry
+        .iter()
         .find_map(|l| l.strip_prefix("Locked:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap();

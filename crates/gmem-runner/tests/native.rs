@@ -164,13 +164,8 @@ fn native_regions_keep_gmem_states() {
     );
     assert_eq!(memory.punch(Gpa(64 << 20), 4096).unwrap_err().errno(), Errno::INVAL);
     // The guest_memfd mapping is locked, and out of dumps and children.
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let start = format!("{:x}-", memory.regions()[0].userspace_addr());
-    let flags = smaps
-        .lines()
-        .skip_while(|l| !l.starts_with(&start))
-        .find(|l| l.starts_with("VmFlags"))
-        .expect("the mapping's VmFlags");
+    let entry = common::smaps_entry(memory.regions()[0].userspace_addr());
+    let flags = entry.iter().find(|l| l.starts_with("VmFlags")).expect("the mapping's VmFlags");
     for flag in [" dc", " dd", " lf"] {
         assert!(flags.contains(flag), "{flag} missing: {flags}");
     }

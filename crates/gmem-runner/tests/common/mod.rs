@@ -27,3 +27,19 @@ pub fn run(vm: &Vm, name: &str, vcpus: u32, on_sync: gmem_runner::SyncHandler<'_
 pub fn console(report: &RunReport) -> String {
     String::from_utf8_lossy(&report.console).into_owned()
 }
+
+/// The /proc/self/smaps entry of the mapping that starts at `addr`: its
+/// lines from the header through `VmFlags`, the last field.
+pub fn smaps_entry(addr: u64) -> Vec<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let start = format!("{addr:x}-");
+    let mut entry = Vec::new();
+    for line in smaps.lines().skip_while(|l| !l.starts_with(&start)) {
+        entry.push(line.to_owned());
+        if line.starts_with("VmFlags") {
+            break;
+        }
+    }
+    assert!(!entry.is_empty(), "no mapping at {start}");
+    entry
+}
