@@ -124,7 +124,7 @@ fn rows(host: &HostReport, auto: &Auto) -> Vec<(&'static str, String)> {
                 if host.ipc_lock {
                     " (CAP_IPC_LOCK is effective: no limit applies)"
                 } else {
-                    " (no effective CAP_IPC_LOCK: guest RAM must fit the soft limit)"
+                    " (no effective CAP_IPC_LOCK: twice the guest RAM must fit the soft limit)"
                 }
             ),
         ),

@@ -276,11 +276,24 @@ impl GuestMemory {
         let in_file = file_pages.saturating_sub(f.file_offset / PAGE_SIZE);
         let end = (start + len).min(region.pages()).min(in_file.max(needed + 1));
         let batch = start..end;
-        let guard = f.binding.get_and_lock_range(f.file_pages(&batch))?;
+        // Where KVM's window is locked in RAM, holes are allocated through
+        // it, each page mapped once; otherwise in the locked frame window
+        // (get-and-lock), then mapped here too.
+        let fill = f.window.is_locked_in_ram();
+        let pages = f.file_pages(&batch);
+        let guard = if fill {
+            f.binding.lock_range_to_fill(&f.window, pages)?
+        } else {
+            f.binding.get_and_lock_range(pages)?
+        };
         let mut served = 0;
         for run in f.mapped.runs(batch, false) {
-            let addr = f.window_addr() + run.start * PAGE_SIZE;
-            served += self.uffd.continue_range(addr, (run.end - run.start) * PAGE_SIZE)?;
+            let (addr, len) = (f.window_addr() + run.start * PAGE_SIZE, run.end - run.start);
+            served += if fill {
+                self.uffd.fill_range(addr, len * PAGE_SIZE)?
+            } else {
+                self.uffd.continue_range(addr, len * PAGE_SIZE)?
+            };
             f.mapped.set(run, true);
         }
         drop(guard);

@@ -13,10 +13,9 @@
 //! shmem fault, one zero-filled page, exactly what was touched. Nothing
 //! needs checking there: the page is new, the seal keeps it out of host
 //! reach, and a punch or truncate invalidates it through the file like any
-//! other. The window is locked in RAM from then on (`mlock2(ONFAULT)`), so
-//! pages the kernel allocates through it are locked as they appear, as the
-//! frame window locks gmem's; where the memlock limit refuses that, gmem
-//! keeps serving.
+//! other. The window is locked in RAM (`mlock2(ONFAULT)`, when the region
+//! was added), so pages the kernel allocates through it are locked as they
+//! appear; where the memlock limit refused that, gmem keeps serving.
 //!
 //! Nothing tells gmem how a region is touched while the kernel serves it,
 //! so every [`PROBE_AFTER`] gmem takes first touches back: a sparse guest
@@ -57,8 +56,6 @@ pub(crate) struct FirstTouch {
     kernel: AtomicBool,
     /// Faults in a row that continued no recent batch.
     scattered: AtomicU32,
-    /// Whether the window is locked in RAM (done once, on the first hand-over).
-    locked: AtomicBool,
     /// Hand-overs to the kernel so far.
     pub(crate) handovers: AtomicU64,
 }
@@ -69,7 +66,6 @@ impl Default for FirstTouch {
             kernel_since: RwLock::new(None),
             kernel: AtomicBool::new(false),
             scattered: AtomicU32::new(0),
-            locked: AtomicBool::new(false),
             handovers: AtomicU64::new(0),
         }
     }
@@ -90,8 +86,8 @@ impl FirstTouch {
     /// batch; after `threshold` scattered ones in a row
     /// ([`SCATTERED_FAULTS`] or [`SCATTERED_FAULTS_WHILE_SPARSE`]), hands
     /// first touches to the kernel. Not called with
-    /// [`serving`](Self::serving) held. Where the window cannot be locked
-    /// or registered anew, gmem goes on serving.
+    /// [`serving`](Self::serving) held. Where the window is not locked in
+    /// RAM or cannot be registered anew, gmem goes on serving.
     pub(crate) fn record(
         &self,
         scattered: bool,
@@ -110,11 +106,10 @@ impl FirstTouch {
         if since.is_some() {
             return;
         }
-        if !self.locked.load(Ordering::Relaxed) {
-            if window.lock_in_ram().is_err() {
-                return;
-            }
-            self.locked.store(true, Ordering::Relaxed);
+        // Pages the kernel allocates through an unlocked window would not
+        // be locked in RAM.
+        if !window.is_locked_in_ram() {
+            return;
         }
         let (addr, len) = (window.as_ptr() as u64, window.len() as u64);
         if uffd.reregister(addr, len, Registration::MinorOnly).is_ok() {

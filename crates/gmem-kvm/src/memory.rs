@@ -4,12 +4,13 @@
 //! The path of a page: the VMM registers a region ([`GuestMemory::add_region`]),
 //! which binds the memory as the file's owner and maps a KVM-only window,
 //! registered with userfaultfd, as the memslot. A guest's first touch makes
-//! KVM fault on the window; fault serving ([`crate::faults`]) runs
-//! get-and-lock on a batch around the page and maps it. A punch, truncate
-//! or conversion reaches [`GuestOwner::invalidate_page_range`] here, which
-//! waits for host accesses to end, forgets the pages and tells the
-//! listeners; the kernel then frees the pages (unmapping them from every
-//! window) and KVM's MMU notifier zaps its own mappings.
+//! KVM fault on the window; fault serving ([`crate::faults`]) locks a batch
+//! around the page and maps it, allocating holes through the window. A
+//! punch, truncate or conversion reaches
+//! [`GuestOwner::invalidate_page_range`] here, which waits for host
+//! accesses to end, forgets the pages and tells the listeners; the kernel
+//! then frees the pages (unmapping them from every window) and KVM's MMU
+//! notifier zaps its own mappings.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -217,6 +218,12 @@ impl GuestMemory {
     /// `spec.slot` (`KVM_SET_USER_MEMORY_REGION`). The memory becomes the
     /// file's owner. All or nothing: where KVM refuses, nothing stays.
     ///
+    /// The region's KVM window is locked in RAM (`mlock2(MLOCK_ONFAULT)`,
+    /// charged to `RLIMIT_MEMLOCK` besides the file's frame window), so
+    /// that first touches allocate each page once, there. Where the limit
+    /// refuses that, the region still works, its first touches slower and
+    /// never handed to the kernel.
+    ///
     /// `EINVAL` for unaligned or empty ranges, ranges past the file's end, a
     /// file range already bound (as guest_memfd) or a file that is not
     /// GUEST-sealed; `EEXIST` for a GPA range or slot id already taken;
@@ -359,6 +366,12 @@ impl GuestMemory {
         let RegionSpec { slot, gpa, ref file, file_offset: FileOffset(offset), size } = *spec;
         let binding = file.bind(self)?;
         let window = binding.map_window(FileOffset(offset), size)?;
+        // Locked in RAM, the window is where first touches allocate pages,
+        // each mapped once. Where the memlock limit refuses a second charge
+        // (the frame window has the first), they are allocated in the frame
+        // window and mapped here too: slower, and no first touch is handed
+        // to the kernel.
+        let _ = window.lock_in_ram();
         self.uffd.register(window.as_ptr() as u64, size, Registration::MissingAndMinor)?;
         let host_view = binding.map_window(FileOffset(offset), size)?;
         self.host_uffd.register(host_view.as_ptr() as u64, size, Registration::MissingAndMinor)?;

@@ -7,12 +7,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use gmem::PAGE_SIZE;
 use linux_raw_sys::general::{
-    uffd_msg, uffdio_api, uffdio_continue, uffdio_range, uffdio_register, _UFFDIO_CONTINUE,
-    UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT,
-    UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS,
+    uffd_msg, uffdio_api, uffdio_continue, uffdio_range, uffdio_register, uffdio_zeropage,
+    _UFFDIO_CONTINUE, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_API,
+    UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
+    UFFD_FEATURE_SIGBUS,
 };
 use linux_raw_sys::ioctl::{
-    UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE,
+    UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
 };
 use rustix::io::Errno;
 use rustix::mm::UserfaultfdFlags;
@@ -34,6 +35,9 @@ impl UffdArg for uffdio_register {
 impl UffdArg for uffdio_continue {
     const REQUEST: u32 = UFFDIO_CONTINUE;
 }
+impl UffdArg for uffdio_zeropage {
+    const REQUEST: u32 = UFFDIO_ZEROPAGE;
+}
 /// `UFFDIO_WAKE`'s range.
 #[repr(transparent)]
 struct Wake(uffdio_range);
@@ -45,6 +49,13 @@ impl UffdArg for Wake {
 struct Unregister(uffdio_range);
 impl UffdArg for Unregister {
     const REQUEST: u32 = UFFDIO_UNREGISTER;
+}
+
+/// What [`Userfaultfd::continue_existing`] did: bytes passed over, and
+/// bytes of them newly mapped.
+struct Filled {
+    len: u64,
+    mapped: u64,
 }
 
 /// Which faults of a registered range are reported.
@@ -189,6 +200,73 @@ impl Userfaultfd {
             }
         }
         Ok(mapped)
+    }
+
+    /// Maps `[addr, addr + len)` and wakes the faulting threads: a hole of
+    /// the file becomes a new zero-filled page (`UFFDIO_ZEROPAGE`, which
+    /// allocates it in the file and maps it here only), a page in the file
+    /// is mapped (`UFFDIO_CONTINUE`), a page already mapped is skipped.
+    /// Returns how many bytes were newly mapped. The caller keeps the
+    /// range from being punched meanwhile (page locks).
+    pub(crate) fn fill_range(&self, addr: u64, len: u64) -> Result<u64> {
+        let end = addr + len;
+        let mut next = addr;
+        let mut mapped = 0;
+        while next < end {
+            let mut arg = uffdio_zeropage {
+                range: uffdio_range { start: next, len: end - next },
+                mode: 0,
+                zeropage: 0,
+            };
+            match self.ioctl(&mut arg, "UFFDIO_ZEROPAGE") {
+                Ok(()) => return Ok(mapped + end - next),
+                // Zero-filled up to a page that exists.
+                Err(e) if e.errno() == Errno::AGAIN && arg.zeropage > 0 => {
+                    mapped += arg.zeropage as u64;
+                    next += arg.zeropage as u64;
+                }
+                // The page exists in the file (or is mapped): map the run
+                // of such pages from it, up to the next hole.
+                Err(e) if e.errno() == Errno::EXIST => {
+                    let run = self.continue_existing(next, end)?;
+                    mapped += run.mapped;
+                    next += run.len;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(mapped)
+    }
+
+    /// Maps the pages from `addr` on that exist in the file, up to the first
+    /// hole or `end`, skipping those already mapped (`UFFDIO_CONTINUE`).
+    fn continue_existing(&self, addr: u64, end: u64) -> Result<Filled> {
+        let mut filled = Filled { len: 0, mapped: 0 };
+        while addr + filled.len < end {
+            let start = addr + filled.len;
+            let mut arg = uffdio_continue {
+                range: uffdio_range { start, len: end - start },
+                mode: 0,
+                mapped: 0,
+            };
+            match self.ioctl(&mut arg, "UFFDIO_CONTINUE") {
+                Ok(()) => {
+                    filled.len += end - start;
+                    filled.mapped += end - start;
+                }
+                // Mapped up to a hole or an already-mapped page.
+                Err(e) if e.errno() == Errno::AGAIN && arg.mapped > 0 => {
+                    filled.len += arg.mapped as u64;
+                    filled.mapped += arg.mapped as u64;
+                }
+                Err(e) if e.errno() == Errno::EXIST => filled.len += PAGE_SIZE,
+                // A hole, after at least one page (the first exists: the
+                // caller found it so, and the range cannot be punched).
+                Err(e) if e.errno() == Errno::FAULT && filled.len > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(filled)
     }
 
     /// Wakes threads waiting on faults in `[addr, addr + len)`.

@@ -222,15 +222,27 @@ fn touched(report: &str) -> u64 {
     gmem_runner::bench::touched_pages(report).unwrap_or_else(|| panic!("no touched= in {report}"))
 }
 
-/// `Locked:` of the mapping at `addr` in this process, in pages.
-fn locked_pages_of_mapping(addr: u64) -> u64 {
-    let entry = common::smaps_entry(addr);
-    let kib = entry
-        .iter()
-        .find_map(|l| l.strip_prefix("Locked:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap();
-    kib * 1024 / PAGE_SIZE
+/// A first touch allocates its page through KVM's window, which is locked
+/// in RAM, and maps it nowhere else: each page is mapped once. (Served in
+/// the frame window first, as before, a page was mapped twice, and smaps
+/// counted half of it here.)
+#[test]
+fn first_touches_are_mapped_once_locked_in_the_kvm_window() {
+    if !kvm() {
+        return;
+    }
+    let (vm, files) = Vm::with_ram(RAM).unwrap();
+    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
+    vm.load(&image, RAM, 2).unwrap();
+    let at_launch = files[0].stats().allocated_pages;
+    let report = vm.run(&image, RAM, &common::config(2), &|_, _| {}).unwrap();
+    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    let allocated = files[0].stats().allocated_pages - at_launch;
+    assert!(allocated >= RAM / 2 / PAGE_SIZE, "{allocated} pages first touched");
+    let window = vm.memory().regions()[0].userspace_addr();
+    let locked = common::locked_pages_of_mapping(window);
+    assert!(locked >= allocated, "{locked} pages locked in the KVM window, {allocated} touched");
+    assert_eq!(vm.stats().memory.kernel_handovers, 0, "a dense guest is served by gmem");
 }
 
 /// A guest touching one page per 64 KiB hands its first touches to the
@@ -262,14 +274,9 @@ fn a_sparse_guest_hands_its_first_touches_to_the_kernel() {
     let allocated = stats.allocated_pages - at_launch;
     assert!(allocated * 10 <= touched * 11, "{allocated} pages allocated for {touched} touched");
     let window = vm.memory().regions()[0].userspace_addr();
-    // What the kernel allocated is mapped only there (what gmem served is
-    // also in the frame window, and counts half here: smaps divides by the
-    // mappings).
-    let locked = locked_pages_of_mapping(window);
-    assert!(
-        locked + stats.pages_served >= touched,
-        "{locked} pages of the KVM window locked, {touched} touched: {stats:?}"
-    );
+    // What the kernel allocated, and what gmem served, is mapped only there.
+    let locked = common::locked_pages_of_mapping(window);
+    assert!(locked >= touched, "{locked} pages of the KVM window locked, {touched} touched");
 
     std::thread::sleep(gmem_kvm::first_touch::PROBE_AFTER);
     vm.memory().serve_faults().unwrap();

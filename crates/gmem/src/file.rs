@@ -16,10 +16,12 @@
 //! - Every page gmem allocates is mapped in the file's frame window, a
 //!   mapping locked in RAM (`mlock2(MLOCK_ONFAULT)`, so never swapped): the
 //!   file costs its size in `RLIMIT_MEMLOCK`, once, however many windows an
-//!   owner maps. An owner that lets the kernel allocate pages through its
-//!   window locks that window too ([`OwnerWindow::lock_in_ram`], charged
-//!   again). Every mapping of a sealed file is excluded from core dumps
-//!   and from forked children.
+//!   owner maps. An owner that allocates pages through its window
+//!   ([`Binding::lock_range_to_fill`]), or lets the kernel do so, locks that
+//!   window too ([`OwnerWindow::lock_in_ram`], charged again); when it goes
+//!   and the file stays, its pages are faulted into the frame window. Every
+//!   mapping of a sealed file is excluded from core dumps and from forked
+//!   children.
 //! - Not enforceable from user space: code of this process that opens
 //!   `/proc/self/fd/N` or reads `/proc/self/mem`, ptrace by a privileged
 //!   process, and page migration (the kernel may still migrate locked pages;
@@ -326,11 +328,35 @@ impl PrivateMemFile {
         map.lock_in_ram()?;
         map.keep_private()?;
         let kept = PageRange::new(PageIndex(0), PageIndex(inode.size.min(size) / PAGE_SIZE));
-        for run in self.allocated_runs(kept)? {
-            let bytes = run.bytes();
-            map.fault_in(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
-        }
+        self.fault_in_allocated(&map, kept)?;
         Ok(Some(map))
+    }
+
+    /// Faults the allocated pages of `pages` into `frame_window` (which
+    /// maps the file from offset 0 and covers them): the pages are locked
+    /// in RAM by it, and no hole is allocated.
+    fn fault_in_allocated(&self, frame_window: &Mapping, pages: PageRange) -> Result<()> {
+        for run in self.allocated_runs(pages)? {
+            let bytes = run.bytes();
+            frame_window.fault_in(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
+        }
+        Ok(())
+    }
+
+    /// Locks the allocated pages of `pages` in RAM through the frame
+    /// window: for a locked owner window that goes, whose pages the frame
+    /// window may not hold. Under the resize lock, so that no punch or
+    /// truncate turns a page found allocated into a hole that faulting in
+    /// would allocate.
+    pub(crate) fn keep_locked(&self, pages: PageRange) -> Result<()> {
+        let _resize = self.resize.lock("unmap a locked owner window")?;
+        let inode = self.inode();
+        let Some(window) = &inode.window else { return Ok(()) };
+        let end = pages.end.0.min(inode.size / PAGE_SIZE);
+        if pages.start.0 >= end {
+            return Ok(());
+        }
+        self.fault_in_allocated(window, PageRange::new(pages.start, PageIndex(end)))
     }
 
     /// Allocates or punches a range (`fallocate`). On a GUEST-sealed file
@@ -551,7 +577,33 @@ impl Binding {
     /// of the file (the seed's `SGP_WRITE` allocated there; gmem does not).
     /// Waits while any page of the run is locked or being invalidated.
     pub fn get_and_lock_range(&self, pages: PageRange) -> Result<PageGuard<'_>> {
-        self.lock_range(pages, false, &[])
+        self.lock_range(pages, Fill::Allocate { again_if_invalidating: false }, &[])
+    }
+
+    /// Locks a run of pages without allocating them, for an owner that
+    /// allocates the holes it needs itself through `window` (userfaultfd's
+    /// `UFFDIO_ZEROPAGE`, say): each page is then mapped once, in the
+    /// window, where get-and-lock maps it in the frame window too. The
+    /// window must be locked in RAM ([`OwnerWindow::lock_in_ram`]), so that
+    /// what it allocates is, and must map the pages: `EINVAL` otherwise,
+    /// and past the end of the file. Waits as get-and-lock does.
+    pub fn lock_range_to_fill(
+        &self,
+        window: &OwnerWindow,
+        pages: PageRange,
+    ) -> Result<PageGuard<'_>> {
+        let op = "lock to fill";
+        if !window.is_locked_in_ram() {
+            return Err(Error::InvalidArgument { op, why: "the window is not locked in RAM" });
+        }
+        let mapped = window.pages();
+        if !Arc::ptr_eq(window.file(), &self.file)
+            || pages.start.0 < mapped.start.0
+            || pages.end.0 > mapped.end.0
+        {
+            return Err(Error::InvalidArgument { op, why: "pages outside the window" });
+        }
+        self.lock_range(pages, Fill::Owner, &[])
     }
 
     /// Writes `data` at `offset` into the file (the owner's launch-time
@@ -568,7 +620,8 @@ impl Binding {
             return Ok(());
         }
         let pages = PageRange::covering(offset.0, end - offset.0);
-        self.lock_range(pages, false, &[(offset.0 - pages.start.offset().0, data)]).map(drop)
+        let fill = Fill::Allocate { again_if_invalidating: false };
+        self.lock_range(pages, fill, &[(offset.0 - pages.start.offset().0, data)]).map(drop)
     }
 
     /// As [`get_and_lock_range`](Self::get_and_lock_range), but fails with
@@ -576,22 +629,23 @@ impl Binding {
     /// invalidated: for a caller that may hold up the invalidation itself
     /// (e.g. through a lock the owner's callback takes).
     pub fn get_and_lock_range_or_again(&self, pages: PageRange) -> Result<PageGuard<'_>> {
-        self.lock_range(pages, true, &[])
+        self.lock_range(pages, Fill::Allocate { again_if_invalidating: true }, &[])
     }
 
     /// Locks `pages`, writes `writes` (offset into the pages, bytes) through
-    /// the page cache, then allocates whatever is left by faulting the pages
-    /// into the frame window.
+    /// the page cache, then, as `fill` says, allocates whatever is left by
+    /// faulting the pages into the frame window.
     fn lock_range(
         &self,
         pages: PageRange,
-        again_if_invalidating: bool,
+        fill: Fill,
         writes: &[(u64, &[u8])],
     ) -> Result<PageGuard<'_>> {
         if pages.is_empty() {
             return Err(Error::InvalidArgument { op: "get-and-lock", why: "empty page range" });
         }
         let file = &*self.file;
+        let again_if_invalidating = matches!(fill, Fill::Allocate { again_if_invalidating: true });
         let token = file.pages.lock(pages, again_if_invalidating)?;
         let guard = PageGuard { binding: self, pages, token };
         let inode = file.inode();
@@ -600,6 +654,9 @@ impl Binding {
         }
         for (at, data) in writes {
             guard.write(*at, data)?;
+        }
+        if fill == Fill::Owner {
+            return Ok(guard);
         }
         // Allocate by faulting the pages into the frame window: zero-filled
         // (unless just written), "uptodate" (so SEEK_DATA sees them for
@@ -634,7 +691,7 @@ impl Binding {
             op,
         )?;
         map.keep_private()?;
-        Ok(OwnerWindow::new(map, offset.0))
+        Ok(OwnerWindow::new(map, offset.0, self.file.clone()))
     }
 }
 
@@ -642,6 +699,16 @@ impl Drop for Binding {
     fn drop(&mut self) {
         self.file.unbind();
     }
+}
+
+/// Who allocates the holes of a run that [`Binding::lock_range`] locks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// gmem, in the frame window (get-and-lock); waiting while part of the
+    /// run is being invalidated, or failing with `EAGAIN`.
+    Allocate { again_if_invalidating: bool },
+    /// The owner, through its locked window.
+    Owner,
 }
 
 /// Locked pages of a bound file. Dropping it is the seed's
@@ -668,14 +735,18 @@ impl PageGuard<'_> {
 
     /// Physical frame numbers of the locked pages (from `/proc/self/pagemap`
     /// of the frame window, which maps them; 0 where the kernel hides them
-    /// from an unprivileged process).
+    /// from an unprivileged process). Pages of a
+    /// [`lock_range_to_fill`](Binding::lock_range_to_fill) guard are
+    /// faulted into the frame window first (a hole is allocated, as
+    /// get-and-lock would have).
     pub fn frames(&self) -> Result<Vec<u64>> {
         use std::os::unix::fs::FileExt;
         let inode = self.binding.file.inode();
-        // Locked pages lie inside the file, so the window exists and maps them.
+        // Locked pages lie inside the file, so the window exists.
         let window =
             inode.window.as_ref().ok_or(Error::PastEof { page: self.pages.start, size: 0 })?;
         let bytes = self.pages.bytes();
+        window.fault_in(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
         let pagemap =
             std::fs::File::open("/proc/self/pagemap").map_err(Error::io("open pagemap"))?;
         let first = (window.addr() as u64 + bytes.start) / PAGE_SIZE;

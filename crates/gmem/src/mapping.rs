@@ -9,12 +9,13 @@
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rustix::mm::{self, Advice, MapFlags, MlockFlags, ProtFlags};
 
 use crate::error::{Error, Result};
+use crate::{PageRange, PrivateMemFile};
 
 /// An owned `mmap` of part of a file; unmapped on drop.
 #[derive(Debug)]
@@ -182,18 +183,25 @@ impl Drop for HostMapping {
 
 /// The owner's window on a GUEST-sealed file: a shared, read-write mapping
 /// kept out of core dumps and children, that gmem never reads or writes.
-/// Its pages are locked in RAM by the file's frame window, which holds every
-/// allocated page, so a window costs no `RLIMIT_MEMLOCK`. KVM maps guest memory from it (its address becomes a memslot's
-/// `userspace_addr`); the owner serves its pages with get-and-lock.
+/// KVM maps guest memory from it (its address becomes a memslot's
+/// `userspace_addr`). The owner serves its pages with get-and-lock, which
+/// allocates them in the file's frame window (locked in RAM, so a window
+/// costs no `RLIMIT_MEMLOCK`), or, once the window itself is locked in RAM
+/// ([`lock_in_ram`](Self::lock_in_ram)), allocates them through the window
+/// ([`Binding::lock_range_to_fill`](crate::Binding::lock_range_to_fill)):
+/// each page is then mapped once, not twice. Pages a locked window holds
+/// are mapped into the frame window when it goes, so they stay locked.
 #[derive(Debug)]
 pub struct OwnerWindow {
     map: Mapping,
     offset: u64,
+    file: Arc<PrivateMemFile>,
+    locked: AtomicBool,
 }
 
 impl OwnerWindow {
-    pub(crate) fn new(map: Mapping, offset: u64) -> Self {
-        Self { map, offset }
+    pub(crate) fn new(map: Mapping, offset: u64, file: Arc<PrivateMemFile>) -> Self {
+        Self { map, offset, file, locked: AtomicBool::new(false) }
     }
 
     /// Address of the first byte of the window.
@@ -217,11 +225,41 @@ impl OwnerWindow {
     }
 
     /// Locks the window's pages in RAM as they are faulted in, for an owner
-    /// that lets the kernel allocate pages through it (which the frame
-    /// window then does not hold). Charges the window's length to
+    /// that allocates pages through it, or lets the kernel do so (the frame
+    /// window then does not hold them). Charges the window's length to
     /// `RLIMIT_MEMLOCK` (`EAGAIN`/`ENOMEM`/`EPERM` beyond it, as
     /// [`Error::MemlockLimit`](crate::Error::MemlockLimit)).
     pub fn lock_in_ram(&self) -> Result<()> {
-        self.map.lock_in_ram()
+        self.map.lock_in_ram()?;
+        self.locked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether [`lock_in_ram`](Self::lock_in_ram) succeeded.
+    pub fn is_locked_in_ram(&self) -> bool {
+        self.locked.load(Ordering::Acquire)
+    }
+
+    /// The file the window maps.
+    pub(crate) fn file(&self) -> &Arc<PrivateMemFile> {
+        &self.file
+    }
+
+    /// The file pages the window maps.
+    pub(crate) fn pages(&self) -> PageRange {
+        PageRange::covering(self.offset, self.map.len() as u64)
+    }
+}
+
+impl Drop for OwnerWindow {
+    fn drop(&mut self) {
+        // Pages allocated through a locked window may be mapped nowhere
+        // else: keep them locked, in the frame window, unless the file
+        // goes with the window. Where that cannot be done (the resize lock
+        // is this thread's own, out of memory) they stay in the file
+        // unlocked, as a shmem page of a plain memfd is.
+        if self.is_locked_in_ram() && Arc::strong_count(&self.file) > 1 {
+            let _ = self.file.keep_locked(self.pages());
+        }
     }
 }

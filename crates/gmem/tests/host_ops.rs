@@ -124,6 +124,41 @@ fn owner_window_rules() {
     file.set_len(32 * PAGE_SIZE).unwrap();
 }
 
+/// An owner may allocate pages through its own window only where that
+/// window is locked in RAM and maps them; otherwise `EINVAL`, and no page is
+/// locked.
+#[test]
+fn lock_range_to_fill_needs_a_locked_window_that_maps_the_pages() {
+    let file = guest_file(16 * PAGE_SIZE);
+    let binding = file.bind(&Arc::new(Recorder::default())).unwrap();
+    let window = binding.map_window(FileOffset(8 * PAGE_SIZE), 8 * PAGE_SIZE).unwrap();
+    let inside = PageRange::new(PageIndex(8), PageIndex(12));
+    assert!(!window.is_locked_in_ram());
+    assert_eq!(errno(binding.lock_range_to_fill(&window, inside)), Errno::INVAL);
+    window.lock_in_ram().unwrap();
+    assert!(window.is_locked_in_ram());
+    for outside in [(7, 9), (15, 17), (0, 1)] {
+        let pages = PageRange::new(PageIndex(outside.0), PageIndex(outside.1));
+        assert_eq!(errno(binding.lock_range_to_fill(&window, pages)), Errno::INVAL, "{pages:?}");
+    }
+    let other = guest_file(16 * PAGE_SIZE);
+    let other_binding = other.bind(&Arc::new(Recorder::default())).unwrap();
+    assert_eq!(errno(other_binding.lock_range_to_fill(&window, inside)), Errno::INVAL);
+    assert_eq!(file.stats().locked_pages, 0, "a refused lock locks nothing");
+
+    let guard = binding.lock_range_to_fill(&window, inside).unwrap();
+    assert_eq!(file.stats().locked_pages, 4);
+    assert_eq!(file.stats().allocated_pages, 0, "the owner allocates, not gmem");
+    // Page locks keep out punches as get-and-lock's do.
+    assert_eq!(errno(binding.get_and_lock_range_or_again(inside)), Errno::DEADLK);
+    assert_eq!(guard.frames().unwrap().len(), 4);
+    assert_eq!(file.stats().allocated_pages, 4, "frames() gets the pages, as get-and-lock does");
+    drop(guard);
+    // A file truncated below the window: the pages past its end are refused.
+    file.set_len(10 * PAGE_SIZE).unwrap();
+    assert_eq!(errno(binding.lock_range_to_fill(&window, inside)), Errno::INVAL);
+}
+
 /// A page guard held by the thread that truncates, or an invalidation
 /// callback that re-enters the file, gets EDEADLK instead of hanging.
 #[test]

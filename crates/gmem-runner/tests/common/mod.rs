@@ -43,3 +43,15 @@ pub fn smaps_entry(addr: u64) -> Vec<String> {
     assert!(!entry.is_empty(), "no mapping at {start}");
     entry
 }
+
+/// `Locked:` of the mapping at `addr` in this process, in pages
+/// (proportional: a page mapped twice counts half in each mapping).
+pub fn locked_pages_of_mapping(addr: u64) -> u64 {
+    let entry = smaps_entry(addr);
+    let kib = entry
+        .iter()
+        .find_map(|l| l.strip_prefix("Locked:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    kib * 1024 / gmem::PAGE_SIZE
+}
