@@ -62,12 +62,16 @@ pub(crate) struct FileBacking {
     pub(crate) file_offset: u64,
     pub(crate) file_id: FileId,
     pub(crate) binding: Binding,
-    pub(crate) window: OwnerWindow,
-    /// Pages mapped in `window` (KVM's view).
-    pub(crate) mapped: PageBits,
+    /// Declared (so dropped) before `window`: where the VMM has let go of
+    /// the file, the locked window then holds its last reference, and its
+    /// pages need not be locked in the frame window as it goes (they go
+    /// with the file).
     pub(crate) host_view: OwnerWindow,
     /// Pages mapped in `host_view`.
     pub(crate) host_mapped: PageBits,
+    pub(crate) window: OwnerWindow,
+    /// Pages mapped in `window` (KVM's view).
+    pub(crate) mapped: PageBits,
     /// Where recent faults' batches ended: a fault there is sequential.
     pub(crate) streams: Streams,
     /// Whether gmem or the kernel serves first touches.

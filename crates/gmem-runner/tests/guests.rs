@@ -264,12 +264,16 @@ fn a_sparse_guest_hands_its_first_touches_to_the_kernel() {
         timeout: Some(std::time::Duration::from_secs(60)),
         ..gmem_runner::RunConfig::new(1)
     };
+    let started = std::time::Instant::now();
     let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
+    // Each probe interval the run lasted may take first touches back once.
+    let probes = started.elapsed().as_millis() / gmem_kvm::first_touch::PROBE_AFTER.as_millis();
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     let touched = touched(&console(&report));
     let stats = vm.stats().memory;
     assert!(touched >= 900, "{}", console(&report));
-    assert_eq!(stats.kernel_handovers, 1, "{stats:?}");
+    let handovers = stats.kernel_handovers;
+    assert!((1..=1 + probes as u64).contains(&handovers), "{probes} probes: {stats:?}");
     assert!(stats.faults * 4 < touched, "most touches never reach gmem: {stats:?}");
     let allocated = stats.allocated_pages - at_launch;
     assert!(allocated * 10 <= touched * 11, "{allocated} pages allocated for {touched} touched");
