@@ -158,10 +158,10 @@ impl GuestMemory {
         }
     }
 
-    /// Serves the fault at window address `addr`: get-and-lock its page, or
-    /// for a sequential toucher a batch of pages around it (clipped to the
-    /// region and to the file's current size), map the unmapped ones,
-    /// unlock. When the fault lands right after the batch served before,
+    /// Serves the fault at window address `addr`: lock its page, or for a
+    /// sequential toucher a batch of pages around it (clipped to the region
+    /// and to the file's current size), map the unmapped ones (allocating
+    /// holes), unlock. When the fault lands right after the batch served before,
     /// the next batch is mapped too, while the woken vCPU already runs
     /// (read-ahead).
     fn serve(&self, addr: u64) -> std::result::Result<(), FaultError> {
@@ -186,19 +186,21 @@ impl GuestMemory {
         // twice as long, up to the fault-around size (then the next batch
         // is mapped too, while the vCPU runs on); a fault anywhere else gets
         // its page alone, so that a sparse guest allocates what it touches.
-        let continued = f.streams.continues(page).or_else(|| {
+        let own = f.streams.continues(page);
+        let continued = own.map(|stream| stream.len).or_else(|| {
             // A stream that ran to the end of the region just below (RAM
             // in several memslots) goes on here.
             let below = self.region_of(Gpa(region.gpa.0.checked_sub(1)?))?;
             let below_file = below.file_backing()?;
-            (page == 0).then(|| below_file.streams.continues(below.pages()))?
+            let below_stream = (page == 0).then(|| below_file.streams.continues(below.pages()));
+            Some(below_stream??.len)
         });
         let len = continued.map_or(1, |len| (2 * len).min(self.fault_around));
         let sequential = len == self.fault_around && len > 1;
         // Recorded before the batch wakes the vCPU, whose next fault (on
         // another fault thread, maybe) must find it.
         let end = (page + len).min(region.pages());
-        f.streams.record(end, len);
+        f.streams.record(own, end, len);
         // A batch that cannot be served (a page of it locked for good, cut
         // off by a truncate) is retried as the faulting page alone: only a
         // page that cannot be served itself is fenced.

@@ -50,7 +50,8 @@ pub const PROBE_AFTER: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub(crate) struct FirstTouch {
     /// Held shared while serving a fault: the window's registration does not
-    /// change under a `UFFDIO_CONTINUE`. `Some(since)` while the kernel serves.
+    /// change under a `UFFDIO_ZEROPAGE` or `UFFDIO_CONTINUE`. `Some(since)`
+    /// while the kernel serves.
     kernel_since: RwLock<Option<Instant>>,
     /// Mirrors `kernel_since.is_some()`, for a check without the lock.
     kernel: AtomicBool,
