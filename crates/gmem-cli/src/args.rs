@@ -52,9 +52,9 @@ impl Action {
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
     /// Guest ELF image: a path, or the name of a built-in guest (badport,
-    /// convbench, convert, convsmp, convstorm, demo, hypercall, memmap,
-    /// punch, smp, sparse, spin, stress, touch, disk, diskbench). Default: the demo
-    /// guest.
+    /// convbench, convert, convsmp, convstorm, demo, halt, hypercall,
+    /// memmap, punch, smp, sparse, spin, stress, touch, disk, diskbench).
+    /// Default: the demo guest.
     #[arg(long)]
     pub(crate) guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).

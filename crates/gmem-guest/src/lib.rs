@@ -8,8 +8,10 @@
 //! - `punch`: writes 16 pages at 0x600000, syncs at stage 1, exits with the
 //!   number of pages that read zero (200 if one is torn).
 //! - `smp`: all vCPUs fault on the same and on their own pages; exits 0.
-//! - `spin`: never exits. `badport`: writes to an undefined port.
-//! - `touch`: writes one word per page from 4 MiB up (first-touch benchmark).
+//! - `spin`: never exits. `halt`: every vCPU but 0 halts, vCPU 0 never
+//!   exits. `badport`: writes to an undefined port.
+//! - `touch`: writes one word per page from 4 MiB up (first-touch benchmark);
+//!   `sparse`: one word per 64 KiB, and prints `touched=N`.
 //! - `convert`: conversion round trips, host access at syncs 1 and 2, bad
 //!   requests; `convsmp`: one vCPU converts while another touches the page;
 //!   `convbench`: conversion round trips against bare exits (TSC cycles);

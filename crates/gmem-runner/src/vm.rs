@@ -464,7 +464,7 @@ impl Vm {
                     // Registered before the first look at the stop flag, so
                     // that the kicks below cannot miss this thread.
                     let kicker = Kicker::for_current_thread(vcpu.get_kvm_run());
-                    kickers.lock().unwrap_or_else(|p| p.into_inner()).push(kicker);
+                    kickers.lock().unwrap_or_else(|p| p.into_inner()).push((index, kicker));
                     let vcpu_loop = std::panic::AssertUnwindSafe(|| {
                         self.vcpu_loop(vcpu, index as u32, config.echo_console, console, on_sync)
                     });
@@ -476,6 +476,10 @@ impl Vm {
                             .unwrap_or_default();
                         self.control.stop(Outcome::Error(format!("vCPU {index} panicked: {what}")));
                     }
+                    // Unregistered before the thread ends (a halted vCPU's
+                    // ends while the VM runs on): a thread that has ended is
+                    // no longer there to signal (its pthread is freed).
+                    kickers.lock().unwrap_or_else(|p| p.into_inner()).retain(|(i, _)| *i != index);
                     if running.fetch_sub(1, Ordering::SeqCst) == 1 {
                         self.control
                             .stop(Outcome::Error("every vCPU halted without an exit".into()));
@@ -486,9 +490,10 @@ impl Vm {
             // Kick until every vCPU thread has left KVM_RUN. A stuck vCPU
             // gets one pending signal at most (SIGUSR2 does not queue).
             while running.load(Ordering::SeqCst) != 0 {
-                for kicker in kickers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    // SAFETY: the VcpuFds live until after this scope, and
-                    // scoped threads are joined only when it ends.
+                for (_, kicker) in kickers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    // SAFETY: the VcpuFds live until after this scope, and a
+                    // thread unregisters its kicker, under this lock, before
+                    // it ends.
                     unsafe { kicker.kick() };
                 }
                 // The last vCPU to leave stops the control, which wakes us.
