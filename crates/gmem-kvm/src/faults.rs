@@ -27,6 +27,7 @@ use crate::error::{Errno, Error, Result};
 use crate::first_touch::{PROBE_AFTER, SCATTERED_FAULTS, SCATTERED_FAULTS_WHILE_SPARSE};
 use crate::memory::GuestMemory;
 use crate::region::{Backing, FileBacking, PrivateRegion};
+use crate::uffd::Fault;
 use crate::Gpa;
 
 /// The epoll tokens of a fault thread's two descriptors.
@@ -70,8 +71,8 @@ impl GuestMemory {
         let mut faults = Vec::new();
         self.uffd.read_faults(&mut faults)?;
         let mut failed = Vec::new();
-        for &addr in &faults {
-            if let Err(error) = self.serve(addr) {
+        for &fault in &faults {
+            if let Err(error) = self.serve(fault) {
                 failed.push(error);
             }
         }
@@ -164,7 +165,8 @@ impl GuestMemory {
     /// holes), unlock. When the fault lands right after the batch served before,
     /// the next batch is mapped too, while the woken vCPU already runs
     /// (read-ahead).
-    fn serve(&self, addr: u64) -> std::result::Result<(), FaultError> {
+    fn serve(&self, fault: Fault) -> std::result::Result<(), FaultError> {
+        let addr = fault.addr;
         let Some(region) = self
             .regions()
             .iter()
@@ -235,13 +237,15 @@ impl GuestMemory {
         drop(serving);
         // A page someone else mapped first says nothing of the pattern.
         if served > 0 {
-            let scattered = continued.is_none();
-            let threshold = if scattered && self.kernel_serves_first_touches() {
+            let scattered = self.scattered_faults.record(fault.thread, continued.is_none());
+            let threshold = if scattered > 0 && self.kernel_serves_first_touches() {
                 SCATTERED_FAULTS_WHILE_SPARSE
             } else {
                 SCATTERED_FAULTS
             };
-            f.first_touch.record(scattered, threshold, &self.uffd, &f.window);
+            if scattered >= threshold {
+                f.first_touch.hand_over(&self.uffd, &f.window);
+            }
         }
         Ok(())
     }

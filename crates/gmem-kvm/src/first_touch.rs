@@ -6,8 +6,8 @@
 //! for a guest that touches one page here and one there, where the round
 //! trip costs several times what the kernel's own shmem fault does.
 //!
-//! So a region whose faults keep landing away from every recent batch
-//! hands its first touches to the kernel: its KVM window stays registered
+//! So where a vCPU's faults keep landing away from every recent batch, the
+//! region of its latest fault hands its first touches to the kernel: its KVM window stays registered
 //! for minor faults only (a page already in the file is still mapped by
 //! gmem), and a touch of a hole is allocated and mapped by the kernel's
 //! shmem fault, one zero-filled page, exactly what was touched. Nothing
@@ -18,12 +18,11 @@
 //! appear; where the memlock limit refused that, gmem keeps serving.
 //!
 //! Nothing tells gmem how a region is touched while the kernel serves it,
-//! so every [`PROBE_AFTER`] gmem takes first touches back: a sparse guest
-//! hands them over again after [`SCATTERED_FAULTS`] faults (fewer while
-//! another region is handed over), a guest that has turned sequential
-//! keeps its batches.
+//! so every [`PROBE_AFTER`] gmem takes first touches back: a vCPU still
+//! touching here and there hands them over again at its next scattered
+//! fault, one that has turned sequential keeps its batches.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -31,20 +30,55 @@ use gmem::OwnerWindow;
 
 use crate::uffd::{Registration, Userfaultfd};
 
-/// Consecutive faults away from every recent batch after which the kernel
-/// serves a region's first touches (more than vCPUs starting to touch
-/// memory at once, each one fault away from its own stream).
+/// A vCPU's consecutive faults away from every recent batch after which
+/// the kernel serves the first touches of the region of the last one (a
+/// vCPU starting a stream has one or two: its stack, the stream's first
+/// page).
 pub const SCATTERED_FAULTS: u32 = 32;
 
-/// The same, while the kernel serves another region's first touches: the
-/// guest is known to be sparse, and a VMM's RAM in many regions (memslots)
-/// should not pay the full count in each. A sequential toucher still never
-/// gets there: only the first fault of its stream is away from a batch.
+/// The same, while the kernel serves some region's first touches: the
+/// guest is known to be sparse, and its other vCPUs should not pay the
+/// full count. A vCPU starting a stream still never gets there.
 pub const SCATTERED_FAULTS_WHILE_SPARSE: u32 = 4;
 
 /// How long the kernel serves a region's first touches before gmem takes
 /// them back to look again.
 pub const PROBE_AFTER: Duration = Duration::from_millis(100);
+
+/// Scattered faults in a row (faults that continued no recent batch), per
+/// faulting thread: a vCPU touching here and there, not many vCPUs each
+/// starting a stream at once (their stacks, their streams' first pages),
+/// is what makes a region hand first touches to the kernel. A table
+/// indexed by thread id modulo its size (thread ids are mostly
+/// consecutive); a thread that finds another's id in its entry starts it
+/// from 0, which only delays a hand-over.
+#[derive(Debug)]
+pub(crate) struct ScatteredFaults {
+    /// `thread << 32 | count`.
+    entries: Box<[AtomicU64; ScatteredFaults::ENTRIES]>,
+}
+
+impl Default for ScatteredFaults {
+    fn default() -> Self {
+        Self { entries: Box::new([const { AtomicU64::new(0) }; Self::ENTRIES]) }
+    }
+}
+
+impl ScatteredFaults {
+    const ENTRIES: usize = 1024;
+
+    /// Counts a served fault of `thread`, `scattered` or continuing a
+    /// batch; returns the thread's scattered faults in a row. (A vCPU has
+    /// one fault pending at a time, so its entry has one writer at a time.)
+    pub(crate) fn record(&self, thread: u32, scattered: bool) -> u32 {
+        let entry = &self.entries[thread as usize % Self::ENTRIES];
+        let packed = entry.load(Ordering::Relaxed);
+        let before = if packed >> 32 == u64::from(thread) { packed as u32 } else { 0 };
+        let now = if scattered { before.saturating_add(1) } else { 0 };
+        entry.store(u64::from(thread) << 32 | u64::from(now), Ordering::Relaxed);
+        now
+    }
+}
 
 /// A region's first-touch state.
 #[derive(Debug)]
@@ -55,8 +89,6 @@ pub(crate) struct FirstTouch {
     kernel_since: RwLock<Option<Instant>>,
     /// Mirrors `kernel_since.is_some()`, for a check without the lock.
     kernel: AtomicBool,
-    /// Faults in a row that continued no recent batch.
-    scattered: AtomicU32,
     /// Hand-overs to the kernel so far.
     pub(crate) handovers: AtomicU64,
 }
@@ -66,7 +98,6 @@ impl Default for FirstTouch {
         Self {
             kernel_since: RwLock::new(None),
             kernel: AtomicBool::new(false),
-            scattered: AtomicU32::new(0),
             handovers: AtomicU64::new(0),
         }
     }
@@ -83,33 +114,18 @@ impl FirstTouch {
         self.kernel.load(Ordering::Relaxed)
     }
 
-    /// Counts a served fault of `window`, `scattered` or continuing a
-    /// batch; after `threshold` scattered ones in a row
-    /// ([`SCATTERED_FAULTS`] or [`SCATTERED_FAULTS_WHILE_SPARSE`]), hands
-    /// first touches to the kernel. Not called with
-    /// [`serving`](Self::serving) held. Where the window is not locked in
-    /// RAM or cannot be registered anew, gmem goes on serving.
-    pub(crate) fn record(
-        &self,
-        scattered: bool,
-        threshold: u32,
-        uffd: &Userfaultfd,
-        window: &OwnerWindow,
-    ) {
-        if !scattered {
-            self.scattered.store(0, Ordering::Relaxed);
-            return;
-        }
-        if self.scattered.fetch_add(1, Ordering::Relaxed) + 1 < threshold {
+    /// Hands the region's first touches to the kernel, unless it serves
+    /// them already: registers `window` anew for minor faults only. Not
+    /// called with [`serving`](Self::serving) held. Where the window is not
+    /// locked in RAM or cannot be registered anew, gmem goes on serving.
+    pub(crate) fn hand_over(&self, uffd: &Userfaultfd, window: &OwnerWindow) {
+        // Pages the kernel allocates through an unlocked window would not
+        // be locked in RAM.
+        if self.kernel_serves() || !window.is_locked_in_ram() {
             return;
         }
         let mut since = self.kernel_since.write().unwrap_or_else(|p| p.into_inner());
         if since.is_some() {
-            return;
-        }
-        // Pages the kernel allocates through an unlocked window would not
-        // be locked in RAM.
-        if !window.is_locked_in_ram() {
             return;
         }
         let (addr, len) = (window.as_ptr() as u64, window.len() as u64);
@@ -134,7 +150,6 @@ impl FirstTouch {
         if uffd.reregister(addr, len, Registration::MissingAndMinor).is_ok() {
             *since = None;
             self.kernel.store(false, Ordering::Relaxed);
-            self.scattered.store(0, Ordering::Relaxed);
         }
     }
 }

@@ -22,6 +22,7 @@ use kvm_ioctls::VmFd;
 use crate::access::AccessLock;
 use crate::bits::PageBits;
 use crate::error::{Error, Result};
+use crate::first_touch::ScatteredFaults;
 use crate::native::{
     GuestMemfd, GuestMemfdMap, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
 };
@@ -138,6 +139,8 @@ pub struct GuestMemory {
     /// Registered on every region's host view: SIGBUS, never an event.
     pub(crate) host_uffd: Userfaultfd,
     pub(crate) fault_around: u64,
+    /// Each vCPU's scattered faults in a row ([`crate::first_touch`]).
+    pub(crate) scattered_faults: ScatteredFaults,
     pub(crate) access: AccessLock,
     /// Serializes conversions, held across their discards.
     pub(crate) conversions: Mutex<()>,
@@ -199,6 +202,7 @@ impl GuestMemory {
             uffd: Userfaultfd::new()?,
             host_uffd: Userfaultfd::new_sigbus()?,
             fault_around,
+            scattered_faults: ScatteredFaults::default(),
             access: AccessLock::default(),
             conversions: Mutex::new(()),
             changing: Mutex::new(Vec::new()),

@@ -10,7 +10,7 @@ use linux_raw_sys::general::{
     uffd_msg, uffdio_api, uffdio_continue, uffdio_range, uffdio_register, uffdio_zeropage,
     _UFFDIO_CONTINUE, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_API,
     UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
-    UFFD_FEATURE_SIGBUS,
+    UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID,
 };
 use linux_raw_sys::ioctl::{
     UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
@@ -51,6 +51,15 @@ impl UffdArg for Unregister {
     const REQUEST: u32 = UFFDIO_UNREGISTER;
 }
 
+/// A guest page fault read from a userfaultfd.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fault {
+    /// The faulting address in a registered window.
+    pub(crate) addr: u64,
+    /// The faulting thread's id (a vCPU's).
+    pub(crate) thread: u32,
+}
+
 /// What [`Userfaultfd::continue_existing`] did: bytes passed over, and
 /// bytes of them newly mapped.
 struct Filled {
@@ -84,10 +93,10 @@ pub(crate) struct Userfaultfd {
 }
 
 impl Userfaultfd {
-    /// Opens a non-blocking userfaultfd that reports faults as events (for
-    /// a fault-serving thread).
+    /// Opens a non-blocking userfaultfd that reports faults as events, with
+    /// the faulting thread's id (for a fault-serving thread).
     pub(crate) fn new() -> Result<Self> {
-        Self::open(0, "UFFDIO_API (shmem MISSING|MINOR)")
+        Self::open(UFFD_FEATURE_THREAD_ID, "UFFDIO_API (shmem MISSING|MINOR, THREAD_ID)")
     }
 
     /// Opens a userfaultfd whose registered ranges raise `SIGBUS` on any
@@ -274,8 +283,8 @@ impl Userfaultfd {
         self.ioctl(&mut Wake(uffdio_range { start: addr, len }), "UFFDIO_WAKE")
     }
 
-    /// Reads pending page-fault addresses into `out`; returns when none is left.
-    pub(crate) fn read_faults(&self, out: &mut Vec<u64>) -> Result<()> {
+    /// Reads pending page faults into `out`; returns when none is left.
+    pub(crate) fn read_faults(&self, out: &mut Vec<Fault>) -> Result<()> {
         const BATCH: usize = 64;
         let mut raw = [0u8; BATCH * std::mem::size_of::<uffd_msg>()];
         loop {
@@ -291,7 +300,11 @@ impl Userfaultfd {
                 let msg: uffd_msg = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
                 if u32::from(msg.event) == UFFD_EVENT_PAGEFAULT {
                     // SAFETY: `pagefault` is the union member for this event.
-                    out.push(unsafe { msg.arg.pagefault.address });
+                    let fault = unsafe { msg.arg.pagefault };
+                    // SAFETY: `ptid` is the member of `feat` that
+                    // UFFD_FEATURE_THREAD_ID fills (a plain u32 either way).
+                    let thread = unsafe { fault.feat.ptid };
+                    out.push(Fault { addr: fault.address, thread });
                 }
             }
         }
