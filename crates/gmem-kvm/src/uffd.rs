@@ -60,7 +60,7 @@ pub(crate) struct Fault {
     pub(crate) thread: u32,
 }
 
-/// What [`Userfaultfd::continue_existing`] did: bytes passed over, and
+/// What [`Userfaultfd::continue_run`] did: bytes passed over, and
 /// bytes of them newly mapped.
 struct Filled {
     len: u64,
@@ -186,29 +186,7 @@ impl Userfaultfd {
     /// faulting threads. Pages already mapped are skipped; returns how many
     /// bytes were newly mapped. The pages must exist in the file.
     pub(crate) fn continue_range(&self, addr: u64, len: u64) -> Result<u64> {
-        let end = addr + len;
-        let mut next = addr;
-        let mut mapped = 0;
-        while next < end {
-            let mut arg = uffdio_continue {
-                range: uffdio_range { start: next, len: end - next },
-                mode: 0,
-                mapped: 0,
-            };
-            match self.ioctl(&mut arg, "UFFDIO_CONTINUE") {
-                Ok(()) => return Ok(mapped + end - next),
-                // Part of the range was mapped, up to an already-mapped page.
-                Err(e) if e.errno() == Errno::AGAIN && arg.mapped > 0 => {
-                    let done = arg.mapped as u64;
-                    mapped += done;
-                    next += done;
-                }
-                // The first page is already mapped: skip it.
-                Err(e) if e.errno() == Errno::EXIST => next += PAGE_SIZE,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(mapped)
+        self.continue_run(addr, addr + len, false).map(|run| run.mapped)
     }
 
     /// Maps `[addr, addr + len)` and wakes the faulting threads: a hole of
@@ -237,7 +215,7 @@ impl Userfaultfd {
                 // The page exists in the file (or is mapped): map the run
                 // of such pages from it, up to the next hole.
                 Err(e) if e.errno() == Errno::EXIST => {
-                    let run = self.continue_existing(next, end)?;
+                    let run = self.continue_run(next, end, true)?;
                     mapped += run.mapped;
                     next += run.len;
                 }
@@ -247,9 +225,10 @@ impl Userfaultfd {
         Ok(mapped)
     }
 
-    /// Maps the pages from `addr` on that exist in the file, up to the first
-    /// hole or `end`, skipping those already mapped (`UFFDIO_CONTINUE`).
-    fn continue_existing(&self, addr: u64, end: u64) -> Result<Filled> {
+    /// Maps the pages from `addr` to `end` that exist in the file, skipping
+    /// those already mapped (`UFFDIO_CONTINUE`); stops at the first hole
+    /// after `addr` if `until_hole`, else fails there (`EFAULT`).
+    fn continue_run(&self, addr: u64, end: u64, until_hole: bool) -> Result<Filled> {
         let mut filled = Filled { len: 0, mapped: 0 };
         while addr + filled.len < end {
             let start = addr + filled.len;
@@ -268,10 +247,11 @@ impl Userfaultfd {
                     filled.len += arg.mapped as u64;
                     filled.mapped += arg.mapped as u64;
                 }
+                // The first page is already mapped: skip it.
                 Err(e) if e.errno() == Errno::EXIST => filled.len += PAGE_SIZE,
                 // A hole, after at least one page (the first exists: the
                 // caller found it so, and the range cannot be punched).
-                Err(e) if e.errno() == Errno::FAULT && filled.len > 0 => break,
+                Err(e) if until_hole && e.errno() == Errno::FAULT && filled.len > 0 => break,
                 Err(e) => return Err(e),
             }
         }

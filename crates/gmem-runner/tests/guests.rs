@@ -165,13 +165,7 @@ fn ram_above_3_gib_is_placed_above_4_gib() {
     }
     let ram = (4 << 30) + (512 << 20);
     let (vm, _file) = Vm::with_ram(ram).unwrap();
-    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("memmap").unwrap(), ram).unwrap();
-    vm.load(&image, ram, 2).unwrap();
-    let config = gmem_runner::RunConfig {
-        timeout: Some(std::time::Duration::from_secs(60)),
-        ..gmem_runner::RunConfig::new(2)
-    };
-    let report = vm.run(&image, ram, &config, &|_, _| {}).unwrap();
+    let report = common::launch(&vm, "memmap", ram, &common::config(2), || {}, &|_, _| {});
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     assert!(console(&report).contains("2 RAM region(s) ok"), "{}", console(&report));
     // Below the gap and from 4 GiB, in files of at most RAM_FILE_SIZE.
@@ -230,9 +224,7 @@ fn many_vcpus_in_one_region_keep_their_streams() {
     let ram = gmem_runner::RAM_FILE_SIZE;
     let (vm, files) = Vm::with_ram(ram).unwrap();
     assert_eq!(files.len(), 1);
-    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("touch").unwrap(), ram).unwrap();
-    vm.load(&image, ram, VCPUS).unwrap();
-    let report = vm.run(&image, ram, &common::config(VCPUS), &|_, _| {}).unwrap();
+    let report = common::launch(&vm, "touch", ram, &common::config(VCPUS), || {}, &|_, _| {});
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     let stats = vm.stats().memory;
     // Per vCPU: a stack page, about 10 faults while its batches grow to
@@ -254,10 +246,9 @@ fn many_vcpus_starting_at_once_keep_their_batches() {
     const VCPUS: u32 = 64;
     let ram = 8 * gmem_runner::RAM_FILE_SIZE;
     let (vm, files) = Vm::with_ram(ram).unwrap();
-    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("touch").unwrap(), ram).unwrap();
-    vm.load(&image, ram, VCPUS).unwrap();
-    let at_launch: u64 = files.iter().map(|f| f.stats().allocated_pages).sum();
-    let report = vm.run(&image, ram, &common::config(VCPUS), &|_, _| {}).unwrap();
+    let mut at_launch = 0;
+    let launched = || at_launch = files.iter().map(|f| f.stats().allocated_pages).sum();
+    let report = common::launch(&vm, "touch", ram, &common::config(VCPUS), launched, &|_, _| {});
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     let stats = vm.stats().memory;
     assert_eq!(stats.kernel_handovers, 0, "{stats:?}");
@@ -276,13 +267,11 @@ fn a_vm_whose_vcpu_threads_have_ended_stops_cleanly() {
         return;
     }
     let (vm, _files) = Vm::with_ram(RAM).unwrap();
-    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("halt").unwrap(), RAM).unwrap();
-    vm.load(&image, RAM, 64).unwrap();
     let config = gmem_runner::RunConfig {
         timeout: Some(std::time::Duration::from_millis(300)),
         ..gmem_runner::RunConfig::new(64)
     };
-    let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
+    let report = common::launch(&vm, "halt", RAM, &config, || {}, &|_, _| {});
     assert_eq!(report.outcome, Outcome::Timeout, "{}", console(&report));
 }
 
@@ -301,10 +290,9 @@ fn first_touches_are_mapped_once_locked_in_the_kvm_window() {
         return;
     }
     let (vm, files) = Vm::with_ram(RAM).unwrap();
-    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
-    vm.load(&image, RAM, 2).unwrap();
-    let at_launch = files[0].stats().allocated_pages;
-    let report = vm.run(&image, RAM, &common::config(2), &|_, _| {}).unwrap();
+    let mut at_launch = 0;
+    let launched = || at_launch = files[0].stats().allocated_pages;
+    let report = common::launch(&vm, "touch", RAM, &common::config(2), launched, &|_, _| {});
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     let allocated = files[0].stats().allocated_pages - at_launch;
     assert!(allocated >= RAM / 2 / PAGE_SIZE, "{allocated} pages first touched");
@@ -326,15 +314,10 @@ fn a_sparse_guest_hands_its_first_touches_to_the_kernel() {
     }
     let (vm, files) = Vm::with_ram(RAM).unwrap();
     let file = &files[0];
-    let image = gmem_runner::GuestImage::parse(gmem_guest::guest("sparse").unwrap(), RAM).unwrap();
-    vm.load(&image, RAM, 1).unwrap();
-    let at_launch = file.stats().allocated_pages;
-    let config = gmem_runner::RunConfig {
-        timeout: Some(std::time::Duration::from_secs(60)),
-        ..gmem_runner::RunConfig::new(1)
-    };
+    let mut at_launch = 0;
+    let launched = || at_launch = file.stats().allocated_pages;
     let started = std::time::Instant::now();
-    let report = vm.run(&image, RAM, &config, &|_, _| {}).unwrap();
+    let report = common::launch(&vm, "sparse", RAM, &common::config(1), launched, &|_, _| {});
     // Each probe interval the run lasted may take first touches back once.
     let probes = started.elapsed().as_millis() / gmem_kvm::first_touch::PROBE_AFTER.as_millis();
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{console, kvm, RAM};
 use gmem::{FileOffset, PrivateMemFile};
-use gmem_runner::{Gpa, GuestImage, Outcome, Vm};
+use gmem_runner::{Gpa, Outcome, Vm};
 
 /// What a guest run under the limit left: its outcome and console, the
 /// memory's counters, and the KVM window's smaps `Locked:` and `VmFlags`.
@@ -40,9 +40,7 @@ fn run_under_limit(guest: &'static str) -> Run {
             .unwrap();
         vm.add_private_memory(Gpa(0), &file, FileOffset(0), RAM).unwrap();
         setrlimit(Resource::Memlock, old).unwrap();
-        let image = GuestImage::parse(gmem_guest::guest(guest).unwrap(), RAM).unwrap();
-        vm.load(&image, RAM, 1).unwrap();
-        let report = vm.run(&image, RAM, &common::config(1), &|_, _| {}).unwrap();
+        let report = common::launch(&vm, guest, RAM, &common::config(1), || {}, &|_, _| {});
         let window = vm.memory().regions()[0].userspace_addr();
         let flags = common::smaps_entry(window).into_iter().find(|l| l.starts_with("VmFlags"));
         Run {

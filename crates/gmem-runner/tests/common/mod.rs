@@ -13,11 +13,25 @@ pub fn config(vcpus: u32) -> RunConfig {
     RunConfig { timeout: Some(Duration::from_secs(60)), ..RunConfig::new(vcpus) }
 }
 
+/// Loads the built-in guest `name` into `vm` (`ram` bytes of RAM), calls
+/// `launched` between the load and the run, and runs it as `config` says.
+pub fn launch(
+    vm: &Vm,
+    name: &str,
+    ram: u64,
+    config: &RunConfig,
+    launched: impl FnOnce(),
+    on_sync: gmem_runner::SyncHandler<'_>,
+) -> RunReport {
+    let image = GuestImage::parse(gmem_guest::guest(name).unwrap(), ram).unwrap();
+    vm.load(&image, ram, config.vcpus).unwrap();
+    launched();
+    vm.run(&image, ram, config, on_sync).unwrap()
+}
+
 /// Loads the built-in guest `name` into `vm` and runs it.
 pub fn run(vm: &Vm, name: &str, vcpus: u32, on_sync: gmem_runner::SyncHandler<'_>) -> RunReport {
-    let image = GuestImage::parse(gmem_guest::guest(name).unwrap(), RAM).unwrap();
-    vm.load(&image, RAM, vcpus).unwrap();
-    let report = vm.run(&image, RAM, &config(vcpus), on_sync).unwrap();
+    let report = launch(vm, name, RAM, &config(vcpus), || {}, on_sync);
     if !matches!(report.outcome, Outcome::Exit(_)) {
         eprintln!("console: {}", String::from_utf8_lossy(&report.console));
     }
