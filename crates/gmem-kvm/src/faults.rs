@@ -159,12 +159,11 @@ impl GuestMemory {
         }
     }
 
-    /// Serves the fault at window address `addr`: lock its page, or for a
-    /// sequential toucher a batch of pages around it (clipped to the region
-    /// and to the file's current size), map the unmapped ones (allocating
-    /// holes), unlock. When the fault lands right after the batch served before,
-    /// the next batch is mapped too, while the woken vCPU already runs
-    /// (read-ahead).
+    /// Serves `fault`: lock its page, or for a sequential toucher a batch of
+    /// pages around it (clipped to the region and to the file's current
+    /// size), map the unmapped ones (allocating holes), unlock. When the
+    /// fault lands right after the batch served before, the next batch is
+    /// mapped too, while the woken vCPU already runs (read-ahead).
     fn serve(&self, fault: Fault) -> std::result::Result<(), FaultError> {
         let addr = fault.addr;
         let Some(region) = self
@@ -194,8 +193,7 @@ impl GuestMemory {
             // in several memslots) goes on here.
             let below = self.region_of(Gpa(region.gpa.0.checked_sub(1)?))?;
             let below_file = below.file_backing()?;
-            let below_stream = (page == 0).then(|| below_file.streams.continues(below.pages()));
-            Some(below_stream??.len)
+            (page == 0).then(|| below_file.streams.continues(below.pages()))?.map(|s| s.len)
         });
         let len = continued.map_or(1, |len| (2 * len).min(self.fault_around));
         let sequential = len == self.fault_around && len > 1;

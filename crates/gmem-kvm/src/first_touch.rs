@@ -7,10 +7,11 @@
 //! trip costs several times what the kernel's own shmem fault does.
 //!
 //! So where a vCPU's faults keep landing away from every recent batch, the
-//! region of its latest fault hands its first touches to the kernel: its KVM window stays registered
-//! for minor faults only (a page already in the file is still mapped by
-//! gmem), and a touch of a hole is allocated and mapped by the kernel's
-//! shmem fault, one zero-filled page, exactly what was touched. Nothing
+//! region of its latest fault hands its first touches to the kernel: its
+//! KVM window stays registered for minor faults only (a page already in the
+//! file is still mapped by gmem), and a touch of a hole is allocated and
+//! mapped by the kernel's shmem fault, one zero-filled page, exactly what
+//! was touched. Nothing
 //! needs checking there: the page is new, the seal keeps it out of host
 //! reach, and a punch or truncate invalidates it through the file like any
 //! other. The window is locked in RAM (`mlock2(ONFAULT)`, when the region
@@ -51,7 +52,8 @@ pub const PROBE_AFTER: Duration = Duration::from_millis(100);
 /// is what makes a region hand first touches to the kernel. A table
 /// indexed by thread id modulo its size (thread ids are mostly
 /// consecutive); a thread that finds another's id in its entry starts it
-/// from 0, which only delays a hand-over.
+/// from 0: two vCPUs that share an entry delay or forgo a hand-over, and
+/// gmem serves their first touches itself, slower.
 #[derive(Debug)]
 pub(crate) struct ScatteredFaults {
     /// `thread << 32 | count`.
