@@ -24,6 +24,10 @@ pub(crate) struct BenchArgs {
     /// A short run (16 MiB, 3 repetitions), well under a minute.
     #[arg(long, conflicts_with_all = ["mib", "reps"])]
     quick: bool,
+    /// vCPUs of the first-touch-smp row [default: the host's cores, at
+    /// least 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=64))]
+    vcpus: Option<u32>,
     /// Exit with status 1 when a figure misses its target (for CI jobs).
     #[arg(long)]
     check: bool,
@@ -102,7 +106,7 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
     let mut figures = Vec::new();
     let native = native_runs();
     let measured = first_touch_figures(mib, reps, native, &mut figures)
-        .and_then(|()| size_figures(mib, reps, &mut figures))
+        .and_then(|()| size_figures(mib, reps, args.vcpus, &mut figures))
         .and_then(|()| populate_figures(mib, reps, native, &mut figures))
         .and_then(|()| punch_figures(mib, reps, &mut figures))
         .and_then(|()| conversion_figures(reps, native, &mut figures))
@@ -231,13 +235,19 @@ fn first_touch_figures(
     Ok(())
 }
 
-/// Real VM sizes: first touch on as many vCPUs as the host has cores (at
-/// least 2), each its share, and a sparse first touch by one vCPU (one page
-/// per 64 KiB of 32x as much RAM, at most 2 GiB, the default), gmem against
-/// plain KVM memory; and the pages gmem allocates per page the sparse guest
-/// touches.
-fn size_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
-    let vcpus = std::thread::available_parallelism().map_or(2, |n| n.get().max(2)) as u32;
+/// Real VM sizes: first touch on `vcpus` vCPUs (by default as many as the
+/// host has cores, at least 2), each its share, and a sparse first touch by
+/// one vCPU (one page per 64 KiB of 32x as much RAM, at most 2 GiB, the
+/// default), gmem against plain KVM memory; and the pages gmem allocates
+/// per page the sparse guest touches.
+fn size_figures(
+    mib: u64,
+    reps: u64,
+    vcpus: Option<u32>,
+    figures: &mut Vec<Figure>,
+) -> Result<(), String> {
+    let cores = || std::thread::available_parallelism().map_or(2, |n| n.get().max(2)) as u32;
+    let vcpus = vcpus.unwrap_or_else(cores);
     let touch = gmem_guest::guest("touch").expect("the touch guest is built in");
     let sparse = gmem_guest::guest("sparse").expect("the sparse guest is built in");
     let gmem = Backing::Gmem { fault_around: DEFAULT_FAULT_AROUND_PAGES };

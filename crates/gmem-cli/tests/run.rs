@@ -168,6 +168,8 @@ fn bad_arguments_exit_2_with_a_message() {
         (&["bench", "--reps", "0"], "reps"),
         (&["bench", "--mib", "lots"], "mib"),
         (&["bench", "--plot"], "--plot"),
+        (&["bench", "--vcpus", "1"], "vcpus"),
+        (&["bench", "--vcpus", "65"], "vcpus"),
         (&["probe", "--verbose"], "--verbose"),
         (&["check", "extra"], "extra"),
         (&["frobnicate"], "frobnicate"),
@@ -186,7 +188,9 @@ fn bench_json_has_ratios() {
         return;
     }
     let plot = std::env::temp_dir().join(format!("gmem-bench-{}.svg", std::process::id()));
-    let out = gmem(&["bench", "--quick", "--json", "--check", "--plot", plot.to_str().unwrap()]);
+    let plot_arg = plot.to_str().unwrap();
+    let out = gmem(&["bench", "--quick", "--vcpus", "3", "--json", "--check", "--plot", plot_arg]);
+    assert!(stderr(&out).contains("first touch on 3 vCPUs"), "{}", stderr(&out));
     let svg = std::fs::read_to_string(&plot).unwrap();
     let _ = std::fs::remove_file(&plot);
     assert!(svg.starts_with("<svg") && svg.contains("convert-4k"), "{svg}");
