@@ -26,7 +26,7 @@ mod stress_layout;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use stress_layout::{HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
+use stress_layout::{Rng, HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
 
 /// Top 16 bits of a token written while the page was shared.
 const SHARED_MARK: u64 = 0x5A4E;
@@ -36,18 +36,6 @@ const MAX_VCPUS: usize = 64;
 static PAGES: [AtomicU64; MAX_VCPUS * WINDOW as usize] =
     [const { AtomicU64::new(0) }; MAX_VCPUS * WINDOW as usize];
 static DONE: AtomicU32 = AtomicU32::new(0);
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 fn violation(vcpu: u32, what: &str, gpa: u64, seen: u64) -> u32 {
     rt::out().s("stress: VIOLATION on vCPU ").dec(u64::from(vcpu)).s(": ").s(what);
@@ -71,7 +59,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(vcpu) + 1).wrapping_mul(rt::rdtsc() | 1));
     let (mut ops, mut conversions, mut invalid, mut checks, mut tokens) = (0u64, 0u64, 0u64, 0u64, 0u64);
     while rt::read_u64(STOP) == 0 {
-        let r = rng.next();
+        let r = rng.next_word();
         let first = r % WINDOW;
         let count = (1 + (r >> 8) % 8).min(WINDOW - first);
         let gpa = base + first * 4096;

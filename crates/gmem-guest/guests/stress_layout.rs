@@ -1,6 +1,7 @@
 //! The memory layout that the `stress` guest and `gmem stress`'s host
-//! threads agree on: compiled into the guest and exported by this crate as
-//! `gmem_guest::stress_layout`, so the two sides cannot drift apart.
+//! threads agree on, and the PRNG both draw their moves from: compiled into
+//! the guest and exported by this crate as `gmem_guest::stress_layout`, so
+//! the two sides cannot drift apart.
 
 /// The host writes a non-zero word here to stop the guest (the guest
 /// shares this page first; its counts follow the word).
@@ -14,3 +15,16 @@ pub const HOST: u64 = 0x4848_4848_4848_4848;
 /// Top 16 bits of a token the guest writes into a private page: the host
 /// must never read one.
 pub const PRIVATE_MARK: u64 = 0xF00D;
+
+/// A small PRNG (xorshift64*); each side seeds one per vCPU or thread.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next pseudo-random word.
+    pub fn next_word(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use gmem_guest::stress_layout::{HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
+use gmem_guest::stress_layout::{Rng, HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
 use gmem_kvm::{Errno, GuestMemory, PageState};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -84,18 +84,6 @@ fn resources() -> [u64; 4] {
     [count("/proc/self/fd"), count("/proc/self/task"), maps, locked]
 }
 
-/// A small PRNG (xorshift64*), seeded per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[derive(Default)]
 struct Counters {
     reads: AtomicU64,
@@ -146,7 +134,7 @@ impl Host<'_> {
         let window_pages = u64::from(self.vcpus) * WINDOW;
         let mut host_shared = [false; HOST_PAGES as usize];
         while !self.stop.load(Ordering::Relaxed) {
-            let r = rng.next();
+            let r = rng.next_word();
             let page = WINDOWS + (r % window_pages) * 4096;
             match (r >> 32) % 8 {
                 0 | 1 => {
@@ -197,7 +185,7 @@ impl Host<'_> {
     /// zero after a conversion to shared, its own bytes after a write,
     /// EPERM once private again.
     fn host_range(&self, rng: &mut Rng, shared: &mut [bool; HOST_PAGES as usize]) {
-        let index = (rng.next() % HOST_PAGES) as usize;
+        let index = (rng.next_word() % HOST_PAGES) as usize;
         let gpa = HOST_RANGE + index as u64 * 4096;
         let state = if shared[index] { PageState::Private } else { PageState::Shared };
         if let Err(e) = self.memory.convert(Gpa(gpa), 4096, state) {
