@@ -27,7 +27,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     if vcpu != 0 {
         rt::halt();
     }
-    if virtio::first_device(boot).is_none() {
+    if boot.first_device().is_none() {
         rt::out().s("disk: no device (run with --disk PATH)\n");
         return 1;
     }

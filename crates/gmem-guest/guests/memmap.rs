@@ -13,7 +13,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     if vcpu != 0 {
         rt::halt();
     }
-    if boot.abi_minor != 1 || boot.region_count == 0 || boot.region_count > 2 {
+    if boot.abi_minor != rt::abi::ABI_MINOR || boot.region_count == 0 || boot.region_count > 2 {
         rt::out().s("memmap: not a GUEST_ABI 1.1 boot info\n");
         return 1;
     }
@@ -33,8 +33,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         rt::out().s("memmap: regions do not add up to ram_size / ram_end\n");
         return 3;
     }
-    let devices_at = boot as *const rt::BootInfo as u64 + 40 + 16 * u64::from(boot.region_count);
-    if rt::read_u64(devices_at) & 0xffff_ffff != 0 {
+    if boot.first_device().is_some() {
         rt::out().s("memmap: unexpected devices\n");
         return 4;
     }

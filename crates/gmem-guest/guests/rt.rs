@@ -1,39 +1,46 @@
-//! Guest runtime for GUEST_ABI 1.1: entry, ports, boot info, console, panic.
+//! Guest runtime for GUEST_ABI 1.2: entry, boot info, the VMM's requests
+//! (console, exit, convert, sync) by port at CPL 0 and by the doorbell in
+//! user mode, the switch to user mode, console output, panic.
 #![allow(dead_code)]
 
 use core::arch::{asm, global_asm};
 
-/// Boot info at the GPA the VMM passes in RDI (GUEST_ABI 1.1); the RAM
-/// regions follow it.
-#[repr(C)]
-pub struct BootInfo {
-    pub magic: u64,
-    pub ram_size: u64,
-    pub vcpu_count: u32,
-    pub page_size: u32,
-    pub ram_end: u64,
-    pub region_count: u32,
-    pub abi_minor: u32,
-}
+#[path = "abi.rs"]
+pub mod abi;
+
+pub use abi::{BootInfo, DeviceEntry, DeviceListHeader, MemoryRegion, PRIVATE, SHARED};
+
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: "make private" in a MAP_GPA_RANGE hypercall.
+pub const MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
 
 impl BootInfo {
     /// RAM region `index` (below `region_count`): (GPA, size).
     pub fn region(&self, index: u32) -> (u64, u64) {
-        let at = self as *const Self as u64 + 40 + 16 * u64::from(index);
+        let at = self.regions_at() + core::mem::size_of::<MemoryRegion>() as u64 * u64::from(index);
         (read_u64(at), read_u64(at + 8))
     }
 
     /// The lowest byte of the vCPU stacks: below it, RAM is the guest's.
     pub fn stacks_floor(&self) -> u64 {
-        self.ram_end - u64::from(self.vcpu_count) * 0x10000
+        self.ram_end - u64::from(self.vcpu_count) * abi::STACK_SIZE
+    }
+
+    /// The GPA of the device list's header.
+    pub fn devices_at(&self) -> u64 {
+        self.regions_at() + core::mem::size_of::<MemoryRegion>() as u64 * u64::from(self.region_count)
+    }
+
+    /// The first virtio-mmio device's registers; `None` without one.
+    pub fn first_device(&self) -> Option<u64> {
+        let header = self.devices_at();
+        (read_u64(header) & 0xffff_ffff != 0)
+            .then(|| read_u64(header + core::mem::size_of::<DeviceListHeader>() as u64))
+    }
+
+    fn regions_at(&self) -> u64 {
+        self as *const Self as u64 + core::mem::size_of::<Self>() as u64
     }
 }
-
-pub const MAGIC: u64 = 0x3149_4241_4d45_4d47;
-pub const SHARED: u64 = 0;
-pub const PRIVATE: u64 = 8;
-/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: "make private" in a MAP_GPA_RANGE hypercall.
-pub const MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
 
 // The VMM enters with a 16-byte aligned RSP and no return address pushed:
 // realign and call, so that Rust code sees the SysV stack alignment.
@@ -48,36 +55,96 @@ global_asm!(
 );
 
 extern "C" fn entry(boot: &'static BootInfo, vcpu: u64) -> ! {
-    if boot.magic != MAGIC {
+    if boot.magic != abi::BOOT_MAGIC {
         exit(90);
     }
     exit(crate::guest_main(boot, vcpu as u32))
 }
 
-/// Port 0xF4: stops the whole VM with `code`.
+/// Switches this vCPU to user mode (CPL 3) for good, as GUEST_ABI 1.2
+/// says: `iretq` to the user selectors with the same stack. Afterwards the
+/// requests below go through the doorbell; `hlt` and port I/O would fault.
+/// Needs a 1.2 VMM (`abi_minor` 2): on 1.1 the switch triple-faults.
+pub fn enter_user_mode() {
+    // SAFETY: the VMM's GDT has the user descriptors and its page tables
+    // map all of RAM with U/S set (GUEST_ABI 1.2); the frame returns here
+    // with the same RSP and every other register kept.
+    unsafe {
+        asm!(
+            "mov {sp}, rsp",
+            "push {ss}",
+            "push {sp}",
+            "push 0x2",
+            "push {cs}",
+            "lea {sp}, [rip + 2f]",
+            "push {sp}",
+            "iretq",
+            "2:",
+            sp = out(reg) _,
+            ss = const abi::USER_DS as u64,
+            cs = const abi::USER_CS as u64,
+        )
+    };
+}
+
+/// Whether this vCPU runs in user mode (CS's RPL is 3).
+pub fn in_user_mode() -> bool {
+    let cs: u64;
+    // SAFETY: reading CS has no effect.
+    unsafe { asm!("mov {0:r}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs & 3 == 3
+}
+
+/// Where a doorbell write for `port` goes.
+fn doorbell(port: u16) -> u64 {
+    abi::DOORBELL + u64::from(port)
+}
+
+/// Stops the whole VM with `code` (port or doorbell 0xF4).
 pub fn exit(code: u32) -> ! {
     loop {
-        // SAFETY: a port write the VMM handles; it does not return to us.
-        unsafe { asm!("out 0xf4, eax", in("eax") code) };
+        if in_user_mode() {
+            // SAFETY: a doorbell write the VMM handles; it does not return to us.
+            unsafe { asm!("mov dword ptr [{db}], eax", db = in(reg) doorbell(abi::PORT_EXIT), in("eax") code) };
+        } else {
+            // SAFETY: a port write the VMM handles; it does not return to us.
+            unsafe { asm!("out 0xf4, eax", in("eax") code) };
+        }
     }
 }
 
-/// Port 0xF8: pauses this vCPU while the host runs the stage's actions.
+/// Pauses this vCPU while the host runs the stage's actions (0xF8).
 pub fn sync(stage: u64) -> i64 {
     let ret: i64;
-    // SAFETY: a port write; the VMM sets RAX before resuming.
-    unsafe { asm!("out 0xf8, eax", in("rdi") stage, inout("rax") 0i64 => ret) };
+    if in_user_mode() {
+        // SAFETY: a doorbell write; the VMM sets RAX before resuming.
+        unsafe {
+            asm!("mov dword ptr [{db}], eax", db = in(reg) doorbell(abi::PORT_SYNC), in("rdi") stage,
+                 inout("rax") 0i64 => ret)
+        };
+    } else {
+        // SAFETY: a port write; the VMM sets RAX before resuming.
+        unsafe { asm!("out 0xf8, eax", in("rdi") stage, inout("rax") 0i64 => ret) };
+    }
     ret
 }
 
-/// Port 0xF0: converts `[gpa, gpa + size)` to `attrs`; 0 or a negative errno.
+/// Converts `[gpa, gpa + size)` to `attrs` (0xF0); 0 or a negative errno.
 pub fn convert(gpa: u64, size: u64, attrs: u64) -> i64 {
     let ret: i64;
-    // SAFETY: a port write; the VMM sets RAX before resuming.
-    unsafe {
-        asm!("out 0xf0, eax", in("rdi") gpa, in("rsi") size, in("rdx") attrs,
-             inout("rax") 0i64 => ret)
-    };
+    if in_user_mode() {
+        // SAFETY: a doorbell write; the VMM sets RAX before resuming.
+        unsafe {
+            asm!("mov dword ptr [{db}], eax", db = in(reg) doorbell(abi::PORT_CONVERT), in("rdi") gpa,
+                 in("rsi") size, in("rdx") attrs, inout("rax") 0i64 => ret)
+        };
+    } else {
+        // SAFETY: a port write; the VMM sets RAX before resuming.
+        unsafe {
+            asm!("out 0xf0, eax", in("rdi") gpa, in("rsi") size, in("rdx") attrs,
+                 inout("rax") 0i64 => ret)
+        };
+    }
     ret
 }
 
@@ -94,10 +161,15 @@ pub fn map_gpa_range(gpa: u64, pages: u64, attrs: u64) -> i64 {
     ret
 }
 
-/// Port 0xE9 with one byte: the cheapest exit to the VMM.
+/// One byte of console output (0xE9): the cheapest exit to the VMM.
 pub fn console(byte: u8) {
-    // SAFETY: a console port write.
-    unsafe { asm!("out 0xe9, al", in("al") byte) };
+    if in_user_mode() {
+        // SAFETY: a doorbell write the VMM handles.
+        unsafe { asm!("mov byte ptr [{db}], al", db = in(reg) doorbell(abi::PORT_CONSOLE), in("al") byte) };
+    } else {
+        // SAFETY: a console port write.
+        unsafe { asm!("out 0xe9, al", in("al") byte) };
+    }
 }
 
 /// The time-stamp counter (same clock as the host's, unscaled).
@@ -120,11 +192,17 @@ pub fn fill_page(gpa: u64, value: u64) {
     }
 }
 
-/// Halts this vCPU for good (interrupts are off).
+/// Ends this vCPU's work: `hlt` with interrupts off at CPL 0 (the vCPU's
+/// thread ends); in user mode, where `hlt` faults, a `pause` loop until
+/// another vCPU stops the VM.
 pub fn halt() -> ! {
     loop {
-        // SAFETY: hlt with interrupts disabled ends this vCPU's work.
-        unsafe { asm!("hlt") };
+        if in_user_mode() {
+            core::hint::spin_loop();
+        } else {
+            // SAFETY: hlt with interrupts disabled ends this vCPU's work.
+            unsafe { asm!("hlt") };
+        }
     }
 }
 

@@ -163,15 +163,9 @@ impl Driver {
 }
 
 
-/// The first device's registers, from the boot info; `None` without one.
-pub fn first_device(boot: &rt::BootInfo) -> Option<u64> {
-    let devices = boot as *const rt::BootInfo as u64 + 40 + 16 * u64::from(boot.region_count);
-    (rt::read_u64(devices) & 0xffff_ffff != 0).then(|| rt::read_u64(devices + 8))
-}
-
 /// Shares the queue and bounce pages and sets the first device up.
 pub fn setup(boot: &rt::BootInfo) -> Result<Driver, &'static str> {
-    let base = first_device(boot).ok_or("no device (run with --disk PATH)")?;
+    let base = boot.first_device().ok_or("no device (run with --disk PATH)")?;
     if rt::convert(QUEUE, SHARED_END - QUEUE, rt::SHARED) != 0 {
         return Err("the bounce pages could not be shared");
     }

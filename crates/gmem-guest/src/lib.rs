@@ -30,6 +30,9 @@
 
 include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 
+#[path = "../guests/abi.rs"]
+pub mod abi;
+
 #[path = "../guests/stress_layout.rs"]
 pub mod stress_layout;
 

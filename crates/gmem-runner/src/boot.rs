@@ -1,21 +1,22 @@
-//! Guest images and the machine of GUEST_ABI 1.1: the memory map (RAM above
+//! Guest images and the machine of GUEST_ABI 1.2: the memory map (RAM above
 //! 3 GiB goes above 4 GiB, leaving the x86 MMIO gap), long mode, identity
-//! page tables for all of RAM, a flat GDT and the boot info, all in the
-//! VMM's region `[0, 0x200000)`.
+//! page tables for all of RAM with U/S set at every level (user mode reaches
+//! RAM, devices and the doorbell), a flat GDT with kernel and user
+//! descriptors and the boot info, all in the VMM's region `[0, 0x200000)`.
+//! The layouts shared with guests are `gmem_guest::abi`'s.
 
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
 use object::{elf, Endianness, Object};
 
+use gmem_guest::abi::{self, BootInfo, DeviceEntry, DeviceListHeader, MemoryRegion};
 use gmem_kvm::{Error, Gpa, Result};
 
 /// First GPA a guest image may use; below it is the VMM's.
 pub const IMAGE_BASE: u64 = 0x20_0000;
 /// Where the boot info lives.
 pub const BOOT_INFO: Gpa = Gpa(0x1000);
-/// Boot info magic, "GMEMABI1".
-pub const BOOT_MAGIC: u64 = 0x3149_4241_4d45_4d47;
 /// Stack bytes each vCPU owns below its stack top.
-pub const STACK_SIZE: u64 = 0x1_0000;
+pub const STACK_SIZE: u64 = abi::STACK_SIZE;
 
 const GDT: u64 = 0x2000;
 const PML4: u64 = 0x1_0000;
@@ -51,10 +52,11 @@ pub fn in_ram(ram_size: u64, gpa: u64, len: u64) -> bool {
     ram_regions(ram_size).iter().any(|(base, size)| gpa >= base.0 && end <= base.0 + size)
 }
 
-/// Flat 64-bit code and data descriptors (null, code at 0x8, data at 0x10).
-const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-const CODE_SELECTOR: u16 = 0x8;
-const DATA_SELECTOR: u16 = 0x10;
+/// Flat descriptors: null, 64-bit kernel code (0x08) and data (0x10), and
+/// (1.2) 64-bit user code (index 3, selector 0x1B) and user data (index 4,
+/// selector 0x23), both DPL 3.
+const GDT_ENTRIES: [u64; 5] =
+    [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff];
 const GDT_LIMIT: u16 = (GDT_ENTRIES.len() * 8 - 1) as u16;
 
 /// A loadable segment: bytes to copy at `gpa`; memory up to `gpa + mem_size` reads zero.
@@ -165,38 +167,45 @@ pub fn vmm_region(ram_size: u64, vcpus: u32, devices: &[(Gpa, u32)]) -> Vec<(Gpa
     let regions = ram_regions(ram_size);
     let end = ram_end(ram_size);
     let mut boot_info = Vec::with_capacity(64);
-    boot_info.extend_from_slice(&BOOT_MAGIC.to_le_bytes());
-    boot_info.extend_from_slice(&ram_size.to_le_bytes());
-    boot_info.extend_from_slice(&vcpus.to_le_bytes());
-    boot_info.extend_from_slice(&(gmem::PAGE_SIZE as u32).to_le_bytes());
-    boot_info.extend_from_slice(&end.to_le_bytes());
-    boot_info.extend_from_slice(&(regions.len() as u32).to_le_bytes());
-    boot_info.extend_from_slice(&1u32.to_le_bytes()); // abi_minor
+    push_bytes(
+        &mut boot_info,
+        &BootInfo {
+            magic: abi::BOOT_MAGIC,
+            ram_size,
+            vcpu_count: vcpus,
+            page_size: gmem::PAGE_SIZE as u32,
+            ram_end: end,
+            region_count: regions.len() as u32,
+            abi_minor: abi::ABI_MINOR,
+        },
+    );
     for (gpa, size) in &regions {
-        boot_info.extend_from_slice(&gpa.0.to_le_bytes());
-        boot_info.extend_from_slice(&size.to_le_bytes());
+        push_bytes(&mut boot_info, &MemoryRegion { gpa: gpa.0, size: *size });
     }
-    boot_info.extend_from_slice(&(devices.len() as u32).to_le_bytes());
-    boot_info.extend_from_slice(&0u32.to_le_bytes());
-    for (gpa, id) in devices {
-        boot_info.extend_from_slice(&gpa.0.to_le_bytes());
-        boot_info.extend_from_slice(&id.to_le_bytes());
-        boot_info.extend_from_slice(&0u32.to_le_bytes());
+    push_bytes(
+        &mut boot_info,
+        &DeviceListHeader { device_count: devices.len() as u32, reserved: 0 },
+    );
+    for (gpa, device_id) in devices {
+        push_bytes(&mut boot_info, &DeviceEntry { gpa: gpa.0, device_id: *device_id, reserved: 0 });
     }
 
     let gdt = GDT_ENTRIES.iter().flat_map(|e| e.to_le_bytes()).collect();
 
     // Identity map with 2 MiB pages up to the end of RAM, and at least the
-    // first 4 GiB, so that the gap (devices, MMIO exits) is mapped too:
-    // PML4[0] → PDPT; PDPT[i] → PD i.
-    const PRESENT_RW: u64 = 0b11;
+    // first 4 GiB, so that the gap (devices, the doorbell) is mapped too:
+    // PML4[0] → PDPT; PDPT[i] → PD i. Every entry is present, writable and
+    // user-accessible (1.2).
+    const PRESENT_RW_USER: u64 = 0b111;
     const HUGE: u64 = 1 << 7;
     let end = end.max(HIGH_RAM_START);
     let gibs = end.div_ceil(GIB);
-    let pml4 = (PDPT | PRESENT_RW).to_le_bytes().to_vec();
-    let pdpt = (0..gibs).flat_map(|i| ((PD + i * 0x1000) | PRESENT_RW).to_le_bytes()).collect();
+    let pml4 = (PDPT | PRESENT_RW_USER).to_le_bytes().to_vec();
+    let pdpt =
+        (0..gibs).flat_map(|i| ((PD + i * 0x1000) | PRESENT_RW_USER).to_le_bytes()).collect();
     let two_mib = end.div_ceil(2 << 20);
-    let pd = (0..two_mib).flat_map(|j| ((j << 21) | PRESENT_RW | HUGE).to_le_bytes()).collect();
+    let pd =
+        (0..two_mib).flat_map(|j| ((j << 21) | PRESENT_RW_USER | HUGE).to_le_bytes()).collect();
 
     vec![
         (BOOT_INFO, boot_info),
@@ -205,6 +214,17 @@ pub fn vmm_region(ram_size: u64, vcpus: u32, devices: &[(Gpa, u32)]) -> Vec<(Gpa
         (Gpa(PDPT), pdpt),
         (Gpa(PD), pd),
     ]
+}
+
+/// Appends `value`'s bytes: one of `gmem_guest::abi`'s boot info layouts.
+fn push_bytes<T: Copy>(out: &mut Vec<u8>, value: &T) {
+    // SAFETY: the boot info types are `repr(C)` integers without padding
+    // (`abi.rs` asserts their sizes), so every byte is initialized; the
+    // guest reads them in place on the same little-endian architecture.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    };
+    out.extend_from_slice(bytes);
 }
 
 /// Checks that no segment of `image` lies over the vCPU stacks of a
@@ -301,8 +321,8 @@ pub fn init_vcpu(
         unusable: 0,
         padding: 0,
     };
-    sregs.cs = segment(CODE_SELECTOR, 0xb, 1, 0);
-    let data = segment(DATA_SELECTOR, 0x3, 0, 1);
+    sregs.cs = segment(abi::KERNEL_CS, 0xb, 1, 0);
+    let data = segment(abi::KERNEL_DS, 0x3, 0, 1);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.gdt.base = GDT;
     sregs.gdt.limit = GDT_LIMIT;
@@ -332,4 +352,50 @@ pub fn init_vcpu(
         ..Default::default()
     };
     vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(bytes: &[u8]) -> Vec<u64> {
+        bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn every_paging_entry_is_user_accessible_and_the_gdt_has_user_descriptors() {
+        let region = vmm_region(5 << 30, 2, &[]);
+        let at = |gpa: u64| &region.iter().find(|(g, _)| g.0 == gpa).unwrap().1;
+        for table in [PML4, PDPT, PD] {
+            let entries = words(at(table));
+            assert!(!entries.is_empty());
+            assert!(entries.iter().all(|e| e & 0b111 == 0b111), "table {table:#x}");
+        }
+        // 2 MiB pages up to the end of RAM (6 GiB), the gap included.
+        assert_eq!(words(at(PD)).len(), 3 * 1024);
+        let gdt = words(at(GDT));
+        let dpl = |entry: u64| (entry >> 45) & 3;
+        let present = |entry: u64| entry >> 47 & 1 == 1;
+        for (selector, long_code) in [(abi::USER_CS, true), (abi::USER_DS, false)] {
+            assert_eq!(selector & 3, 3, "RPL 3");
+            let entry = gdt[usize::from(selector >> 3)];
+            assert!(present(entry) && dpl(entry) == 3, "{selector:#x}: {entry:#x}");
+            assert_eq!(entry >> 53 & 1 == 1, long_code, "{selector:#x}: L bit");
+        }
+        assert_eq!(dpl(gdt[usize::from(abi::KERNEL_CS >> 3)]), 0);
+    }
+
+    #[test]
+    fn the_boot_info_says_abi_1_2_in_abi_s_layout() {
+        let region = vmm_region(64 << 20, 3, &[(Gpa(0xD000_0000), 2)]);
+        let info = &region.iter().find(|(g, _)| *g == BOOT_INFO).unwrap().1;
+        let words = words(info);
+        assert_eq!(words[0], abi::BOOT_MAGIC);
+        assert_eq!(words[1], 64 << 20);
+        assert_eq!(words[4] >> 32, u64::from(abi::ABI_MINOR));
+        assert_eq!(abi::ABI_MINOR, 2);
+        // One region, then one device.
+        assert_eq!((words[5], words[6]), (0, 64 << 20));
+        assert_eq!((words[7], words[8], words[9]), (1, 0xD000_0000, 2));
+    }
 }

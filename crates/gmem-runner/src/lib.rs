@@ -1,6 +1,6 @@
 //! # gmem-runner: gmem's own VMM
 //!
-//! The GUEST_ABI 1.1 VM behind `gmem run`, `gmem bench` and `gmem check`,
+//! The GUEST_ABI 1.2 VM behind `gmem run`, `gmem bench` and `gmem check`,
 //! built on [`gmem_kvm`]'s public API only, as any VMM would: its own
 //! `VmFd`, slot numbers, vCPU threads and kicks ([`kick`]), and a
 //! [`gmem_kvm::GuestMemory`] for RAM.
@@ -31,6 +31,6 @@ mod vcpu;
 mod vm;
 
 pub use boot::GuestImage;
+pub use gmem_guest::abi;
 pub use gmem_kvm::Gpa;
-pub use vcpu::ports;
 pub use vm::{Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats, RAM_FILE_SIZE};

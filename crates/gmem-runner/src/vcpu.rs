@@ -1,25 +1,59 @@
-//! The vCPU loop of GUEST_ABI 1.1: console, exit, sync and conversion ports,
+//! The vCPU loop of GUEST_ABI 1.2: console, exit, sync and conversion
+//! requests by port (CPL 0) or through the doorbell (either CPL),
 //! `KVM_HC_MAP_GPA_RANGE` exits, and every other exit as a VM error.
 
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
+use gmem_guest::abi::{self, PORT_CONSOLE, PORT_EXIT, PORT_SYNC};
 use gmem_kvm::convert::{ConversionRequest, KVM_HC_MAP_GPA_RANGE};
 use gmem_kvm::{Error, Result};
 use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd, VmFd};
 
 use crate::vm::{Outcome, SyncHandler, Vm};
 
-/// Ports of GUEST_ABI 1.1.
-pub mod ports {
-    /// Console: one byte of output.
-    pub const CONSOLE: u16 = 0xE9;
-    /// Conversion request.
-    pub const CONVERT: u16 = 0xF0;
-    /// Exit with a code.
-    pub const EXIT: u16 = 0xF4;
-    /// Sync point.
-    pub const SYNC: u16 = 0xF8;
+/// A request to the VMM: an `out` to one of the ABI's ports, or a doorbell
+/// write at that port's offset; `value` is AL/EAX, zero-extended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Request {
+    port: u16,
+    value: u32,
+}
+
+impl Request {
+    /// An `out` of `data` to `port`; `None` for a port the ABI lacks.
+    fn from_port(port: u16, data: &[u8]) -> Option<Self> {
+        abi::PORTS.contains(&port).then(|| Self { port, value: le_value(data) })
+    }
+
+    /// A doorbell write of `data` at `gpa` (inside the doorbell page):
+    /// 1, 2 or 4 bytes at a port's offset, or why it stops the VM.
+    fn from_doorbell(gpa: u64, data: &[u8]) -> std::result::Result<Self, String> {
+        let offset = gpa - abi::DOORBELL;
+        if ![1, 2, 4].contains(&data.len()) {
+            return Err(format!(
+                "doorbell write of {} bytes at GPA {gpa:#x}: writes are 1, 2 or 4 bytes",
+                data.len()
+            ));
+        }
+        u16::try_from(offset)
+            .ok()
+            .and_then(|port| Self::from_port(port, data))
+            .ok_or_else(|| format!("doorbell write at GPA {gpa:#x}: offset {offset:#x} is no port"))
+    }
+}
+
+/// `data`'s first (up to) four bytes as a little-endian value.
+fn le_value(data: &[u8]) -> u32 {
+    let mut value = [0u8; 4];
+    let n = data.len().min(4);
+    value[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(value)
+}
+
+/// Whether `gpa` lies in the doorbell page.
+fn is_doorbell(gpa: u64) -> bool {
+    gpa.wrapping_sub(abi::DOORBELL) < abi::DOORBELL_SIZE
 }
 
 /// Asks KVM to exit to us on KVM_HC_MAP_GPA_RANGE; `EOPNOTSUPP` where
@@ -79,28 +113,30 @@ impl Vm {
                 }
                 Err(e) => return stop(format!("KVM_RUN failed: {e}")),
             };
-            // Port writes that need registers are handled after `exit`
-            // (which borrows the vCPU) is gone.
-            let port = match exit {
-                VcpuExit::IoOut(ports::CONSOLE, data) => {
-                    let mut out = console.lock().unwrap_or_else(|p| p.into_inner());
-                    out.extend_from_slice(&data[..1]);
-                    if echo {
-                        use std::io::Write;
-                        let _ = std::io::stderr().write_all(&data[..1]);
+            // Requests that need registers are handled after `exit` (which
+            // borrows the vCPU) is gone.
+            let request = match exit {
+                VcpuExit::IoOut(port, data) => match Request::from_port(port, data) {
+                    Some(request) => request,
+                    None => {
+                        let rip = vcpu.sync_regs().regs.rip;
+                        return stop(format!("access to unknown port {port:#x} at RIP {rip:#x}"));
                     }
-                    continue;
-                }
-                VcpuExit::IoOut(ports::EXIT, data) => {
-                    let mut code = [0u8; 4];
-                    code[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
-                    self.control.stop(Outcome::Exit(u32::from_le_bytes(code)));
-                    return;
-                }
-                VcpuExit::IoOut(port @ (ports::SYNC | ports::CONVERT), _) => port,
-                VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => {
+                },
+                VcpuExit::IoIn(port, _) => {
                     let rip = vcpu.sync_regs().regs.rip;
                     return stop(format!("access to unknown port {port:#x} at RIP {rip:#x}"));
+                }
+                VcpuExit::MmioWrite(gpa, data) if is_doorbell(gpa) => {
+                    match Request::from_doorbell(gpa, data) {
+                        Ok(request) => request,
+                        Err(why) => return stop(why),
+                    }
+                }
+                VcpuExit::MmioRead(gpa, _) if is_doorbell(gpa) => {
+                    return stop(format!(
+                        "doorbell read at GPA {gpa:#x}: the doorbell is write-only"
+                    ))
                 }
                 // Only KVM_HC_MAP_GPA_RANGE exits are enabled.
                 VcpuExit::Hypercall(call) => {
@@ -149,16 +185,73 @@ impl Vm {
                 other => return stop(format!("unexpected exit {other:?}")),
             };
             let regs = vcpu.sync_regs().regs;
-            let rax = match port {
-                ports::SYNC => {
+            let rax = match request.port {
+                PORT_CONSOLE => {
+                    let byte = request.value as u8;
+                    console.lock().unwrap_or_else(|p| p.into_inner()).push(byte);
+                    if echo {
+                        use std::io::Write;
+                        let _ = std::io::stderr().write_all(&[byte]);
+                    }
+                    continue;
+                }
+                PORT_EXIT => return self.control.stop(Outcome::Exit(request.value)),
+                PORT_SYNC => {
                     let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
                     on_sync(self, regs.rdi);
                     0
                 }
+                // PORT_CONVERT: a request holds one of the ABI's ports.
                 _ => self.guest_convert(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx)),
             };
             vcpu.sync_regs_mut().regs.rax = rax;
             vcpu.set_sync_dirty_reg(SyncReg::Register);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doorbell_writes_of_1_2_or_4_bytes_at_a_port_are_requests() {
+        for port in abi::PORTS {
+            let gpa = abi::DOORBELL + u64::from(port);
+            assert_eq!(Request::from_doorbell(gpa, &[7]), Ok(Request { port, value: 7 }));
+            assert_eq!(
+                Request::from_doorbell(gpa, &[0x34, 0x12]),
+                Ok(Request { port, value: 0x1234 })
+            );
+            let value = 0xdead_beef_u32;
+            assert_eq!(
+                Request::from_doorbell(gpa, &value.to_le_bytes()),
+                Ok(Request { port, value })
+            );
+        }
+    }
+
+    #[test]
+    fn other_doorbell_writes_are_refused_naming_the_gpa() {
+        let exit = abi::DOORBELL + u64::from(PORT_EXIT);
+        for data in [&[0u8; 3][..], &[0; 8], &[]] {
+            let why = Request::from_doorbell(exit, data).unwrap_err();
+            assert!(why.contains("GPA 0xdffff0f4") && why.contains("1, 2 or 4 bytes"), "{why}");
+        }
+        for offset in [0, 0xE8, 0xF1, 0xFFF] {
+            let why = Request::from_doorbell(abi::DOORBELL + offset, &[1]).unwrap_err();
+            assert!(why.contains(&format!("GPA {:#x}", abi::DOORBELL + offset)), "{why}");
+        }
+        assert!(is_doorbell(abi::DOORBELL) && is_doorbell(abi::DOORBELL + 0xFFF));
+        assert!(!is_doorbell(abi::DOORBELL - 1) && !is_doorbell(abi::DOORBELL + 0x1000));
+    }
+
+    #[test]
+    fn ports_outside_the_abi_are_not_requests() {
+        assert_eq!(Request::from_port(0x80, &[1]), None);
+        assert_eq!(
+            Request::from_port(PORT_SYNC, &[1, 0, 0, 0]),
+            Some(Request { port: PORT_SYNC, value: 1 })
+        );
     }
 }
