@@ -5,7 +5,8 @@ use clap::{Args, ValueEnum};
 /// Where guest memory comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Backend {
-    /// Native where it really serves and protects guests, else user space.
+    /// The user-space backend, unless the kernel's guest_memfd protects
+    /// more on this host (`gmem probe` says which, and why).
     Auto,
     /// The kernel's guest_memfd (refused where it does not serve guests).
     Native,
@@ -48,24 +49,26 @@ impl Action {
     }
 }
 
-/// `gmem run` arguments (GUEST_ABI 1.1, "Host side of gmem run").
+/// `gmem run` arguments (GUEST_ABI 1.2, "Host side of gmem run").
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
-    /// Guest ELF image: a path, or the name of a built-in guest (badport,
-    /// convbench, convert, convsmp, convstorm, demo, halt, hypercall,
-    /// memmap, punch, smp, sparse, spin, stress, touch, disk, diskbench).
-    /// Default: the demo guest.
+    /// Guest ELF image: a path, or the name of a built-in guest (badbell,
+    /// badport, convbench, convert, convsmp, convstorm, demo, halt,
+    /// hypercall, memmap, punch, smp, sparse, spin, stress, tlb, touch,
+    /// user, disk, diskbench). Default: the demo guest. Without --sync, a
+    /// built-in guest gets its own host side (demo, convert, punch, user).
     #[arg(long)]
     pub(crate) guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub(crate) mem: u64,
-    /// Number of vCPUs, one thread each.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
-    pub(crate) vcpus: u32,
-    /// Stop the guest after this many seconds (exit status 124); 0 = never.
-    #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
-    pub(crate) timeout: f64,
+    /// Number of vCPUs, one thread each [default: 1; 2 for convsmp].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub(crate) vcpus: Option<u32>,
+    /// Stop the guest after this many seconds (exit status 124); 0 = never
+    /// [default: 60; 2 for spin and halt, which never exit].
+    #[arg(long, value_parser = parse_timeout)]
+    pub(crate) timeout: Option<f64>,
     /// Memory backend.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub(crate) backend: Backend,
@@ -94,8 +97,8 @@ pub(crate) struct RunArgs {
 /// `PATH` or `PATH:SIZE` (a whole number of 512-byte sectors, at most 1 TiB).
 fn parse_disk(text: &str) -> Result<(std::path::PathBuf, u64), String> {
     let (path, size) = match text.rsplit_once(':') {
-        Some((path, size)) if !path.is_empty() => (path, parse_size(size)?),
-        _ => (text, 8 << 20),
+        Some((path, size)) => (path, parse_size(size)?),
+        None => (text, 8 << 20),
     };
     if path.is_empty() || size == 0 || size % 512 != 0 || size > 1 << 40 {
         return Err(format!(
@@ -238,6 +241,16 @@ mod tests {
             assert!(parse_sync(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_hex("00fFa5"), Ok(vec![0, 0xff, 0xa5]));
+    }
+
+    #[test]
+    fn disks() {
+        assert_eq!(parse_disk("d.img"), Ok(("d.img".into(), 8 << 20)));
+        assert_eq!(parse_disk("/tmp/d.img:1M"), Ok(("/tmp/d.img".into(), 1 << 20)));
+        // A SIZE without a PATH used to create a file named ':8M'.
+        for bad in [":8M", ":", "", "d.img:", "d.img:100", "d.img:0", "d.img:2T"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use gmem_runner::bench::{
-    conversions, first_touch, median, metadata_bytes_per_page, populate, punch, touched_pages,
-    virtio_blk, Backing,
+    conversions, first_touch, median, metadata_bytes_per_page, populate, punch, tlb_read_ns,
+    touched_pages, virtio_blk, Backing,
 };
 use serde_json::json;
 
@@ -82,9 +82,15 @@ impl Figure {
     }
 }
 
-/// Progress on stderr, overwriting the line.
+/// Progress on stderr: overwriting one line on a terminal, a line each
+/// elsewhere (a log).
 fn progress(what: &str) {
-    eprint!("\rgmem bench: {what:<60}");
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\rgmem bench: {what:<60}");
+    } else {
+        eprintln!("gmem bench: {what}");
+    }
 }
 
 /// Runs `gmem bench`; returns the process exit status.
@@ -106,13 +112,16 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
     let mut figures = Vec::new();
     let native = native_runs();
     let measured = first_touch_figures(mib, reps, native, &mut figures)
-        .and_then(|()| size_figures(mib, reps, args.vcpus, &mut figures))
+        .and_then(|()| size_figures(mib, reps, args.vcpus, native, &mut figures))
+        .and_then(|()| tlb_figures(mib, reps, &mut figures))
         .and_then(|()| populate_figures(mib, reps, native, &mut figures))
         .and_then(|()| punch_figures(mib, reps, &mut figures))
         .and_then(|()| conversion_figures(reps, native, &mut figures))
         .and_then(|()| virtio_figures(reps, &mut figures))
         .and_then(|()| metadata_figures(&mut figures));
-    eprintln!();
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!();
+    }
     if let Err(e) = measured {
         eprintln!("gmem bench: {e}");
         return 1;
@@ -176,11 +185,11 @@ fn native_runs() -> bool {
     match gmem_kvm::native::probe().map(|n| n.usable()) {
         Ok(Ok(())) => true,
         Ok(Err(why)) => {
-            eprintln!("\ngmem bench: the native backend is not measured: {why}");
+            eprintln!("gmem bench: the native backend is not measured: {why}");
             false
         }
         Err(e) => {
-            eprintln!("\ngmem bench: the native backend is not measured: {e}");
+            eprintln!("gmem bench: the native backend is not measured: {e}");
             false
         }
     }
@@ -225,12 +234,10 @@ fn first_touch_figures(
     if native {
         let native = rate(samples.last_mut().expect("the native samples"));
         figures.push(Figure::rate("native-first-touch", native, "MiB/s", plain));
-        figures.push(Figure::rate(
-            "first-touch-vs-native",
-            gmem,
-            "MiB/s",
-            (native, "native backend"),
-        ));
+        figures.push(
+            Figure::rate("first-touch-vs-native", gmem, "MiB/s", (native, "native backend"))
+                .target(1.0),
+        );
     }
     Ok(())
 }
@@ -244,6 +251,7 @@ fn size_figures(
     mib: u64,
     reps: u64,
     vcpus: Option<u32>,
+    native: bool,
     figures: &mut Vec<Figure>,
 ) -> Result<(), String> {
     let cores = || std::thread::available_parallelism().map_or(2, |n| n.get().max(2)) as u32;
@@ -252,17 +260,25 @@ fn size_figures(
     let sparse = gmem_guest::guest("sparse").expect("the sparse guest is built in");
     let gmem = Backing::Gmem { fault_around: DEFAULT_FAULT_AROUND_PAGES };
     let sparse_mib = (32 * mib).min(2048);
-    let (mut smp, mut sparse_times, mut per_page) = ([vec![], vec![]], [vec![], vec![]], vec![]);
+    // Indexes: 0 plain, 1 gmem, 2 plain memfd (sparse only), 3 native.
+    let mut backings = vec![Backing::Anonymous, gmem, Backing::Memfd];
+    if native {
+        backings.push(Backing::Native);
+    }
+    let (mut smp, mut sparse_times, mut per_page) =
+        (vec![vec![]; backings.len()], vec![vec![]; backings.len()], vec![]);
     for rep in 1..=reps {
         progress(&format!("first touch on {vcpus} vCPUs, and sparse, round {rep}/{reps}"));
-        for (i, backing) in [Backing::Anonymous, gmem].into_iter().enumerate() {
-            let (time, _, _) =
-                first_touch(touch, mib, backing, vcpus).map_err(|e| format!("smp: {e}"))?;
-            smp[i].push(time);
+        for (i, &backing) in backings.iter().enumerate() {
+            if backing != Backing::Memfd {
+                let (time, _, _) =
+                    first_touch(touch, mib, backing, vcpus).map_err(|e| format!("smp: {e}"))?;
+                smp[i].push(time);
+            }
             let (time, console, allocated) =
                 first_touch(sparse, sparse_mib, backing, 1).map_err(|e| format!("sparse: {e}"))?;
             sparse_times[i].push(time);
-            if let Some(allocated) = allocated {
+            if let (Backing::Gmem { .. }, Some(allocated)) = (backing, allocated) {
                 let touched = touched_pages(&console).ok_or_else(|| {
                     format!("no touched= in the sparse guest's report: {console}")
                 })?;
@@ -271,18 +287,62 @@ fn size_figures(
         }
     }
     let rate = |mib: u64, samples: &mut Vec<Duration>| mib as f64 / median(samples).as_secs_f64();
-    let [plain, ours] = &mut smp;
-    let baseline = (rate(mib, plain), "plain KVM memory");
-    figures.push(Figure::rate("first-touch-smp", rate(mib, ours), "MiB/s", baseline).target(1.0));
-    let [plain, ours] = &mut sparse_times;
-    let baseline = (rate(sparse_mib, plain), "plain KVM memory");
-    figures.push(
-        Figure::rate("first-touch-sparse", rate(sparse_mib, ours), "MiB/s", baseline).target(0.8),
-    );
+    for (name, mib, samples, target) in [
+        ("first-touch-smp", mib, &mut smp, 1.0),
+        ("first-touch-sparse", sparse_mib, &mut sparse_times, 0.8),
+    ] {
+        let ours = rate(mib, &mut samples[1]);
+        let baseline = (rate(mib, &mut samples[0]), "plain KVM memory");
+        figures.push(Figure::rate(name, ours, "MiB/s", baseline).target(target));
+        if native {
+            let native = (rate(mib, &mut samples[3]), "native backend");
+            figures.push(
+                Figure::rate(&format!("{name}-vs-native"), ours, "MiB/s", native).target(1.0),
+            );
+        }
+    }
+    // Where the sparse row's limit is: the kernel's own shmem fault, with
+    // nothing of gmem, against gmem and against the native backend.
+    let memfd = rate(sparse_mib, &mut sparse_times[2]);
+    let ours = rate(sparse_mib, &mut sparse_times[1]);
+    figures.push(Figure::rate(
+        "first-touch-sparse-vs-memfd",
+        ours,
+        "MiB/s",
+        (memfd, "plain memfd, kernel faults"),
+    ));
+    if native {
+        let native = (rate(sparse_mib, &mut sparse_times[3]), "native backend");
+        figures.push(Figure::rate("sparse-memfd-vs-native", memfd, "MiB/s", native));
+    }
     per_page.sort_by(f64::total_cmp);
     let bound = (1.1, "bound: 1.1 per page touched");
     let allocated = per_page[per_page.len() / 2];
     figures.push(Figure::cost("memory-sparse", allocated, "pages/page", bound).target(1.0));
+    Ok(())
+}
+
+/// The median of `samples` (not empty).
+fn middle(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Random 8-byte reads over `mib` MiB of first-touched RAM, by the `tlb`
+/// guest in user mode: gmem against plain KVM memory (both 4 KiB pages).
+fn tlb_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let tlb = gmem_guest::guest("tlb").expect("the tlb guest is built in");
+    let gmem = Backing::Gmem { fault_around: DEFAULT_FAULT_AROUND_PAGES };
+    let mut samples = [vec![], vec![]];
+    for rep in 1..=reps {
+        progress(&format!("random reads over {mib} MiB, round {rep}/{reps}"));
+        for (backing, samples) in [Backing::Anonymous, gmem].into_iter().zip(&mut samples) {
+            samples.push(tlb_read_ns(tlb, mib, backing).map_err(|e| format!("tlb: {e}"))?);
+        }
+    }
+    let [plain, ours] = &mut samples;
+    let baseline = (middle(plain), "plain KVM memory");
+    figures.push(Figure::cost("tlb-random", middle(ours), "ns", baseline));
     Ok(())
 }
 
@@ -386,10 +446,6 @@ fn virtio_figures(reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
         bounced.push(b);
         direct.push(d);
     }
-    let middle = |samples: &mut Vec<f64>| {
-        samples.sort_by(f64::total_cmp);
-        samples[samples.len() / 2]
-    };
     let baseline = (middle(&mut direct), "no bounce (64 KiB)");
     figures.push(Figure::rate("virtio-blk", middle(&mut bounced), "MiB/s", baseline).target(0.8));
     Ok(())

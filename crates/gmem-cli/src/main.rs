@@ -1,7 +1,7 @@
 //! `gmem`: run guests whose RAM is fd-based private memory.
 //!
 //! A thin layer over `gmem-kvm`: `probe` reports the host, `run` boots a
-//! guest per GUEST_ABI v1 (exit statuses, `--json`), `check` runs the
+//! guest per GUEST_ABI 1.2 (exit statuses, `--json`), `check` runs the
 //! conformance suite, `bench` measures against baselines.
 
 mod args;
@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// What this host supports and which backend gmem will use.
     Probe(probe::ProbeArgs),
-    /// Boot a guest program (GUEST_ABI v1) on private memory.
+    /// Boot a guest program (GUEST_ABI 1.2) on private memory.
     Run(args::RunArgs),
     /// Measure gmem against plain KVM memory in one run (ratios).
     Bench(bench::BenchArgs),

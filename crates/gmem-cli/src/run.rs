@@ -1,5 +1,6 @@
-//! `gmem run`: boot a guest on private memory and report per GUEST_ABI 1.1.
+//! `gmem run`: boot a guest on private memory and report per GUEST_ABI 1.2.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use gmem_kvm::probe;
 use gmem_runner::{boot, Gpa, GuestImage, Outcome, RunConfig, Vm};
 use serde_json::json;
 
-use crate::args::{Action, Backend, RunArgs, SyncSpec};
+use crate::args::{parse_sync, Action, Backend, RunArgs, SyncSpec};
 
 /// Exit status for bad arguments or a bad image.
 const BAD_INPUT: u8 = 2;
@@ -39,22 +40,38 @@ fn fail<T>(status: u8, message: impl std::fmt::Display) -> Result<T, Failure> {
 /// The largest guest image file `gmem run` reads.
 const MAX_IMAGE: u64 = 256 << 20;
 
+/// A guest image to run: its bytes, and its name if it is a built-in one.
+struct Guest {
+    bytes: Vec<u8>,
+    built_in: Option<&'static str>,
+}
+
 /// The guest image: a regular file of at most [`MAX_IMAGE`] bytes (and no
 /// more than RAM) that starts like an ELF file, else a built-in guest of
 /// that name. A FIFO, a device or a directory is refused without reading.
-fn guest_bytes(guest: Option<&str>, ram: u64) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let Some(guest) = guest else { return Ok(gmem_guest::demo().to_vec()) };
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(guest);
-    let file = match file {
-        Ok(file) => file,
-        Err(e) => {
-            return gmem_guest::guest(guest)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| format!("cannot read guest image '{guest}': {e}"))
-        }
+fn guest_image(guest: Option<&str>, ram: u64) -> Result<Guest, String> {
+    let built_in = |name: &str| {
+        gmem_guest::GUESTS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(name, elf)| Guest { bytes: elf.to_vec(), built_in: Some(name) })
     };
+    let Some(guest) = guest else { return built_in("demo").ok_or("no demo guest".into()) };
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(guest) {
+        Ok(file) => guest_file(guest, file, ram).map(|bytes| Guest { bytes, built_in: None }),
+        Err(e) => built_in(guest).ok_or_else(|| {
+            let names: Vec<&str> = gmem_guest::GUESTS.iter().map(|(name, _)| *name).collect();
+            format!(
+                "no guest '{guest}': not a file ({e}), nor a built-in guest ({})",
+                names.join(", ")
+            )
+        }),
+    }
+}
+
+/// The bytes of the guest image file `file` (opened from `guest`).
+fn guest_file(guest: &str, file: std::fs::File, ram: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
     let meta = file.metadata().map_err(|e| format!("guest image '{guest}': {e}"))?;
     if !meta.is_file() {
         return Err(format!("guest image '{guest}' is not a regular file"));
@@ -162,16 +179,59 @@ fn run_action(vm: &Vm, sync: &SyncSpec) -> SyncRecord {
     }
 }
 
-/// The sync actions to run: the user's, or for the built-in demo guest
-/// (by default or by name) without any, a read of the message it shares,
-/// where RAM holds it.
-fn syncs_for(args: &RunArgs, image: &[u8]) -> Vec<SyncSpec> {
-    let (gpa, len, stage) = gmem_guest::DEMO_MESSAGE;
-    if image != gmem_guest::demo() || !args.syncs.is_empty() || !boot::in_ram(args.mem, gpa, len) {
+/// The sync actions to run: the user's, or without any, a built-in
+/// guest's own host side (those of its actions that lie in RAM).
+fn syncs_for(args: &RunArgs, needs: &gmem_guest::Needs) -> Vec<SyncSpec> {
+    if !args.syncs.is_empty() {
         return args.syncs.clone();
     }
-    vec![SyncSpec { stage, action: Action::Read { gpa, len } }]
+    let in_ram = |sync: &SyncSpec| {
+        let (gpa, len) = sync.action.range();
+        boot::in_ram(args.mem, gpa, len)
+    };
+    needs.host_side.iter().filter_map(|text| parse_sync(text).ok()).filter(in_ram).collect()
 }
+
+/// What a built-in guest needs that the arguments lack, as a message;
+/// and the vCPUs and timeout it runs with.
+fn check_needs(
+    args: &RunArgs,
+    name: &str,
+    needs: &gmem_guest::Needs,
+) -> Result<(u32, f64), String> {
+    let vcpus = args.vcpus.unwrap_or(needs.min_vcpus);
+    if vcpus < needs.min_vcpus {
+        return Err(format!("the {name} guest needs at least {} vCPUs (--vcpus)", needs.min_vcpus));
+    }
+    if needs.disk && args.disk.is_none() {
+        return Err(format!(
+            "the {name} guest drives a virtio-blk disk: give it --disk PATH[:SIZE]"
+        ));
+    }
+    if needs.hypercall_exits && !args.hypercall_exits {
+        return Err(format!(
+            "the {name} guest converts by vmcall: run it with --hypercall-exits, where KVM offers \
+             hypercall exits (on kvm_pvm hosts a vmcall hangs the vCPU until --timeout)"
+        ));
+    }
+    let timeout = match args.timeout {
+        Some(timeout) => timeout,
+        None if needs.never_exits => {
+            eprintln!(
+                "gmem run: the {name} guest never exits (it is for timeouts and stops): \
+                 stopping it after {NEVER_EXITS_TIMEOUT} s (--timeout)"
+            );
+            NEVER_EXITS_TIMEOUT
+        }
+        None => DEFAULT_TIMEOUT,
+    };
+    Ok((vcpus, timeout))
+}
+
+/// `--timeout`'s default.
+const DEFAULT_TIMEOUT: f64 = 60.0;
+/// `--timeout`'s default for a built-in guest that never exits.
+const NEVER_EXITS_TIMEOUT: f64 = 2.0;
 
 /// `bytes` up to the first NUL as text, if that is printable ASCII.
 fn text(bytes: &[u8]) -> Option<&str> {
@@ -244,17 +304,25 @@ fn report_json(
 }
 
 fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
-    if let Err(e) = boot::check_machine(args.mem, args.vcpus) {
+    let guest = guest_image(args.guest.as_deref(), args.mem).or_else(|e| fail(BAD_INPUT, e))?;
+    let needs = guest.built_in.map(gmem_guest::needs).unwrap_or(gmem_guest::needs(""));
+    let (vcpus, timeout) = match guest.built_in {
+        Some(name) => check_needs(args, name, &needs).or_else(|e| fail(BAD_INPUT, e))?,
+        None => (args.vcpus.unwrap_or(1), args.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+    };
+    if let Err(e) = boot::check_machine(args.mem, vcpus) {
         return fail(BAD_INPUT, e);
     }
-    let bytes = guest_bytes(args.guest.as_deref(), args.mem).or_else(|e| fail(BAD_INPUT, e))?;
-    let image = GuestImage::parse(&bytes, args.mem)
-        .and_then(|image| boot::check_layout(&image, args.mem, args.vcpus).map(|()| image))
+    let image = GuestImage::parse(&guest.bytes, args.mem)
+        .and_then(|image| boot::check_layout(&image, args.mem, vcpus).map(|()| image))
         .or_else(|e| fail(BAD_INPUT, e))?;
-    let syncs = syncs_for(args, &bytes);
+    let syncs = syncs_for(args, &needs);
     check_syncs(&syncs, args.mem).or_else(|e| fail(BAD_INPUT, e))?;
     let (backend, reason) = choose_backend(args.backend).or_else(|e| fail(BAD_INPUT, e))?;
-    eprintln!("gmem run: backend {backend} ({reason})");
+    match args.backend {
+        Backend::Auto => eprintln!("gmem run: backend {backend} (auto: `gmem probe` says why)"),
+        _ => eprintln!("gmem run: backend {backend} ({reason})"),
+    }
     warn_if_too_big(args.mem);
     // A VM this host cannot create is a backend it cannot provide (no
     // /dev/kvm, no userfaultfd permission): the same status as `auto`.
@@ -268,7 +336,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         vm.attach_disk(path, *size)
             .or_else(|e| fail(BAD_INPUT, format!("disk {}: {e}", path.display())))?;
     }
-    if let Err(e) = vm.load(&image, args.mem, args.vcpus) {
+    if let Err(e) = vm.load(&image, args.mem, vcpus) {
         return fail(VM_ERROR, format!("cannot load the guest: {e}"));
     }
 
@@ -293,12 +361,11 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             records.lock().unwrap_or_else(|p| p.into_inner()).push(record);
         }
     };
-    let timeout = (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout));
     let config = RunConfig {
-        timeout,
+        timeout: (timeout > 0.0).then(|| Duration::from_secs_f64(timeout)),
         echo_console: true,
         hypercall_exits: args.hypercall_exits,
-        ..RunConfig::new(args.vcpus)
+        ..RunConfig::new(vcpus)
     };
     let report = match vm.run(&image, args.mem, &config, &on_sync) {
         Ok(report) => report,
@@ -331,7 +398,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             "gmem run: guest exited with {code}; {} pages served in {} faults, {} invalidations",
             stats.memory.pages_served, stats.memory.faults, stats.memory.invalidations
         ),
-        Outcome::Timeout => eprintln!("gmem run: timed out after {}s", args.timeout),
+        Outcome::Timeout => eprintln!("gmem run: timed out after {timeout}s"),
         Outcome::Error(message) => eprintln!("gmem run: VM error: {message}"),
     }
     Ok(status)

@@ -104,8 +104,10 @@ fn json_has_the_abi_fields() {
     let v = json(&out);
     assert_eq!(v["exit_code"], 3);
     assert_eq!(v["reason"], "exit");
-    assert_eq!(v["console"], "punch: 3 of 16 pages read zero\n");
-    assert!(stderr(&out).contains("punch: 3 of 16"), "the console also goes to stderr");
+    let punched = "punch: pages that read zero: 0x0000000000600000 0x0000000000601000 \
+                   0x0000000000602000 (3 of 16, the exit status)";
+    assert!(v["console"].as_str().unwrap().starts_with(punched), "{}", v["console"]);
+    assert!(stderr(&out).contains(punched), "the console also goes to stderr");
     let syncs = v["syncs"].as_array().unwrap();
     assert_eq!(syncs.len(), 3);
     assert_eq!(syncs[0]["action"], "punch");
@@ -191,6 +193,9 @@ fn bench_json_has_ratios() {
     let plot_arg = plot.to_str().unwrap();
     let out = gmem(&["bench", "--quick", "--vcpus", "3", "--json", "--check", "--plot", plot_arg]);
     assert!(stderr(&out).contains("first touch on 3 vCPUs"), "{}", stderr(&out));
+    // Progress goes a line at a time to a log (stderr is not a terminal).
+    assert!(!out.stderr.contains(&b'\r'), "carriage returns in a log");
+    assert!(stderr(&out).lines().filter(|l| l.starts_with("gmem bench: ")).count() > 5);
     let svg = std::fs::read_to_string(&plot).unwrap();
     let _ = std::fs::remove_file(&plot);
     assert!(svg.starts_with("<svg") && svg.contains("convert-4k"), "{svg}");
@@ -200,9 +205,15 @@ fn bench_json_has_ratios() {
     // `--check`: status 1 exactly when a target is not met.
     let missed = results.iter().any(|r| r["met"] == false);
     assert_eq!(status(&out), i32::from(missed), "{}", stderr(&out));
-    for name in
-        ["first-touch", "populate", "punch", "convert-4k", "convert-2m", "metadata-bytes-per-page"]
-    {
+    for name in [
+        "first-touch",
+        "populate",
+        "punch",
+        "convert-4k",
+        "convert-2m",
+        "metadata-bytes-per-page",
+        "tlb-random",
+    ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
     for r in results {
@@ -216,7 +227,7 @@ fn bench_json_has_ratios() {
         let expected = if r["unit"] == "MiB/s" { value / baseline } else { baseline / value };
         assert!((ratio - expected).abs() < 1e-9, "{r}");
         assert!(
-            ["MiB/s", "us", "B/page", "pages/page"].contains(&r["unit"].as_str().unwrap()),
+            ["MiB/s", "us", "ns", "B/page", "pages/page"].contains(&r["unit"].as_str().unwrap()),
             "{r}"
         );
         match r["target"].as_f64() {
@@ -673,4 +684,86 @@ fn an_8_gib_guest_touches_all_of_its_ram() {
     // Each vCPU's faults continue its own stream, whichever fault thread
     // serves them: a dense guest keeps its batches.
     assert_eq!(stats["kernel_handovers"], 0, "{stats}");
+}
+
+/// Built-in guests as a newcomer meets them: each does its host side by
+/// default, says what it needs before anything runs (status 2, the
+/// message naming the option), and stops by itself.
+#[test]
+fn built_in_guests_do_their_host_side_or_say_what_they_need() {
+    if !kvm() {
+        return;
+    }
+    // Without --sync, convert and user get their host side and succeed.
+    let out = gmem(&["run", "--guest", "convert", "--json"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let results: Vec<_> =
+        json(&out)["syncs"].as_array().unwrap().iter().map(|s| s["result"].clone()).collect();
+    assert_eq!(results, ["ok", "ok", "denied", "denied"]);
+    let out = gmem(&["run", "--guest", "user"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("ok: \"user->host\""), "{}", stderr(&out));
+    // punch: the host punches 3 pages, the guest says which.
+    let out = gmem(&["run", "--guest", "punch"]);
+    assert_eq!(status(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("(3 of 16, the exit status)"), "{}", stderr(&out));
+    // convsmp runs on 2 vCPUs unless told otherwise.
+    assert_eq!(status(&gmem(&["run", "--guest", "convsmp"])), 0);
+    for (args, needs) in [
+        (&["--guest", "convsmp", "--vcpus", "1"][..], "--vcpus"),
+        (&["--guest", "disk"], "--disk"),
+        (&["--guest", "diskbench"], "--disk"),
+        (&["--guest", "hypercall"], "--hypercall-exits"),
+    ] {
+        let out = gmem(&[&["run"][..], args].concat());
+        assert_eq!(status(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needs), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("gmem run: backend"), "{args:?}: refused before the VM");
+    }
+    // A guest that never exits says so and stops after 2 s, not 60.
+    let started = std::time::Instant::now();
+    let out = gmem(&["run", "--guest", "halt", "--vcpus", "2"]);
+    assert_eq!(status(&out), 124, "{}", stderr(&out));
+    assert!(stderr(&out).contains("never exits"), "{}", stderr(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn an_unknown_guest_is_named_with_the_built_in_ones() {
+    let out = gmem(&["run", "--guest", "nosuch"]);
+    assert_eq!(status(&out), 2);
+    for (name, _) in gmem_guest::GUESTS {
+        assert!(stderr(&out).contains(name), "{name} is not named: {}", stderr(&out));
+    }
+}
+
+/// A disk argument without a path is refused; it used to create a file
+/// named ':8M' in the current directory.
+#[test]
+fn a_disk_without_a_path_is_refused_and_creates_nothing() {
+    let dir = std::env::temp_dir().join(format!("gmem-disk-arg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(["run", "--disk", ":8M"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "a file was created");
+    std::fs::remove_dir(&dir).unwrap();
+}
+
+/// The guest console carries no NUL bytes from the conversion benchmark,
+/// and a run says which backend it uses in one short line.
+#[test]
+fn convbench_prints_text_and_the_backend_line_is_short() {
+    if !kvm() {
+        return;
+    }
+    let out = gmem(&["run", "--guest", "convbench"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(!out.stderr.contains(&0), "NUL bytes on the console");
+    let line =
+        stderr(&out).lines().find(|l| l.starts_with("gmem run: backend")).unwrap().to_owned();
+    assert!(line.len() <= 80, "{line}");
 }

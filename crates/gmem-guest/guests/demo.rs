@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 const BUF: u64 = 0x40_0000;
 const BUF_LEN: u64 = 4 << 20;
 const PAGE: u64 = 4096;
-/// The page the demo shares with the host (`gmem_guest::DEMO_MESSAGE`).
+/// The page the demo shares with the host (`gmem_guest::needs("demo")`'s host side reads it).
 const MESSAGE: u64 = BUF + BUF_LEN;
 
 static DONE: AtomicU32 = AtomicU32::new(0);

@@ -12,7 +12,7 @@ mod rt;
 mod stress_layout;
 
 const BASE: u64 = 0x40_0000;
-const READS: u64 = 1 << 22;
+const READS: u64 = 1 << 24;
 
 fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     rt::enter_user_mode();

@@ -22,6 +22,9 @@ pub enum Backing {
     },
     /// Plain anonymous KVM memory (the baseline).
     Anonymous,
+    /// A plain memfd mapped as the memslot: the kernel's shmem faults, no
+    /// userfaultfd, nothing locked (the floor of memfd-backed memory).
+    Memfd,
     /// The native backend: the kernel's guest_memfd, mapped.
     Native,
 }
@@ -34,10 +37,13 @@ fn vm_on(backing: Backing, ram: u64) -> Result<Vm> {
             vm.add_ram(ram)?;
             Ok(vm)
         }
-        Backing::Anonymous => {
+        Backing::Anonymous | Backing::Memfd => {
             let vm = Vm::new()?;
             for (gpa, size) in crate::boot::ram_regions(ram) {
-                vm.add_anonymous_memory(gpa, size)?;
+                match backing {
+                    Backing::Memfd => vm.add_memfd_memory(gpa, size)?,
+                    _ => vm.add_anonymous_memory(gpa, size)?,
+                };
             }
             Ok(vm)
         }
@@ -64,6 +70,13 @@ pub fn first_touch(
     let (console, time) = run_with(&vm, touch_guest, ram, vcpus, &mut || at_launch = allocated())?;
     let touched = allocated().zip(at_launch).map(|(after, before)| after - before);
     Ok((time, console, touched))
+}
+
+/// Nanoseconds of one random 8-byte read by the `tlb` guest over `mib`
+/// MiB of RAM on `backing` (its first touches excluded), by its TSC.
+pub fn tlb_read_ns(tlb_guest: &[u8], mib: u64, backing: Backing) -> Result<f64> {
+    let (_, console, _) = first_touch(tlb_guest, mib, backing, 1)?;
+    per_unit(&console, "reads=").map(|seconds| seconds * 1e9)
 }
 
 /// The pages a touching guest (`sparse`) reports it touched: its

@@ -274,7 +274,25 @@ impl Vm {
     pub fn add_anonymous_memory(&self, gpa: Gpa, size: u64) -> Result<u32> {
         let len =
             usize::try_from(size).map_err(|_| Error::InvalidArgument("size too large".into()))?;
-        let map = Map::anonymous(len).map_err(Error::os("mmap anonymous"))?;
+        self.add_plain_slot(gpa, size, Map::anonymous(len).map_err(Error::os("mmap anonymous"))?)
+    }
+
+    /// Adds a plain memfd at `gpa`, mapped shared: not private, not served
+    /// by gmem, every page allocated by the kernel's shmem fault. The floor
+    /// of any memory a memfd backs (a benchmark baseline).
+    pub fn add_memfd_memory(&self, gpa: Gpa, size: u64) -> Result<u32> {
+        let len =
+            usize::try_from(size).map_err(|_| Error::InvalidArgument("size too large".into()))?;
+        let memfd = rustix::fs::memfd_create("gmem-baseline", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(Error::os("memfd_create"))?;
+        rustix::fs::ftruncate(&memfd, size).map_err(Error::os("ftruncate"))?;
+        let map =
+            Map::new(&memfd, len, rustix::mm::MapFlags::SHARED).map_err(Error::os("mmap memfd"))?;
+        self.add_plain_slot(gpa, size, map)
+    }
+
+    /// Makes `map` (`size` bytes) the memslot at `gpa`.
+    fn add_plain_slot(&self, gpa: Gpa, size: u64, map: Map) -> Result<u32> {
         let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let region = kvm_userspace_memory_region {
             slot: id,
