@@ -164,7 +164,7 @@ fn bad_arguments_exit_2_with_a_message() {
         (&["run", "--sync", "1:poke:0:1"], "unknown sync action"),
         (&["run", "--sync", "1:punch:0x600001:4096"], "page-aligned"),
         (&["run", "--sync", "1:read:0x4000000:16"], "outside guest RAM"),
-        (&["run", "--guest", "/nonexistent/guest.elf"], "cannot read guest image"),
+        (&["run", "--guest", "/nonexistent/guest.elf"], "not a file (No such file"),
         (&["run", "--guest", &bad_elf], "bad guest image"),
         (&["run", "--backend", "bogus"], "bogus"),
         (&["bench", "--reps", "0"], "reps"),

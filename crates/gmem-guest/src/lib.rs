@@ -3,7 +3,7 @@
 //!
 //! - `demo`: the built-in guest of `gmem run`: fills and checksums 4 MiB of
 //!   private memory on every vCPU, checks untouched pages read zero, shares
-//!   a page with a message for the host (at 0x800000, sync stage 1),
+//!   a page with a message for the host ([`DEMO_MESSAGE`], sync stage 1),
 //!   takes it back, exits 0.
 //! - `punch`: writes 16 pages at 0x600000, syncs at stage 1, exits with the
 //!   number of pages that read zero (200 if one is torn).
@@ -46,6 +46,10 @@ pub mod abi;
 #[path = "../guests/stress_layout.rs"]
 pub mod stress_layout;
 
+/// Where the demo guest leaves its message for the host: GPA, bytes, and
+/// the sync stage at which it is there (a shared page, NUL-terminated).
+pub const DEMO_MESSAGE: (u64, u64, u64) = (0x80_0000, 64, 1);
+
 /// What a built-in guest needs from the VMM to do its work, besides RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Needs {
@@ -69,6 +73,7 @@ const NOTHING: Needs =
 /// The built-in guest `name`'s needs (nothing special for unknown names).
 pub fn needs(name: &str) -> Needs {
     match name {
+        // Reads the message at DEMO_MESSAGE.
         "demo" => Needs { host_side: &["1:read:0x800000:64"], ..NOTHING },
         // Reads the message of the page shared at stage 1 and writes
         // "host->gu" after it; the neighbour stays private; at stage 2 the
@@ -101,4 +106,13 @@ pub fn guest(name: &str) -> Option<&'static [u8]> {
 /// The demo guest that `gmem run` boots by default.
 pub fn demo() -> &'static [u8] {
     guest("demo").expect("the demo guest is built in")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_demo_s_host_side_reads_its_message() {
+        let (gpa, len, stage) = super::DEMO_MESSAGE;
+        assert_eq!(super::needs("demo").host_side, [format!("{stage}:read:{gpa:#x}:{len}")]);
+    }
 }

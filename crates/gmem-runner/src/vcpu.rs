@@ -111,6 +111,19 @@ impl Vm {
                     vcpu.set_kvm_immediate_exit(0);
                     continue;
                 }
+                Err(e) if e.errno() == libc::EFAULT => {
+                    // A page gmem could not serve is fenced off; a user-mode
+                    // access to it, or to a memslot page no file page backs,
+                    // ends KVM_RUN with EFAULT (at CPL 0 it is an MMIO exit
+                    // with the GPA). The fault thread reports the GPA of a
+                    // fenced fault right after fencing: the better outcome.
+                    self.control.wait_for_outcome(std::time::Duration::from_secs(1));
+                    let rip = vcpu.sync_regs().regs.rip;
+                    return stop(format!(
+                        "KVM_RUN failed with EFAULT at RIP {rip:#x}: a guest access that no \
+                         page backs (this KVM names no GPA for a user-mode access)"
+                    ));
+                }
                 Err(e) => return stop(format!("KVM_RUN failed: {e}")),
             };
             // Requests that need registers are handled after `exit` (which

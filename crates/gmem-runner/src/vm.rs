@@ -115,6 +115,14 @@ impl Control {
         }
     }
 
+    /// Waits up to `timeout` for an outcome to be recorded.
+    pub(crate) fn wait_for_outcome(&self, timeout: Duration) {
+        let outcome = self.outcome();
+        if outcome.is_none() {
+            drop(self.changed.wait_timeout(outcome, timeout));
+        }
+    }
+
     /// Waits until the VM stops or the deadline passes.
     fn watch(&self, deadline: Option<Instant>) {
         let mut outcome = self.outcome();
