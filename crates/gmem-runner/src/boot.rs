@@ -70,7 +70,7 @@ pub struct Segment {
     pub mem_size: u64,
 }
 
-/// A guest program checked against GUEST_ABI v1 for a given RAM size.
+/// A guest program checked against GUEST_ABI for a given RAM size.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
     /// Entry point (`e_entry`).
@@ -270,7 +270,7 @@ pub fn load_with_devices(
     Ok(())
 }
 
-/// Checks that `ram_size` and `vcpus` fit GUEST_ABI v1.
+/// Checks that `ram_size` and `vcpus` fit GUEST_ABI.
 pub fn check_machine(ram_size: u64, vcpus: u32) -> Result<()> {
     let stacks = u64::from(vcpus) * STACK_SIZE;
     if vcpus == 0 || vcpus > 255 {
