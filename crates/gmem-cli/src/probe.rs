@@ -29,10 +29,11 @@ pub(crate) fn probe(args: &ProbeArgs) -> u8 {
         }
     };
     let auto = host.auto_backend();
+    let hypercall = hypercall_exits(&host);
     if args.json {
-        println!("{}", report_json(&host, &auto));
+        println!("{}", report_json(&host, &auto, &hypercall));
     } else {
-        for (name, value) in rows(&host, &auto) {
+        for (name, value) in rows(&host, &auto, &hypercall) {
             println!("{name:34} {value}");
         }
     }
@@ -69,7 +70,21 @@ fn flag_names(flags: u64) -> String {
 
 type Auto = Result<probe::Choice, String>;
 
-fn rows(host: &HostReport, auto: &Auto) -> Vec<(&'static str, String)> {
+/// Whether `vmcall` KVM_HC_MAP_GPA_RANGE exits reach user space: asked of
+/// a tiny guest where KVM offers them.
+fn hypercall_exits(host: &HostReport) -> Result<(), String> {
+    if !host.map_gpa_range_exits() {
+        return Err("KVM_CAP_EXIT_HYPERCALL lacks KVM_HC_MAP_GPA_RANGE".into());
+    }
+    gmem_runner::probe_hypercall_exits()
+        .unwrap_or_else(|e| Err(format!("the probe guest could not run: {e}")))
+}
+
+fn rows(
+    host: &HostReport,
+    auto: &Auto,
+    hypercall: &Result<(), String>,
+) -> Vec<(&'static str, String)> {
     let n = &host.native;
     let uffd = match &host.userfaultfd {
         Ok(features) => format!(
@@ -102,6 +117,13 @@ fn rows(host: &HostReport, auto: &Auto) -> Vec<(&'static str, String)> {
                 host.exit_hypercall,
                 yes(host.map_gpa_range_exits())
             ),
+        ),
+        (
+            "vmcall exits reach user space",
+            match hypercall {
+                Ok(()) => "yes (checked with a tiny guest)".into(),
+                Err(why) => format!("no: {why}"),
+            },
         ),
         ("KVM_CAP_SYNC_REGS", format!("{:#x}", host.sync_regs)),
         ("guest_memfd serves guest faults", serves),
@@ -138,7 +160,7 @@ fn rows(host: &HostReport, auto: &Auto) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn report_json(host: &HostReport, auto: &Auto) -> Value {
+fn report_json(host: &HostReport, auto: &Auto, hypercall: &Result<(), String>) -> Value {
     let n = &host.native;
     json!({
         "kvm": { "device": "/dev/kvm", "api_version": host.api_version, "vm_types": n.vm_types },
@@ -156,6 +178,8 @@ fn report_json(host: &HostReport, auto: &Auto) -> Value {
         "memory_fault_info": host.memory_fault_info,
         "exit_hypercall": host.exit_hypercall,
         "map_gpa_range_exits": host.map_gpa_range_exits(),
+        "hypercall_exits_work": hypercall.is_ok(),
+        "hypercall_exits_detail": hypercall.as_ref().err(),
         "sync_regs": host.sync_regs,
         "userfaultfd": {
             "features": host.userfaultfd.as_ref().ok(),

@@ -210,8 +210,8 @@ fn check_needs(
     }
     if needs.hypercall_exits && !args.hypercall_exits {
         return Err(format!(
-            "the {name} guest converts by vmcall: run it with --hypercall-exits, where KVM offers \
-             hypercall exits (on kvm_pvm hosts a vmcall hangs the vCPU until --timeout)"
+            "the {name} guest converts by vmcall: run it with --hypercall-exits, where KVM \
+             delivers hypercall exits (`gmem probe` says whether it does)"
         ));
     }
     let timeout = match args.timeout {
@@ -319,6 +319,13 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     let syncs = syncs_for(args, &needs);
     check_syncs(&syncs, args.mem).or_else(|e| fail(BAD_INPUT, e))?;
     let (backend, reason) = choose_backend(args.backend).or_else(|e| fail(BAD_INPUT, e))?;
+    if args.hypercall_exits {
+        match gmem_runner::probe_hypercall_exits() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return fail(BAD_INPUT, format!("--hypercall-exits: {why}")),
+            Err(e) => return fail(BAD_INPUT, format!("--hypercall-exits: probing failed: {e}")),
+        }
+    }
     match args.backend {
         Backend::Auto => eprintln!("gmem run: backend {backend} (auto: `gmem probe` says why)"),
         _ => eprintln!("gmem run: backend {backend} ({reason})"),

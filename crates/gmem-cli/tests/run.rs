@@ -767,3 +767,23 @@ fn convbench_prints_text_and_the_backend_line_is_short() {
         stderr(&out).lines().find(|l| l.starts_with("gmem run: backend")).unwrap().to_owned();
     assert!(line.len() <= 80, "{line}");
 }
+
+/// `--hypercall-exits` is refused (status 2, saying why) where a guest's
+/// vmcall never reaches user space, as on kvm_pvm hosts, instead of
+/// hanging the guest until the timeout; where it does, the guest converts.
+#[test]
+fn hypercall_exits_run_or_are_refused_as_the_probe_says() {
+    if !kvm() {
+        return;
+    }
+    let probe = json(&gmem(&["probe", "--json"]));
+    let started = std::time::Instant::now();
+    let out = gmem(&["run", "--guest", "hypercall", "--hypercall-exits"]);
+    if probe["hypercall_exits_work"] == true {
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+    } else {
+        assert_eq!(status(&out), 2, "{}", stderr(&out));
+        assert!(stderr(&out).contains("--hypercall-exits: "), "{}", stderr(&out));
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "it waited for --timeout");
+    }
+}

@@ -33,4 +33,7 @@ mod vm;
 pub use boot::GuestImage;
 pub use gmem_guest::abi;
 pub use gmem_kvm::Gpa;
-pub use vm::{Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats, RAM_FILE_SIZE};
+pub use vm::{
+    probe_hypercall_exits, Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats,
+    RAM_FILE_SIZE,
+};

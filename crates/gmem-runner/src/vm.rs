@@ -142,6 +142,33 @@ impl Control {
     }
 }
 
+/// Whether `KVM_HC_MAP_GPA_RANGE` hypercall exits really reach user space
+/// here: the capability may say yes while a guest's `vmcall` never exits
+/// (kvm_pvm hosts). Runs the built-in `hypercall` guest with hypercall
+/// exits for at most half a second; `Err` says why they cannot be used.
+pub fn probe_hypercall_exits() -> Result<std::result::Result<(), String>> {
+    let wait = Duration::from_millis(500);
+    const RAM: u64 = 16 << 20;
+    let guest = gmem_guest::guest("hypercall").expect("the hypercall guest is built in");
+    let image = GuestImage::parse(guest, RAM)?;
+    let (vm, _files) = Vm::with_ram(RAM)?;
+    vm.load(&image, RAM, 1)?;
+    let config = RunConfig { timeout: Some(wait), hypercall_exits: true, ..RunConfig::new(1) };
+    let report = match vm.run(&image, RAM, &config, &|_, _| {}) {
+        Ok(report) => report,
+        Err(e) if e.errno() == gmem_kvm::Errno::OPNOTSUPP => return Ok(Err(e.to_string())),
+        Err(e) => return Err(e),
+    };
+    Ok(match report.outcome {
+        Outcome::Exit(0) => Ok(()),
+        Outcome::Timeout => Err(format!(
+            "KVM offers them, but a guest's vmcall got no exit in {} ms (it hangs the vCPU)",
+            wait.as_millis()
+        )),
+        other => Err(format!("a hypercall guest ended with {other:?}")),
+    })
+}
+
 /// Plain anonymous memory at a GPA (benchmark baselines), unmapped on drop.
 struct AnonymousSlot {
     gpa: Gpa,
