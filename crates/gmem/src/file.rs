@@ -762,7 +762,10 @@ impl PageGuard<'_> {
 
     fn span(&self, offset: u64, len: usize) -> Result<usize> {
         let bytes = self.pages.bytes();
-        let start = bytes.start.checked_add(offset).filter(|s| s + len as u64 <= bytes.end);
+        let start = bytes
+            .start
+            .checked_add(offset)
+            .filter(|s| s.checked_add(len as u64).is_some_and(|end| end <= bytes.end));
         start.map(|s| s as usize).ok_or(Error::InvalidArgument {
             op: "page guard access",
             why: "outside the locked pages",

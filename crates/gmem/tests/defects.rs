@@ -78,3 +78,22 @@ fn a_panicking_owner_callback_leaves_no_page_fenced() {
     let locked = finished.recv_timeout(Duration::from_secs(20)).expect("get-and-lock hung");
     assert_eq!(locked.unwrap(), PageRange::new(PageIndex(1), PageIndex(2)));
 }
+
+/// A page guard's `read` and `write` at an offset whose end overflows are
+/// refused with EINVAL; the offset plus the length used to overflow (a
+/// panic in debug builds).
+#[test]
+fn page_guard_offsets_whose_end_overflows_are_einval() {
+    let file = guest_file(1 << 20);
+    let owner = Arc::new(Recorder::default());
+    let binding = file.bind(&owner).unwrap();
+    let guard = binding.get_and_lock(PageIndex(1)).unwrap();
+    for offset in [u64::MAX, u64::MAX - 10, u64::MAX - 4096 - 8, u64::MAX - (1 << 20)] {
+        let err = guard.read(offset, &mut [0u8; 100]).unwrap_err();
+        assert_eq!(err.errno(), Errno::INVAL, "read at {offset:#x}");
+        let err = guard.write(offset, &[1u8; 100]).unwrap_err();
+        assert_eq!(err.errno(), Errno::INVAL, "write at {offset:#x}");
+    }
+    assert_eq!(guard.read(4000, &mut [0u8; 96]), Ok(()));
+    assert_eq!(guard.read(4000, &mut [0u8; 97]).unwrap_err().errno(), Errno::INVAL);
+}
