@@ -1,41 +1,84 @@
-//! The lock between host accesses and the changes that take pages away.
+//! The lock between host accesses and the changes that take pages away,
+//! by GPA range.
 //!
-//! Host accesses (copies, the vm-memory view) hold it shared; every
+//! A host access (a copy, the vm-memory view) holds its range shared; an
 //! invalidation (the owner callback, before the kernel frees pages) and the
-//! two steps of a conversion that touch page states hold it exclusively. So
-//! a page the host is reading cannot be converted or freed under it: the
-//! change waits until the host is done, which is what makes device access
-//! fault-free (no SIGBUS, no private bytes). It is never held across a file
+//! steps of a conversion or punch that touch page states hold theirs
+//! exclusively. So a page the host is reading cannot be converted or freed
+//! under it: the change waits until the accesses that overlap it are done,
+//! which is what makes device access fault-free (no SIGBUS, no private
+//! bytes), while accesses elsewhere go on. It is never held across a file
 //! operation: a punch or truncate takes the file's resize lock first and
 //! this lock in its callback, and the other order would deadlock with it.
 //!
-//! Unlike `std`'s lock it knows its holders: a thread may nest shared holds, may take it shared while it holds it
-//! exclusively (a conversion's own invalidation), gets `EDEADLK` for
-//! exclusive while it holds it shared, and a waiting writer keeps new
-//! readers out so that conversions are not starved.
+//! Unlike `std`'s lock it knows its holders, so that no call waits for
+//! itself:
+//! - a thread that holds the lock (either way) nests shared holds without
+//!   waiting for waiting writers, and may take it shared where it holds it
+//!   exclusively (a change's own invalidation);
+//! - exclusive while this thread holds it shared is `EDEADLK`; a nested
+//!   exclusive (a listener's punch inside a conversion) widens the hold and
+//!   waits for other threads' accesses to the new range, which never wait
+//!   for anything while they hold (a copy waits for no one, and a view
+//!   spans all of memory, so it cannot coexist with a writer);
+//! - a waiting writer keeps new overlapping readers out for at most
+//!   [`WRITER_GRACE`], so that conversions are not starved by a stream of
+//!   accesses, and a reader that another reader waits for (a device thread
+//!   holding a view while it waits for another device thread) still gets in.
+//!
+//! One writer holds the lock at a time; readers of other ranges go on.
 
+use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
-fn current_thread() -> std::thread::ThreadId {
+/// How long a new reader stays out of the way of a waiting writer whose
+/// range it overlaps.
+pub(crate) const WRITER_GRACE: Duration = Duration::from_millis(2);
+
+/// The whole guest physical address space.
+pub(crate) const EVERYWHERE: Range<u64> = 0..u64::MAX;
+
+fn current_thread() -> ThreadId {
     std::thread::current().id()
+}
+
+fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+#[derive(Debug)]
+struct Writer {
+    thread: ThreadId,
+    span: Range<u64>,
+    depth: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    readers: Vec<(std::thread::ThreadId, usize)>,
-    writer: Option<(std::thread::ThreadId, usize)>,
-    writers_waiting: usize,
+    /// Shared holds: (hold id, thread, range).
+    readers: Vec<(u64, ThreadId, Range<u64>)>,
+    writer: Option<Writer>,
+    /// Writers waiting: (thread, range).
+    waiting: Vec<(ThreadId, Range<u64>)>,
+    next_hold: u64,
 }
 
 impl State {
-    fn reads(&self, thread: std::thread::ThreadId) -> bool {
-        self.readers.iter().any(|(t, _)| *t == thread)
+    fn reads(&self, thread: ThreadId) -> bool {
+        self.readers.iter().any(|(_, t, _)| *t == thread)
     }
 
-    fn writes(&self, thread: std::thread::ThreadId) -> bool {
-        self.writer.is_some_and(|(t, _)| t == thread)
+    fn writes(&self, thread: ThreadId) -> bool {
+        self.writer.as_ref().is_some_and(|w| w.thread == thread)
+    }
+
+    /// Another thread's shared hold overlaps `span`.
+    fn read_by_others(&self, me: ThreadId, span: &Range<u64>) -> bool {
+        self.readers.iter().any(|(_, t, r)| *t != me && overlaps(r, span))
     }
 }
 
@@ -51,7 +94,7 @@ type NotSend = std::marker::PhantomData<*const ()>;
 
 /// A shared hold; released on drop, on the thread that took it.
 #[derive(Debug)]
-pub(crate) struct Shared<'a>(&'a AccessLock, NotSend);
+pub(crate) struct Shared<'a>(&'a AccessLock, u64, NotSend);
 
 /// An exclusive hold; released on drop, on the thread that took it.
 #[derive(Debug)]
@@ -62,81 +105,105 @@ impl AccessLock {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wait<'a>(&self, state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.changed.wait(state).unwrap_or_else(|p| p.into_inner())
+    fn wait<'a>(
+        &self,
+        state: MutexGuard<'a, State>,
+        until: Option<Instant>,
+    ) -> MutexGuard<'a, State> {
+        match until.and_then(|until| until.checked_duration_since(Instant::now())) {
+            Some(left) => {
+                self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0
+            }
+            None if until.is_some() => state,
+            None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+        }
     }
 
-    /// Takes the lock shared.
-    pub(crate) fn shared(&self) -> Shared<'_> {
+    /// Takes `span` shared: waits while another thread holds an overlapping
+    /// range exclusively, and (unless this thread holds the lock already)
+    /// for at most [`WRITER_GRACE`] while another thread waits to.
+    pub(crate) fn shared(&self, span: Range<u64>) -> Shared<'_> {
         let me = current_thread();
         let mut state = self.state();
-        // A holder nests; anyone else waits for writers, waiting ones too.
-        while !(state.writes(me) || state.reads(me))
-            && (state.writer.is_some() || state.writers_waiting > 0)
-        {
-            state = self.wait(state);
+        let holder = state.reads(me) || state.writes(me);
+        let grace = Instant::now() + WRITER_GRACE;
+        loop {
+            let written =
+                state.writer.as_ref().is_some_and(|w| w.thread != me && overlaps(&w.span, &span));
+            let awaited = !holder
+                && Instant::now() < grace
+                && state.waiting.iter().any(|(t, r)| *t != me && overlaps(r, &span));
+            match (written, awaited) {
+                (false, false) => break,
+                (true, _) => state = self.wait(state, None),
+                (false, true) => state = self.wait(state, Some(grace)),
+            }
         }
-        match state.readers.iter_mut().find(|(t, _)| *t == me) {
-            Some((_, n)) => *n += 1,
-            None => state.readers.push((me, 1)),
-        }
-        Shared(self, NotSend::default())
+        let id = state.next_hold;
+        state.next_hold += 1;
+        state.readers.push((id, me, span));
+        Shared(self, id, NotSend::default())
     }
 
-    /// Whether this thread holds the lock shared.
-    pub(crate) fn held_shared_here(&self) -> bool {
-        self.state().reads(current_thread())
+    /// Whether this thread holds the lock, shared or exclusively.
+    pub(crate) fn held_here(&self) -> bool {
+        let me = current_thread();
+        let state = self.state();
+        state.reads(me) || state.writes(me)
     }
 
-    /// `EDEADLK` if this thread holds the lock shared: it must not wait for
-    /// a change that waits for its own access.
+    /// `EDEADLK` if this thread holds the lock shared (and not
+    /// exclusively): it must not wait for a change that waits for its own
+    /// access.
     pub(crate) fn check_not_shared_here(&self, op: &'static str) -> Result<()> {
         let me = current_thread();
         let state = self.state();
         if state.reads(me) && !state.writes(me) {
-            return Err(Error::Memory(gmem::Error::WouldDeadlock {
-                op,
-                held: "host access to guest memory (a read, write or shared view)".into(),
-            }));
+            return Err(would_deadlock(op, "host access to guest memory (a read, write or view)"));
         }
         Ok(())
     }
 
-    /// Takes the lock exclusively; `EDEADLK` if this thread holds it shared.
-    pub(crate) fn exclusive(&self, op: &'static str) -> Result<Exclusive<'_>> {
+    /// Takes `span` exclusively, once no other thread's access overlaps it
+    /// and no other writer holds the lock; `EDEADLK` if this thread holds
+    /// it shared. Nested in this thread's own exclusive hold, it widens
+    /// that hold to `span` and waits for other threads' accesses there.
+    pub(crate) fn exclusive(&self, op: &'static str, span: Range<u64>) -> Result<Exclusive<'_>> {
         // Only this thread changes its own holds: the check stays true
         // after the state lock is dropped and taken again.
         self.check_not_shared_here(op)?;
         let me = current_thread();
         let mut state = self.state();
-        state.writers_waiting += 1;
-        loop {
-            match state.writer {
-                Some((t, depth)) if t == me => {
-                    state.writer = Some((me, depth + 1));
-                    break;
-                }
-                None if state.readers.is_empty() => {
-                    state.writer = Some((me, 1));
-                    break;
-                }
-                _ => state = self.wait(state),
+        if let Some(writer) = state.writer.as_mut().filter(|w| w.thread == me) {
+            // Widened first: new accesses to `span` wait from now on.
+            writer.span = writer.span.start.min(span.start)..writer.span.end.max(span.end);
+            writer.depth += 1;
+            while state.read_by_others(me, &span) {
+                state = self.wait(state, None);
             }
+            return Ok(Exclusive(self, NotSend::default()));
         }
-        state.writers_waiting -= 1;
+        state.waiting.push((me, span.clone()));
+        while state.writer.is_some() || state.read_by_others(me, &span) {
+            state = self.wait(state, None);
+        }
+        if let Some(i) = state.waiting.iter().position(|(t, r)| *t == me && *r == span) {
+            state.waiting.swap_remove(i);
+        }
+        state.writer = Some(Writer { thread: me, span, depth: 1 });
         Ok(Exclusive(self, NotSend::default()))
     }
 }
 
+fn would_deadlock(op: &'static str, held: &str) -> Error {
+    Error::Memory(gmem::Error::WouldDeadlock { op, held: held.into() })
+}
+
 impl Drop for Shared<'_> {
     fn drop(&mut self) {
-        let me = current_thread();
         let mut state = self.0.state();
-        if let Some(i) = state.readers.iter().position(|(t, _)| *t == me) {
-            state.readers[i].1 -= 1;
-            if state.readers[i].1 == 0 {
-                state.readers.swap_remove(i);
-            }
+        if let Some(i) = state.readers.iter().position(|(id, _, _)| *id == self.1) {
+            state.readers.swap_remove(i);
         }
         drop(state);
         self.0.changed.notify_all();
@@ -146,13 +213,122 @@ impl Drop for Shared<'_> {
 impl Drop for Exclusive<'_> {
     fn drop(&mut self) {
         let mut state = self.0.state();
-        if let Some((_, depth)) = state.writer.as_mut() {
-            *depth -= 1;
-            if *depth == 0 {
+        if let Some(writer) = state.writer.as_mut() {
+            writer.depth -= 1;
+            if writer.depth == 0 {
                 state.writer = None;
             }
         }
         drop(state);
         self.0.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn errno(result: Result<Exclusive<'_>>) -> crate::Errno {
+        result.map(drop).unwrap_err().errno()
+    }
+
+    #[test]
+    fn holds_of_one_thread_nest_and_never_wait_for_themselves() {
+        let lock = &AccessLock::default();
+        let outer = lock.exclusive("test", 0..100).unwrap();
+        let inner = lock.exclusive("test", 200..300).unwrap();
+        let read = lock.shared(50..60);
+        assert!(lock.held_here());
+        drop((read, inner, outer));
+        let read = lock.shared(EVERYWHERE);
+        assert_eq!(errno(lock.exclusive("test", 0..1)), crate::Errno::DEADLK);
+        let nested = lock.shared(0..1);
+        drop((nested, read));
+        assert!(!lock.held_here());
+    }
+
+    #[test]
+    fn a_writer_waits_only_for_overlapping_readers() {
+        let lock = &AccessLock::default();
+        std::thread::scope(|scope| {
+            let ((held_tx, held_rx), (release_tx, release_rx)) =
+                (mpsc::channel(), mpsc::channel::<()>());
+            let reader = scope.spawn(move || {
+                let _read = lock.shared(0..100);
+                held_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            });
+            held_rx.recv().unwrap();
+            // Elsewhere: at once.
+            drop(lock.exclusive("test", 100..200).unwrap());
+            // Over the reader's range: only once it is done.
+            let (taken, took) = mpsc::channel();
+            let writer = scope.spawn(move || {
+                let _write = lock.exclusive("test", 50..150).unwrap();
+                taken.send(()).unwrap();
+            });
+            assert!(took.recv_timeout(Duration::from_millis(100)).is_err());
+            release_tx.send(()).unwrap();
+            took.recv_timeout(Duration::from_secs(10)).unwrap();
+            reader.join().unwrap();
+            writer.join().unwrap();
+        });
+    }
+
+    /// A nested exclusive hold widens to its range and waits for another
+    /// thread's access there; new accesses to it wait for the writer.
+    #[test]
+    fn a_nested_writer_waits_for_readers_of_its_new_range() {
+        let lock = &AccessLock::default();
+        std::thread::scope(|scope| {
+            let ((held_tx, held_rx), (release_tx, release_rx)) =
+                (mpsc::channel(), mpsc::channel::<()>());
+            let reader = scope.spawn(move || {
+                let _read = lock.shared(500..600);
+                held_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            });
+            held_rx.recv().unwrap();
+            let outer = lock.exclusive("test", 0..100).unwrap();
+            let releaser = scope.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                release_tx.send(()).unwrap();
+            });
+            let inner = lock.exclusive("test", 550..560).unwrap();
+            reader.join().unwrap();
+            releaser.join().unwrap();
+            drop((inner, outer));
+        });
+    }
+
+    /// A reader that a waiting writer keeps out gets in after the grace,
+    /// so a reader that waits for it (while holding) is not stuck, and the
+    /// writer goes once both are done.
+    #[test]
+    fn a_waiting_writer_keeps_new_readers_out_for_a_grace_only() {
+        let lock = &AccessLock::default();
+        std::thread::scope(|scope| {
+            let (to_c, c_asked) = mpsc::channel::<()>();
+            let (to_a, c_answered) = mpsc::channel::<()>();
+            let a = scope.spawn(move || {
+                let _read = lock.shared(EVERYWHERE);
+                std::thread::sleep(Duration::from_millis(50));
+                to_c.send(()).unwrap();
+                c_answered.recv_timeout(Duration::from_secs(10)).unwrap();
+            });
+            let b = scope.spawn(move || {
+                std::thread::sleep(Duration::from_millis(10));
+                drop(lock.exclusive("test", 0..4096).unwrap());
+            });
+            let c = scope.spawn(move || {
+                c_asked.recv().unwrap();
+                let _read = lock.shared(0..8);
+                to_a.send(()).unwrap();
+            });
+            a.join().unwrap();
+            b.join().unwrap();
+            c.join().unwrap();
+        });
     }
 }

@@ -96,8 +96,8 @@ impl GuestMemory {
             )));
         }
         let covering = self.regions_covering(gpa, len)?;
-        self.access.check_not_shared_here("convert")?;
-        let _one_at_a_time = self.conversions.lock().unwrap_or_else(|p| p.into_inner());
+        self.gate.check_not_shared_here("convert")?;
+        let _one_at_a_time = self.gate.conversion_turn()?;
         let to_shared = state == PageState::Shared;
         let changing: Vec<_> = covering
             .iter()
@@ -110,15 +110,18 @@ impl GuestMemory {
             })
             .collect();
         // Host accesses to the range wait from here until the states flip.
-        let _changing = self.begin_change("convert", gpa.0..gpa.0 + len)?;
+        let span = gpa.0..gpa.0 + len;
+        let _changing = self.gate.begin_change("convert", span.clone())?;
         for (region, run) in &changing {
             self.discard(region, run.clone())?;
         }
-        let _exclusive = self.access.exclusive("convert")?;
+        let _exclusive = self.gate.exclusive("convert", span)?;
         let mut changed = 0;
-        for (region, run) in changing {
+        for (region, run) in &changing {
             region.shared.set(run.clone(), to_shared);
             changed += run.end - run.start;
+        }
+        for (region, run) in changing {
             let gpa = region.gpa_of(run.start);
             self.notify(|l| l.converted(gpa, (run.end - run.start) * PAGE_SIZE, state));
         }

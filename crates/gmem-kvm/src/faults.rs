@@ -102,21 +102,7 @@ impl GuestMemory {
         let on_error = Arc::new(on_error);
         let mut server = FaultServer { stop, threads: Vec::new() };
         for _ in 0..threads.max(1) {
-            // Each thread waits in an epoll of its own with the descriptor
-            // added EPOLLEXCLUSIVE: a fault wakes one thread, not all.
-            use rustix::event::epoll;
-            let waiter =
-                epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
-            let exclusive = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
-            epoll::add(&waiter, self.fault_fd(), epoll::EventData::new_u64(FAULT_EVENT), exclusive)
-                .map_err(Error::os("epoll_ctl (userfaultfd)"))?;
-            epoll::add(
-                &waiter,
-                &server.stop,
-                epoll::EventData::new_u64(STOP_EVENT),
-                epoll::EventFlags::IN,
-            )
-            .map_err(Error::os("epoll_ctl (stop)"))?;
+            let waiter = self.fault_waiter(&server.stop)?;
             let (memory, on_error) = (self.clone(), on_error.clone());
             let report = move |error: Error| {
                 let call = std::panic::AssertUnwindSafe(|| on_error(error));
@@ -129,6 +115,43 @@ impl GuestMemory {
             server.threads.push(thread);
         }
         Ok(server)
+    }
+
+    /// An epoll of the fault descriptor, added `EPOLLEXCLUSIVE` (a fault
+    /// wakes one of the threads waiting, not all), and of `stop`.
+    fn fault_waiter(&self, stop: &OwnedFd) -> Result<OwnedFd> {
+        use rustix::event::epoll;
+        let waiter =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
+        let exclusive = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
+        epoll::add(&waiter, self.fault_fd(), epoll::EventData::new_u64(FAULT_EVENT), exclusive)
+            .map_err(Error::os("epoll_ctl (userfaultfd)"))?;
+        epoll::add(&waiter, stop, epoll::EventData::new_u64(STOP_EVENT), epoll::EventFlags::IN)
+            .map_err(Error::os("epoll_ctl (stop)"))?;
+        Ok(waiter)
+    }
+
+    /// Runs `change` (a memslot ioctl) while a thread of its own serves
+    /// guest faults: KVM's memslot update waits for every vCPU, and a vCPU
+    /// asleep on a fault waits for whoever serves faults, who may be the
+    /// caller itself (a VMM serving faults from its event loop). A fault
+    /// that thread cannot serve is fenced as always, which ends its
+    /// vCPU's `KVM_RUN`. Where no thread can be started, `change` runs
+    /// alone.
+    pub(crate) fn with_faults_served<T>(&self, change: impl FnOnce() -> T) -> T {
+        let Ok(stop) = eventfd(0, EventfdFlags::CLOEXEC) else { return change() };
+        let Ok(waiter) = self.fault_waiter(&stop) else { return change() };
+        std::thread::scope(|scope| {
+            let server = std::thread::Builder::new()
+                .name("gmem-memslot".into())
+                .spawn_scoped(scope, || self.serve_until_stopped(&waiter, |_| {}));
+            let result = change();
+            let _ = rustix::io::write(&stop, &1u64.to_ne_bytes());
+            if let Ok(server) = server {
+                let _ = server.join();
+            }
+            result
+        })
     }
 
     /// A fault thread: waits in `waiter` (the fault descriptor and the

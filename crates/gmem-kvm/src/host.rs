@@ -1,7 +1,10 @@
 //! Host access to shared guest memory: the copies a device model makes.
 //!
-//! Every access holds the memory's access lock shared for its whole length,
-//! so no page it touches can be converted or freed under it, checks that
+//! Every access holds its GPA range in the memory's change gate
+//! ([`crate::gate`]) for its whole length, so no page it touches can be
+//! converted or freed under it (changes elsewhere go on), and holds the
+//! regions it copies from, so that a region the VMM removes meanwhile
+//! stays mapped until the copy is done. It checks that
 //! every page is shared (`EPERM` naming the first private GPA otherwise),
 //! after waiting out any conversion or punch of it under way, and maps the
 //! pages into the region's host view. Copies are volatile
@@ -9,6 +12,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
 
@@ -24,11 +28,12 @@ impl GuestMemory {
     /// any page is private; `EINVAL` where a byte lies outside every
     /// region; `EAGAIN` if the file is being punched directly (not through
     /// this memory) right now, or if this thread already held an access
-    /// when a change began.
+    /// when another thread's change began; `EDEADLK` for a range this
+    /// thread is changing (a listener reading what its change discards).
     pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
-        let _shared = self.shared_when_stable(Some(gpa.0..gpa.0.saturating_add(buf.len() as u64)));
+        let _shared = self.gate.access(gpa.0..gpa.0.saturating_add(buf.len() as u64));
         let mut at = 0;
-        for slice in self.host_slices(gpa, buf.len())? {
+        for (_region, slice) in self.host_slices(gpa, buf.len())? {
             slice.copy_to(&mut buf[at..at + slice.len()]);
             at += slice.len();
         }
@@ -38,9 +43,9 @@ impl GuestMemory {
     /// Writes `data` into shared guest memory at `gpa`, all of it or
     /// nothing; errors as [`read`](Self::read).
     pub fn write(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
-        let _shared = self.shared_when_stable(Some(gpa.0..gpa.0.saturating_add(data.len() as u64)));
+        let _shared = self.gate.access(gpa.0..gpa.0.saturating_add(data.len() as u64));
         let mut at = 0;
-        for slice in self.host_slices(gpa, data.len())? {
+        for (_region, slice) in self.host_slices(gpa, data.len())? {
             slice.copy_from(&data[at..at + slice.len()]);
             at += slice.len();
         }
@@ -48,18 +53,24 @@ impl GuestMemory {
     }
 
     /// The host view of `[gpa, gpa + len)`, one slice per region it spans,
-    /// every page shared and mapped. The caller holds the access lock
+    /// every page shared and mapped, each with its region: the caller keeps
+    /// the regions (and so their windows) alive while it uses the slices,
+    /// however soon the VMM removes them. The caller holds the access lock
     /// shared for as long as it uses them.
-    fn host_slices(&self, gpa: Gpa, len: usize) -> Result<Vec<VolatileSlice<'_>>> {
+    fn host_slices(
+        &self,
+        gpa: Gpa,
+        len: usize,
+    ) -> Result<Vec<(Arc<PrivateRegion>, VolatileSlice<'_>)>> {
         let mut slices = Vec::new();
         for (region, offset, part) in self.parts(gpa, len as u64)? {
             let host = self.map_shared(&region, offset, part as usize)?;
             // SAFETY: `host` points at `part` bytes of the region's host
             // view (map_shared checked the range), mapped and shared; the
             // caller's shared hold on the access lock keeps them so for the
-            // slice's use, and the region, owned by the memory, outlives
-            // the borrow.
-            slices.push(unsafe { VolatileSlice::new(host, part as usize) });
+            // slice's use, and the region, returned beside the slice, keeps
+            // its host view mapped for as long as the caller holds both.
+            slices.push((region, unsafe { VolatileSlice::new(host, part as usize) }));
         }
         Ok(slices)
     }
@@ -83,7 +94,7 @@ impl GuestMemory {
         let pages = offset / gmem::PAGE_SIZE..end.div_ceil(gmem::PAGE_SIZE);
         if len != 0 {
             self.check_shared(region, pages.clone())?;
-            self.check_not_changing(region.gpa.0 + offset, region.gpa.0 + end)?;
+            self.gate.check_not_changing(region.gpa.0 + offset..region.gpa.0 + end)?;
         }
         match &region.backing {
             // The guest_memfd's one mapping holds every page (made on first

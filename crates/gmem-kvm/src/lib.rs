@@ -58,6 +58,7 @@ pub mod convert;
 mod error;
 pub mod faults;
 pub mod first_touch;
+mod gate;
 pub mod harden;
 mod host;
 pub mod memory;

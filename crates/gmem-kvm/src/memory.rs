@@ -19,10 +19,10 @@ use gmem::{FileId, FileOffset, GuestOwner, PageRange, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
-use crate::access::AccessLock;
 use crate::bits::PageBits;
 use crate::error::{Error, Result};
 use crate::first_touch::ScatteredFaults;
+use crate::gate::ChangeGate;
 use crate::native::{
     GuestMemfd, GuestMemfdMap, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
 };
@@ -141,13 +141,8 @@ pub struct GuestMemory {
     pub(crate) fault_around: u64,
     /// Each vCPU's scattered faults in a row ([`crate::first_touch`]).
     pub(crate) scattered_faults: ScatteredFaults,
-    pub(crate) access: AccessLock,
-    /// Serializes conversions, held across their discards.
-    pub(crate) conversions: Mutex<()>,
-    /// GPA ranges being converted or punched through this memory (see
-    /// [`Changing`]); host accesses wait for them.
-    changing: Mutex<Vec<std::ops::Range<u64>>>,
-    changed: std::sync::Condvar,
+    /// Where host accesses and changes meet (see [`crate::gate`]).
+    pub(crate) gate: ChangeGate,
     listeners: RwLock<Vec<Arc<dyn MemoryListener>>>,
     launched: AtomicBool,
     pub(crate) counters: Counters,
@@ -165,22 +160,39 @@ impl GuestOwner for GuestMemory {
     fn invalidate_page_range(&self, file: FileId, pages: PageRange) {
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         self.counters.invalidated_pages.fetch_add(pages.len(), Ordering::Relaxed);
-        // Wait for host accesses to the file's pages to end (a conversion or
-        // punch of ours already holds it). A thread that holds a host access
-        // itself and punches the file directly cannot be made to wait for
-        // itself: it goes on, and only its own stale slices could fault.
-        let _exclusive = self.access.exclusive("invalidate").ok();
-        for region in self.regions().iter() {
-            let Some(f) = region.file_backing().filter(|f| f.file_id == file) else { continue };
-            if let Some(run) = f.region_pages(pages, region.pages()) {
-                // The kernel unmaps the pages from every window right after
-                // this returns; forget them now, while their locks keep
-                // fault serving off.
-                f.mapped.set(run.clone(), false);
-                f.host_mapped.set(run.clone(), false);
-                let gpa = region.gpa_of(run.start);
-                self.notify(|l| l.discarded(gpa, (run.end - run.start) * PAGE_SIZE));
-            }
+        let runs: Vec<_> = self
+            .regions()
+            .iter()
+            .filter_map(|region| {
+                let f = region.file_backing().filter(|f| f.file_id == file)?;
+                Some((region.clone(), f.region_pages(pages, region.pages())?))
+            })
+            .collect();
+        let (Some(first), Some(last)) = (
+            runs.iter().map(|(r, run)| r.gpa_of(run.start).0).min(),
+            runs.iter().map(|(r, run)| r.gpa_of(run.end).0).max(),
+        ) else {
+            return;
+        };
+        // Wait for host accesses to these pages to end (a conversion or
+        // punch of ours already holds them). A thread that holds a host
+        // access itself and punches the file directly cannot be made to
+        // wait for itself: it goes on, and its own stale slices may fault.
+        let _exclusive = self.gate.exclusive("invalidate", first..last).ok();
+        for (region, run) in &runs {
+            let f = region.file_backing().expect("a file region");
+            // The kernel unmaps the pages from every window right after
+            // this returns; forget them now, while their locks keep fault
+            // serving off.
+            f.mapped.set(run.clone(), false);
+            f.host_mapped.set(run.clone(), false);
+        }
+        // Told with no lock of the memory's held but the access lock (a
+        // listener may read elsewhere, take a view, convert, add a
+        // listener or a region).
+        for (region, run) in runs {
+            let gpa = region.gpa_of(run.start);
+            self.notify(|l| l.discarded(gpa, (run.end - run.start) * PAGE_SIZE));
         }
     }
 }
@@ -203,10 +215,7 @@ impl GuestMemory {
             host_uffd: Userfaultfd::new_sigbus()?,
             fault_around,
             scattered_faults: ScatteredFaults::default(),
-            access: AccessLock::default(),
-            conversions: Mutex::new(()),
-            changing: Mutex::new(Vec::new()),
-            changed: std::sync::Condvar::new(),
+            gate: ChangeGate::default(),
             listeners: RwLock::new(Vec::new()),
             launched: AtomicBool::new(false),
             counters: Counters::default(),
@@ -263,7 +272,7 @@ impl GuestMemory {
             };
             // SAFETY: the window is a live mapping of `size` bytes owned by
             // the region; the caller promised it outlives the memslot.
-            unsafe { vm.set_user_memory_region(kvm_region) }
+            self.with_faults_served(|| unsafe { vm.set_user_memory_region(kvm_region) })
                 .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
             Ok(region)
         });
@@ -298,7 +307,9 @@ impl GuestMemory {
             // SAFETY: `map` is a mapping of `size` bytes owned by the region
             // (no Rust reference points into it); the caller promised it
             // outlives the memslot.
-            unsafe { memfd.bind(vm, slot, gpa.0, size, 0, map.addr() as u64) }?;
+            self.with_faults_served(|| unsafe {
+                memfd.bind(vm, slot, gpa.0, size, 0, map.addr() as u64)
+            })?;
             Ok(PrivateRegion::new(
                 slot,
                 gpa,
@@ -394,7 +405,11 @@ impl GuestMemory {
     }
 
     /// Deletes memslot `slot` from KVM, then forgets the region (its
-    /// windows go once nothing else holds it). `EINVAL` for an unknown slot.
+    /// windows go once nothing else holds it: a host copy under way
+    /// finishes on them). `EINVAL` for an unknown slot. Like
+    /// [`add_region`](Self::add_region), callable from any thread, the one
+    /// that serves faults included: faults are served by a thread of the
+    /// call's own while KVM waits for the vCPUs.
     pub fn remove_region(&self, vm: &VmFd, slot: u32) -> Result<Arc<PrivateRegion>> {
         let region = self
             .regions()
@@ -410,7 +425,7 @@ impl GuestMemory {
             userspace_addr: 0,
         };
         // SAFETY: deleting a memslot maps nothing; KVM stops using the window.
-        unsafe { vm.set_user_memory_region(delete) }
+        self.with_faults_served(|| unsafe { vm.set_user_memory_region(delete) })
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
         self.regions.write().unwrap_or_else(|p| p.into_inner()).retain(|r| r.slot != slot);
         Ok(region)
@@ -421,8 +436,11 @@ impl GuestMemory {
         self.listeners.write().unwrap_or_else(|p| p.into_inner()).push(listener);
     }
 
+    /// Calls every listener, with the list not locked: a listener may add
+    /// one.
     pub(crate) fn notify(&self, call: impl Fn(&dyn MemoryListener)) {
-        for listener in self.listeners.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        let listeners = self.listeners.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for listener in &listeners {
             let call = std::panic::AssertUnwindSafe(|| call(listener.as_ref()));
             if std::panic::catch_unwind(call).is_err() {
                 self.counters.listener_panics.fetch_add(1, Ordering::Relaxed);
@@ -530,56 +548,8 @@ impl GuestMemory {
                 gpa.0
             )));
         }
-        let _changing = self.begin_change("punch", gpa.0..gpa.0 + len)?;
+        let _changing = self.gate.begin_change("punch", gpa.0..gpa.0 + len)?;
         covering.iter().try_for_each(|(region, pages)| self.discard(region, pages.clone()))
-    }
-
-    /// Marks `range` as changing once no host access is under way (`EDEADLK`
-    /// if this thread holds one). Until the mark is dropped, host accesses to
-    /// the range wait, and the change runs without the access lock: its
-    /// discards take the file's resize lock and then, in the invalidation,
-    /// the access lock; holding the access lock across them would deadlock
-    /// with a punch made on the file directly.
-    pub(crate) fn begin_change(
-        &self,
-        op: &'static str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Changing<'_>> {
-        let _exclusive = self.access.exclusive(op)?;
-        self.changing.lock().unwrap_or_else(|p| p.into_inner()).push(range.clone());
-        Ok(Changing { memory: self, range })
-    }
-
-    /// Holds the access lock shared once no change overlaps `range` (all
-    /// of memory for `None`). A thread that holds it already does not wait
-    /// (it would wait for itself); its accesses to a changing range get
-    /// `EAGAIN` instead (see [`check_not_changing`](Self::check_not_changing)).
-    pub(crate) fn shared_when_stable(
-        &self,
-        range: Option<std::ops::Range<u64>>,
-    ) -> crate::access::Shared<'_> {
-        if self.access.held_shared_here() {
-            return self.access.shared();
-        }
-        loop {
-            let shared = self.access.shared();
-            let changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-            if !changing.iter().any(|r| range.as_ref().is_none_or(|g| overlaps(r, g))) {
-                return shared;
-            }
-            drop(shared);
-            drop(self.changed.wait(changing).unwrap_or_else(|p| p.into_inner()));
-        }
-    }
-
-    /// `EAGAIN` if `[gpa, end)` is changing (seen by a thread that held the
-    /// access lock before the change began).
-    pub(crate) fn check_not_changing(&self, gpa: u64, end: u64) -> Result<()> {
-        let changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-        if changing.iter().any(|r| overlaps(r, &(gpa..end))) {
-            return Err(Error::Memory(gmem::Error::Again { op: "host access during a change" }));
-        }
-        Ok(())
     }
 
     /// Discards region pages `run` from the region's backing: a punch of
@@ -597,7 +567,8 @@ impl GuestMemory {
                 )?;
             }
             Backing::GuestMemfd(n) => {
-                let _exclusive = self.access.exclusive("discard")?;
+                let span = region.gpa_of(run.start).0..region.gpa_of(run.end).0;
+                let _exclusive = self.gate.exclusive("discard", span)?;
                 let flags =
                     rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
                 let (offset, len) = (run.start * PAGE_SIZE, (run.end - run.start) * PAGE_SIZE);
@@ -640,23 +611,6 @@ impl GuestMemory {
             kernel_serving_regions: first_touches().filter(|t| t.kernel_serves()).count() as u64,
             allocated_pages: files.iter().map(|f| f.stats().allocated_pages).sum(),
         }
-    }
-}
-
-/// A range marked as changing; unmarked on drop, however the change ends.
-pub(crate) struct Changing<'a> {
-    memory: &'a GuestMemory,
-    range: std::ops::Range<u64>,
-}
-
-impl Drop for Changing<'_> {
-    fn drop(&mut self) {
-        let mut changing = self.memory.changing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = changing.iter().position(|r| *r == self.range) {
-            changing.swap_remove(i);
-        }
-        drop(changing);
-        self.memory.changed.notify_all();
     }
 }
 

@@ -1,8 +1,8 @@
 //! The host's view of shared guest memory through vm-memory's traits, so
 //! that rust-vmm device crates (virtio-queue and friends) can use it.
 //!
-//! A [`SharedView`] holds the memory's access lock shared for as long as it
-//! lives: no page can be converted, punched or truncated away while a
+//! A [`SharedView`] holds all of guest memory in the change gate
+//! (`gate.rs`) for as long as it lives: no page can be converted, punched or truncated away while a
 //! device holds it (those wait), so the slices it hands out stay valid
 //! and a device never faults. Each region is one [`SharedRegion`]; every
 //! access first checks that the pages are shared: a private page is a
@@ -55,7 +55,7 @@ impl GuestMemory {
     /// conversion or punch is under way; conversions and discards wait
     /// while it lives.
     pub fn shared(&self) -> SharedView<'_> {
-        let shared = self.shared_when_stable(None);
+        let shared = self.gate.access(crate::access::EVERYWHERE);
         let mut regions: Vec<SharedRegion<'_>> = self
             .regions()
             .iter()

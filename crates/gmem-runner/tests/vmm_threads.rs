@@ -1,0 +1,319 @@
+//! Guest memory as concurrent VMMs hold it (issue 19's defects): host
+//! copies racing a region's removal, listeners that call back into the
+//! memory, views taken on several threads that wait for each other, and
+//! memslot changes from the thread that serves faults. Each test failed
+//! (crashed or hung) before its fix; a hang fails through a watchdog.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use common::kvm;
+use gmem::{FileOffset, PrivateMemFile};
+use gmem_kvm::{Errno, GuestMemory, MemoryListener, PageState};
+use gmem_runner::{Gpa, Vm};
+use vm_memory::{Bytes, GuestAddress};
+
+const BASE: u64 = 0x40_0000;
+const SIZE: u64 = 2 << 20;
+
+/// Runs `test` on a thread; fails if it has not finished in 60 s (a hang).
+fn within_a_minute(name: &str, test: impl FnOnce() + Send + 'static) {
+    let (done, finished) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        test();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => thread.join().unwrap(),
+        // The test thread panicked: join to report its panic.
+        Err(mpsc::RecvTimeoutError::Disconnected) => thread.join().unwrap(),
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{name}: hung for a minute"),
+    }
+}
+
+fn guest_file(size: u64) -> Arc<PrivateMemFile> {
+    let file = Arc::new(PrivateMemFile::new_guest("vmm-threads").unwrap());
+    file.set_len(size).unwrap();
+    file
+}
+
+/// Host reads and writes of shared pages race the removal (and re-adding)
+/// of their region: each either copies or fails cleanly (EINVAL once the
+/// region is gone, EPERM while it is new and private), never faults. The
+/// copies used to run on a window already unmapped: SIGSEGV or SIGBUS.
+#[test]
+fn host_copies_racing_a_region_removal_never_fault() {
+    if !kvm() {
+        return;
+    }
+    let vm = Arc::new(Vm::new().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let copies = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..2)
+        .map(|i| {
+            let (vm, stop, copies) = (vm.clone(), stop.clone(), copies.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while !stop.load(Ordering::Relaxed) {
+                    let result = if i == 0 {
+                        vm.memory().read(Gpa(BASE), &mut buf)
+                    } else {
+                        vm.memory().write(Gpa(BASE), &buf)
+                    };
+                    match result {
+                        Ok(()) => drop(copies.fetch_add(1, Ordering::Relaxed)),
+                        Err(e) => assert!(
+                            [Errno::INVAL, Errno::PERM, Errno::AGAIN].contains(&e.errno()),
+                            "{e}"
+                        ),
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..300 {
+        let file = guest_file(SIZE);
+        let slot = vm.add_private_memory(Gpa(BASE), &file, FileOffset(0), SIZE).unwrap();
+        vm.memory().convert(Gpa(BASE), 64 << 10, PageState::Shared).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+        vm.remove_memory(slot).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    assert!(copies.load(Ordering::Relaxed) > 0, "no copy ever ran");
+}
+
+/// A listener that, inside `discarded` and `converted`, reads the range
+/// being changed, reads another shared page, takes a view, converts
+/// another page, punches a page and adds a listener: each call works or
+/// returns an error (EDEADLK where it would wait for its own change),
+/// never hangs. Each used to deadlock.
+#[test]
+fn listeners_that_call_back_into_the_memory_never_hang() {
+    if !kvm() {
+        return;
+    }
+    within_a_minute("calling-back listener", || {
+        let (vm, _files) = Vm::with_ram(16 << 20).unwrap();
+        let memory = vm.memory().clone();
+        // Allocated, so that conversions and punches discard them.
+        vm.populate(Gpa(BASE), &[1; 0x2000]).unwrap();
+        memory.convert(Gpa(BASE + 0x10_0000), 0x1000, PageState::Shared).unwrap();
+        let listener = Arc::new(CallingBack {
+            memory: Arc::downgrade(&memory),
+            results: Mutex::default(),
+            busy: AtomicBool::new(false),
+            told: Arc::default(),
+        });
+        memory.add_listener(listener.clone());
+        for state in [PageState::Shared, PageState::Private] {
+            memory.convert(Gpa(BASE), 0x2000, state).unwrap();
+        }
+        memory.convert(Gpa(BASE), 0x1000, PageState::Shared).unwrap();
+        memory.write(Gpa(BASE), &[2; 8]).unwrap();
+        memory.punch(Gpa(BASE), 0x1000).unwrap();
+        let results = listener.results.lock().unwrap();
+        // discarded and converted of the first conversion, converted of
+        // the others, discarded of the punch: 5 callbacks, 6 calls each.
+        assert!(results.len() >= 5 * 6, "{results:?}");
+        // The other shared page is readable from inside every callback.
+        assert!(results.iter().any(|(what, r)| what == "read other" && r.is_ok()), "{results:?}");
+        // Reading the range being changed would wait for itself.
+        for (what, result) in results.iter() {
+            if let Err(errno) = result {
+                assert!(
+                    [Errno::DEADLK, Errno::AGAIN, Errno::PERM].contains(errno),
+                    "{what}: {errno}"
+                );
+            }
+        }
+        drop(results);
+        // The listeners added from callbacks are told of later changes.
+        let before = listener.told.load(Ordering::SeqCst);
+        memory.convert(Gpa(BASE + 0x20_0000), 0x1000, PageState::Shared).unwrap();
+        assert!(listener.told.load(Ordering::SeqCst) > before);
+    });
+}
+
+struct CallingBack {
+    memory: std::sync::Weak<GuestMemory>,
+    results: Mutex<Vec<(String, Result<(), Errno>)>>,
+    busy: AtomicBool,
+    /// Changes told to the listeners this one added.
+    told: Arc<AtomicU64>,
+}
+
+impl CallingBack {
+    fn call_back(&self, gpa: Gpa) {
+        // One level deep: the calls below change memory, and so call us.
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(memory) = self.memory.upgrade() else { return };
+        let mut buf = [0u8; 8];
+        let other = Gpa(BASE + 0x10_0000);
+        let calls: Vec<(&str, Result<(), gmem_kvm::Error>)> = vec![
+            ("read changing", memory.read(gpa, &mut buf)),
+            ("read other", memory.read(other, &mut buf)),
+            (
+                "view",
+                memory
+                    .shared()
+                    .read_obj::<u64>(GuestAddress(other.0))
+                    .map(drop)
+                    .map_err(|e| gmem_kvm::Error::InvalidArgument(format!("view: {e}"))),
+            ),
+            (
+                "convert other",
+                memory.convert(Gpa(BASE + 0x30_0000), 0x1000, PageState::Shared).map(drop),
+            ),
+            ("punch other", memory.punch(Gpa(BASE + 0x40_0000), 0x1000)),
+        ];
+        memory.add_listener(Arc::new(Counting(self.told.clone())));
+        let mut results = self.results.lock().unwrap();
+        for (what, result) in calls {
+            results.push((what.to_owned(), result.map_err(|e| e.errno())));
+        }
+        results.push(("add listener".into(), Ok(())));
+        self.busy.store(false, Ordering::SeqCst);
+    }
+}
+
+impl MemoryListener for CallingBack {
+    fn discarded(&self, gpa: Gpa, _len: u64) {
+        self.call_back(gpa);
+    }
+
+    fn converted(&self, gpa: Gpa, _len: u64, _state: PageState) {
+        self.call_back(gpa);
+    }
+}
+
+struct Counting(Arc<AtomicU64>);
+
+impl MemoryListener for Counting {
+    fn converted(&self, _gpa: Gpa, _len: u64, _state: PageState) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Thread A holds a view and waits for thread C, which takes a view, while
+/// B's conversion waits for A: all three used to hang (a waiting writer
+/// kept C out). Now C gets its view, A ends, and B converts.
+#[test]
+fn views_on_threads_that_wait_for_each_other_do_not_deadlock_a_conversion() {
+    if !kvm() {
+        return;
+    }
+    within_a_minute("views across threads", || {
+        let (vm, _files) = Vm::with_ram(16 << 20).unwrap();
+        let memory = vm.memory().clone();
+        memory.convert(Gpa(BASE), 0x1000, PageState::Shared).unwrap();
+        memory.write(Gpa(BASE), &7u64.to_le_bytes()).unwrap();
+        let (to_c, c_asked) = mpsc::channel::<()>();
+        let (to_a, c_answered) = mpsc::channel::<u64>();
+        let memory = &memory;
+        std::thread::scope(|scope| {
+            let a = scope.spawn(move || {
+                let view = memory.shared();
+                let mine: u64 = view.read_obj(GuestAddress(BASE)).unwrap();
+                // Let B's conversion start waiting for this view.
+                std::thread::sleep(Duration::from_millis(200));
+                to_c.send(()).unwrap();
+                let theirs = c_answered.recv().unwrap();
+                drop(view);
+                mine + theirs
+            });
+            let b = scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                memory.convert(Gpa(BASE + 0x10_0000), 0x1000, PageState::Shared)
+            });
+            let c = scope.spawn(move || {
+                c_asked.recv().unwrap();
+                let view = memory.shared();
+                let value: u64 = view.read_obj(GuestAddress(BASE)).unwrap();
+                to_a.send(value).unwrap();
+            });
+            assert_eq!(a.join().unwrap(), 14);
+            assert_eq!(b.join().unwrap().unwrap(), 1);
+            c.join().unwrap();
+        });
+    });
+}
+
+/// An event-loop VMM: one thread polls `fault_fd`, serves faults and
+/// changes memslots; a vCPU touches its RAM one page per fault. Adding and
+/// removing a region while the vCPU sleeps on a fault that only this
+/// thread serves used to hang: KVM's memslot update waits for the vCPU,
+/// which waits for the thread inside KVM.
+#[test]
+fn memslot_changes_from_the_fault_serving_thread_complete() {
+    use gmem_kvm::RegionSpec;
+    use kvm_ioctls::VcpuExit;
+    if !kvm() {
+        return;
+    }
+    const RAM: u64 = 32 << 20;
+    within_a_minute("memslot changes from the fault thread", || {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        // One page per fault: the vCPU waits on a fault most of the time.
+        let memory = GuestMemory::new(1).unwrap();
+        let spec = RegionSpec {
+            slot: 0,
+            gpa: Gpa(0),
+            file: guest_file(RAM),
+            file_offset: FileOffset(0),
+            size: RAM,
+        };
+        // SAFETY: `vm` is this memory's VM, dropped (with its vCPU) before
+        // `memory` at the end of this closure.
+        unsafe { memory.add_region(&vm, spec) }.unwrap();
+        let image =
+            gmem_runner::GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
+        gmem_runner::boot::load(&image, RAM, 1, |gpa, bytes| memory.populate(gpa, bytes)).unwrap();
+        memory.finish_launch();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        gmem_runner::boot::init_vcpu(&kvm, &vcpu, image.entry, 0, RAM).unwrap();
+        let vcpu_thread = std::thread::spawn(move || {
+            let mut vcpu = vcpu;
+            loop {
+                match vcpu.run() {
+                    // The touch guest's exit, through the doorbell.
+                    Ok(VcpuExit::MmioWrite(0xDFFF_F0F4, data)) => return data[0],
+                    Ok(VcpuExit::MmioWrite(..) | VcpuExit::IoOut(..)) => {}
+                    other => panic!("unexpected exit {other:?}"),
+                }
+            }
+        });
+        let mut changes = 0;
+        while !vcpu_thread.is_finished() {
+            let fd = memory.fault_fd();
+            let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+            let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 10_000_000 };
+            if rustix::event::poll(&mut fds, Some(&timeout)).unwrap() == 0 {
+                continue;
+            }
+            // The vCPU sleeps on a fault: change memslots before serving it.
+            if changes < 20 {
+                let spec = RegionSpec {
+                    slot: 1,
+                    gpa: Gpa(1 << 30),
+                    file: guest_file(SIZE),
+                    file_offset: FileOffset(0),
+                    size: SIZE,
+                };
+                // SAFETY: as above.
+                unsafe { memory.add_region(&vm, spec) }.unwrap();
+                memory.remove_region(&vm, 1).unwrap();
+                changes += 1;
+            }
+            memory.serve_faults().unwrap();
+        }
+        assert_eq!(vcpu_thread.join().unwrap(), 0);
+        assert_eq!(changes, 20);
+    });
+}
