@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use gmem_runner::bench::{
-    conversions, first_touch, median, metadata_bytes_per_page, populate, punch, tlb_read_ns,
-    touched_pages, virtio_blk, Backing,
+    conversion_rate, conversions, first_touch, host_read_rate, median, metadata_bytes_per_page,
+    populate, punch, tlb_read_ns, touched_pages, virtio_blk, Backing,
 };
 use serde_json::json;
 
@@ -118,6 +118,7 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
         .and_then(|()| punch_figures(mib, reps, &mut figures))
         .and_then(|()| conversion_figures(reps, native, &mut figures))
         .and_then(|()| virtio_figures(reps, &mut figures))
+        .and_then(|()| host_access_figures(reps, &mut figures))
         .and_then(|()| metadata_figures(&mut figures));
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
@@ -448,6 +449,34 @@ fn virtio_figures(reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
     }
     let baseline = (middle(&mut direct), "no bounce (64 KiB)");
     figures.push(Figure::rate("virtio-blk", middle(&mut bounced), "MiB/s", baseline).target(0.8));
+    Ok(())
+}
+
+/// Host accesses from many threads: `read` throughput on every core
+/// against one thread, and 4 KiB conversions of one page while device
+/// threads (one fewer than the cores, at least one) read other pages,
+/// against none.
+fn host_access_figures(reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let readers = cores.saturating_sub(1).max(1);
+    let time = Duration::from_millis(200);
+    let (mut one, mut all, mut alone, mut busy) = (vec![], vec![], vec![], vec![]);
+    for rep in 1..=reps {
+        progress(&format!("host reads and conversions on {cores} threads, round {rep}/{reps}"));
+        let rate = |threads| host_read_rate(threads, time).map_err(|e| format!("host reads: {e}"));
+        one.push(rate(1)? / f64::from(1 << 20));
+        all.push(rate(cores)? / f64::from(1 << 20));
+        let rate =
+            |readers| conversion_rate(readers, time).map_err(|e| format!("conversions: {e}"));
+        alone.push(rate(0)?);
+        busy.push(rate(readers)?);
+    }
+    let baseline = (middle(&mut one) * cores as f64, "one thread x cores");
+    figures
+        .push(Figure::rate("host-read-threads", middle(&mut all), "MiB/s", baseline).target(0.8));
+    let baseline = (middle(&mut alone), "no device threads");
+    figures
+        .push(Figure::rate("view-contention", middle(&mut busy), "conv/s", baseline).target(0.9));
     Ok(())
 }
 

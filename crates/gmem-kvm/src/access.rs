@@ -65,6 +65,8 @@ struct State {
     /// Writers waiting: (thread, range).
     waiting: Vec<(ThreadId, Range<u64>)>,
     next_hold: u64,
+    /// Threads asleep on `changed`: a release wakes them only if any.
+    sleepers: usize,
 }
 
 impl State {
@@ -107,22 +109,38 @@ impl AccessLock {
 
     fn wait<'a>(
         &self,
-        state: MutexGuard<'a, State>,
+        mut state: MutexGuard<'a, State>,
         until: Option<Instant>,
     ) -> MutexGuard<'a, State> {
-        match until.and_then(|until| until.checked_duration_since(Instant::now())) {
+        let left = until.map(|until| until.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|left| left.is_zero()) {
+            return state;
+        }
+        state.sleepers += 1;
+        let mut state = match left {
             Some(left) => {
                 self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0
             }
-            None if until.is_some() => state,
             None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+        };
+        state.sleepers -= 1;
+        state
+    }
+
+    /// Wakes the sleepers, if any (a wake is a system call).
+    fn release(&self, state: MutexGuard<'_, State>) {
+        let sleepers = state.sleepers;
+        drop(state);
+        if sleepers > 0 {
+            self.changed.notify_all();
         }
     }
 
     /// Takes `span` shared: waits while another thread holds an overlapping
     /// range exclusively, and (unless this thread holds the lock already)
-    /// for at most [`WRITER_GRACE`] while another thread waits to.
-    pub(crate) fn shared(&self, span: Range<u64>) -> Shared<'_> {
+    /// for at most [`WRITER_GRACE`] while another thread waits to. Also
+    /// says whether this thread held the lock already.
+    pub(crate) fn shared(&self, span: Range<u64>) -> (Shared<'_>, bool) {
         let me = current_thread();
         let mut state = self.state();
         let holder = state.reads(me) || state.writes(me);
@@ -142,11 +160,12 @@ impl AccessLock {
         let id = state.next_hold;
         state.next_hold += 1;
         state.readers.push((id, me, span));
-        Shared(self, id, NotSend::default())
+        (Shared(self, id, NotSend::default()), holder)
     }
 
     /// Whether this thread holds the lock, shared or exclusively.
-    pub(crate) fn held_here(&self) -> bool {
+    #[cfg(test)]
+    fn held_here(&self) -> bool {
         let me = current_thread();
         let state = self.state();
         state.reads(me) || state.writes(me)
@@ -205,8 +224,7 @@ impl Drop for Shared<'_> {
         if let Some(i) = state.readers.iter().position(|(id, _, _)| *id == self.1) {
             state.readers.swap_remove(i);
         }
-        drop(state);
-        self.0.changed.notify_all();
+        self.0.release(state);
     }
 }
 
@@ -219,8 +237,7 @@ impl Drop for Exclusive<'_> {
                 state.writer = None;
             }
         }
-        drop(state);
-        self.0.changed.notify_all();
+        self.0.release(state);
     }
 }
 
@@ -238,12 +255,12 @@ mod tests {
         let lock = &AccessLock::default();
         let outer = lock.exclusive("test", 0..100).unwrap();
         let inner = lock.exclusive("test", 200..300).unwrap();
-        let read = lock.shared(50..60);
+        let read = lock.shared(50..60).0;
         assert!(lock.held_here());
         drop((read, inner, outer));
-        let read = lock.shared(EVERYWHERE);
+        let read = lock.shared(EVERYWHERE).0;
         assert_eq!(errno(lock.exclusive("test", 0..1)), crate::Errno::DEADLK);
-        let nested = lock.shared(0..1);
+        let nested = lock.shared(0..1).0;
         drop((nested, read));
         assert!(!lock.held_here());
     }
@@ -255,7 +272,7 @@ mod tests {
             let ((held_tx, held_rx), (release_tx, release_rx)) =
                 (mpsc::channel(), mpsc::channel::<()>());
             let reader = scope.spawn(move || {
-                let _read = lock.shared(0..100);
+                let _read = lock.shared(0..100).0;
                 held_tx.send(()).unwrap();
                 release_rx.recv().unwrap();
             });
@@ -285,7 +302,7 @@ mod tests {
             let ((held_tx, held_rx), (release_tx, release_rx)) =
                 (mpsc::channel(), mpsc::channel::<()>());
             let reader = scope.spawn(move || {
-                let _read = lock.shared(500..600);
+                let _read = lock.shared(500..600).0;
                 held_tx.send(()).unwrap();
                 release_rx.recv().unwrap();
             });
@@ -312,7 +329,7 @@ mod tests {
             let (to_c, c_asked) = mpsc::channel::<()>();
             let (to_a, c_answered) = mpsc::channel::<()>();
             let a = scope.spawn(move || {
-                let _read = lock.shared(EVERYWHERE);
+                let _read = lock.shared(EVERYWHERE).0;
                 std::thread::sleep(Duration::from_millis(50));
                 to_c.send(()).unwrap();
                 c_answered.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -323,7 +340,7 @@ mod tests {
             });
             let c = scope.spawn(move || {
                 c_asked.recv().unwrap();
-                let _read = lock.shared(0..8);
+                let _read = lock.shared(0..8).0;
                 to_a.send(()).unwrap();
             });
             a.join().unwrap();

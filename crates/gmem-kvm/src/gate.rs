@@ -15,6 +15,7 @@
 //! `EAGAIN` for a range another thread is changing.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
@@ -31,6 +32,8 @@ pub(crate) struct ChangeGate {
     access: AccessLock,
     /// Ranges being changed, with the thread changing each.
     changing: Mutex<Vec<(Range<u64>, ThreadId)>>,
+    /// How many: host accesses look at the list only when there are some.
+    changes: AtomicUsize,
     changed: Condvar,
     /// The thread whose conversion runs now.
     converting: Mutex<Option<ThreadId>>,
@@ -47,11 +50,11 @@ impl ChangeGate {
     /// wait for itself); [`check_not_changing`](Self::check_not_changing)
     /// tells it what it may not touch.
     pub(crate) fn access(&self, span: Range<u64>) -> Shared<'_> {
-        if self.access.held_here() {
-            return self.access.shared(span);
-        }
         loop {
-            let shared = self.access.shared(span.clone());
+            let (shared, nested) = self.access.shared(span.clone());
+            if nested || self.changes.load(Ordering::SeqCst) == 0 {
+                return shared;
+            }
             let changing = self.changing();
             if !changing.iter().any(|(r, _)| overlaps(r, &span)) {
                 return shared;
@@ -65,6 +68,9 @@ impl ChangeGate {
     /// reading what its change takes away), `EAGAIN` if another thread's
     /// (seen by a thread that held the access lock before it began).
     pub(crate) fn check_not_changing(&self, span: Range<u64>) -> Result<()> {
+        if self.changes.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
         let me = std::thread::current().id();
         let changing = self.changing();
         match changing.iter().find(|(r, _)| overlaps(r, &span)) {
@@ -81,7 +87,9 @@ impl ChangeGate {
     /// if this thread holds one); unmarked when the mark is dropped.
     pub(crate) fn begin_change(&self, op: &'static str, span: Range<u64>) -> Result<Changing<'_>> {
         let _exclusive = self.access.exclusive(op, span.clone())?;
-        self.changing().push((span.clone(), std::thread::current().id()));
+        let mut changing = self.changing();
+        changing.push((span.clone(), std::thread::current().id()));
+        self.changes.store(changing.len(), Ordering::SeqCst);
         Ok(Changing { gate: self, span })
     }
 
@@ -132,6 +140,7 @@ impl Drop for Changing<'_> {
         if let Some(i) = changing.iter().position(|(r, t)| *r == self.span && *t == me) {
             changing.swap_remove(i);
         }
+        self.gate.changes.store(changing.len(), Ordering::SeqCst);
         drop(changing);
         self.gate.changed.notify_all();
     }

@@ -318,3 +318,89 @@ pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
+
+/// Pages of shared memory the host-access rows read from.
+const HOST_PAGES: u64 = 1024;
+
+/// A VM whose first [`HOST_PAGES`] pages from 4 MiB are shared and
+/// allocated, for the host-access rows (no vCPU runs).
+fn shared_pages_vm() -> Result<Vm> {
+    let (vm, _files) = Vm::with_ram(64 << 20)?;
+    let len = HOST_PAGES * PAGE_SIZE;
+    vm.memory().convert(Gpa(TOUCH_BASE), len, gmem_kvm::PageState::Shared)?;
+    vm.memory().write(Gpa(TOUCH_BASE), &vec![1u8; len as usize])?;
+    Ok(vm)
+}
+
+/// Bytes per second that `threads` host threads read from shared pages
+/// with [`GuestMemory::read`](gmem_kvm::GuestMemory::read), 4 KiB at a
+/// time, each its own pages, for `duration`.
+pub fn host_read_rate(threads: usize, duration: Duration) -> Result<f64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let vm = shared_pages_vm()?;
+    let bytes = AtomicU64::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for thread in 0..threads as u64 {
+            let (vm, bytes, failed) = (&vm, &bytes, &failed);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; PAGE_SIZE as usize];
+                let start = Instant::now();
+                let mut page = thread;
+                while start.elapsed() < duration {
+                    let gpa = Gpa(TOUCH_BASE + (page % HOST_PAGES) * PAGE_SIZE);
+                    if let Err(e) = vm.memory().read(gpa, &mut buf) {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        return;
+                    }
+                    bytes.fetch_add(PAGE_SIZE, Ordering::Relaxed);
+                    page += threads as u64;
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(bytes.into_inner() as f64 / duration.as_secs_f64()),
+    }
+}
+
+/// 4 KiB conversions per second of one page (back and forth) for
+/// `duration`, while `readers` host threads keep reading other shared
+/// pages 4 KiB at a time (a device's accesses).
+pub fn conversion_rate(readers: usize, duration: Duration) -> Result<f64> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let vm = shared_pages_vm()?;
+    let page = Gpa(TOUCH_BASE + HOST_PAGES * PAGE_SIZE);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for thread in 0..readers as u64 {
+            let (vm, stop) = (&vm, &stop);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; PAGE_SIZE as usize];
+                let mut at = thread;
+                while !stop.load(Ordering::Relaxed) {
+                    let gpa = Gpa(TOUCH_BASE + (at % HOST_PAGES) * PAGE_SIZE);
+                    let _ = vm.memory().read(gpa, &mut buf);
+                    at += readers as u64;
+                }
+            });
+        }
+        let start = Instant::now();
+        let mut conversions = 0u64;
+        let mut result = Ok(());
+        while start.elapsed() < duration {
+            let state = match conversions % 2 {
+                0 => gmem_kvm::PageState::Shared,
+                _ => gmem_kvm::PageState::Private,
+            };
+            if let Err(e) = vm.memory().convert(page, PAGE_SIZE, state) {
+                result = Err(e);
+                break;
+            }
+            conversions += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        result.map(|()| conversions as f64 / start.elapsed().as_secs_f64())
+    })
+}
