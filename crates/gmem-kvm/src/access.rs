@@ -265,18 +265,29 @@ mod tests {
         assert!(!lock.held_here());
     }
 
+    /// Holds `span` shared on a thread of `scope` until the returned
+    /// sender is used; returns once the hold is taken.
+    fn reader<'s>(
+        scope: &'s std::thread::Scope<'s, '_>,
+        lock: &'s AccessLock,
+        span: Range<u64>,
+    ) -> (std::thread::ScopedJoinHandle<'s, ()>, mpsc::Sender<()>) {
+        let ((held_tx, held_rx), (release_tx, release_rx)) =
+            (mpsc::channel(), mpsc::channel::<()>());
+        let reader = scope.spawn(move || {
+            let _read = lock.shared(span).0;
+            held_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        });
+        held_rx.recv().unwrap();
+        (reader, release_tx)
+    }
+
     #[test]
     fn a_writer_waits_only_for_overlapping_readers() {
         let lock = &AccessLock::default();
         std::thread::scope(|scope| {
-            let ((held_tx, held_rx), (release_tx, release_rx)) =
-                (mpsc::channel(), mpsc::channel::<()>());
-            let reader = scope.spawn(move || {
-                let _read = lock.shared(0..100).0;
-                held_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            });
-            held_rx.recv().unwrap();
+            let (reader, release_tx) = reader(scope, lock, 0..100);
             // Elsewhere: at once.
             drop(lock.exclusive("test", 100..200).unwrap());
             // Over the reader's range: only once it is done.
@@ -299,14 +310,7 @@ mod tests {
     fn a_nested_writer_waits_for_readers_of_its_new_range() {
         let lock = &AccessLock::default();
         std::thread::scope(|scope| {
-            let ((held_tx, held_rx), (release_tx, release_rx)) =
-                (mpsc::channel(), mpsc::channel::<()>());
-            let reader = scope.spawn(move || {
-                let _read = lock.shared(500..600).0;
-                held_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            });
-            held_rx.recv().unwrap();
+            let (reader, release_tx) = reader(scope, lock, 500..600);
             let outer = lock.exclusive("test", 0..100).unwrap();
             let releaser = scope.spawn(move || {
                 std::thread::sleep(Duration::from_millis(50));

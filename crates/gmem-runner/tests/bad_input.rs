@@ -6,15 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{kvm, RAM};
+use common::{guest_file, kvm, RAM};
 use gmem::{Errno, FileOffset, PrivateMemFile, PAGE_SIZE};
 use gmem_runner::{Gpa, GuestImage, Outcome, RunConfig, Vm};
-
-fn guest_file(size: u64) -> Arc<PrivateMemFile> {
-    let file = Arc::new(PrivateMemFile::new_guest("bad").unwrap());
-    file.set_len(size).unwrap();
-    file
-}
 
 #[test]
 fn memslot_errors() {

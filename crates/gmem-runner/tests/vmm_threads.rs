@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use common::kvm;
-use gmem::{FileOffset, PrivateMemFile};
+use common::{guest_file, kvm};
+use gmem::FileOffset;
 use gmem_kvm::{Errno, GuestMemory, MemoryListener, PageState};
 use gmem_runner::{Gpa, Vm};
 use vm_memory::{Bytes, GuestAddress};
@@ -32,12 +32,6 @@ fn within_a_minute(name: &str, test: impl FnOnce() + Send + 'static) {
         Err(mpsc::RecvTimeoutError::Disconnected) => thread.join().unwrap(),
         Err(mpsc::RecvTimeoutError::Timeout) => panic!("{name}: hung for a minute"),
     }
-}
-
-fn guest_file(size: u64) -> Arc<PrivateMemFile> {
-    let file = Arc::new(PrivateMemFile::new_guest("vmm-threads").unwrap());
-    file.set_len(size).unwrap();
-    file
 }
 
 /// Host reads and writes of shared pages race the removal (and re-adding)

@@ -38,6 +38,13 @@ pub fn run(vm: &Vm, name: &str, vcpus: u32, on_sync: gmem_runner::SyncHandler<'_
     report
 }
 
+/// A new GUEST-sealed file of `size` bytes.
+pub fn guest_file(size: u64) -> std::sync::Arc<gmem::PrivateMemFile> {
+    let file = std::sync::Arc::new(gmem::PrivateMemFile::new_guest("test-ram").unwrap());
+    file.set_len(size).unwrap();
+    file
+}
+
 pub fn console(report: &RunReport) -> String {
     String::from_utf8_lossy(&report.console).into_owned()
 }
