@@ -46,7 +46,8 @@ fn current_thread() -> ThreadId {
     std::thread::current().id()
 }
 
-fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+/// Whether two ranges share an element.
+pub(crate) fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
     a.start < b.end && b.start < a.end
 }
 

@@ -19,12 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
-use crate::access::{AccessLock, Exclusive, Shared};
+use crate::access::{overlaps, AccessLock, Exclusive, Shared};
 use crate::error::{Error, Result};
-
-fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
-    a.start < b.end && b.start < a.end
-}
 
 /// See the module docs.
 #[derive(Debug, Default)]

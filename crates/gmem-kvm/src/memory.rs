@@ -19,6 +19,7 @@ use gmem::{FileId, FileOffset, GuestOwner, PageRange, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
+use crate::access::overlaps;
 use crate::bits::PageBits;
 use crate::error::{Error, Result};
 use crate::first_touch::ScatteredFaults;
@@ -612,11 +613,6 @@ impl GuestMemory {
             allocated_pages: files.iter().map(|f| f.stats().allocated_pages).sum(),
         }
     }
-}
-
-/// Whether two ranges share an element.
-fn overlaps(a: &std::ops::Range<u64>, b: &std::ops::Range<u64>) -> bool {
-    a.start < b.end && b.start < a.end
 }
 
 pub(crate) fn outside(gpa: Gpa, len: u64) -> Error {

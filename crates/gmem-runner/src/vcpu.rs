@@ -197,7 +197,6 @@ impl Vm {
                 }
                 other => return stop(format!("unexpected exit {other:?}")),
             };
-            let regs = vcpu.sync_regs().regs;
             let rax = match request.port {
                 PORT_CONSOLE => {
                     let byte = request.value as u8;
@@ -211,11 +210,14 @@ impl Vm {
                 PORT_EXIT => return self.control.stop(Outcome::Exit(request.value)),
                 PORT_SYNC => {
                     let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
-                    on_sync(self, regs.rdi);
+                    on_sync(self, vcpu.sync_regs().regs.rdi);
                     0
                 }
                 // PORT_CONVERT: a request holds one of the ABI's ports.
-                _ => self.guest_convert(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx)),
+                _ => {
+                    let regs = vcpu.sync_regs().regs;
+                    self.guest_convert(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx))
+                }
             };
             vcpu.sync_regs_mut().regs.rax = rax;
             vcpu.set_sync_dirty_reg(SyncReg::Register);
