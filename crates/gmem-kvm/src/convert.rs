@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use gmem::PAGE_SIZE;
 
 use crate::error::{Error, Result};
-use crate::memory::GuestMemory;
+use crate::memory::PrivateMemory;
 use crate::region::PageState;
 use crate::Gpa;
 
@@ -75,7 +75,7 @@ impl ConversionRequest {
     }
 }
 
-impl GuestMemory {
+impl PrivateMemory {
     /// Converts `[gpa, gpa + len)` to `state`. Pages whose state changes are
     /// discarded (a punch, with invalidation and listeners told) and read
     /// zero afterwards, in both directions; pages already in `state` keep

@@ -3,9 +3,9 @@
 //! KVM's first touch of a page in a region's window raises a userfaultfd
 //! event (unless a sparse guest's region has handed first touches to the
 //! kernel: see [`first_touch`](crate::first_touch)). The VMM either polls
-//! [`GuestMemory::fault_fd`] in its own event loop and calls
-//! [`GuestMemory::serve_faults`], or lets
-//! [`GuestMemory::start_fault_server`] run a thread that does so and hands
+//! [`PrivateMemory::fault_fd`] in its own event loop and calls
+//! [`PrivateMemory::serve_faults`], or lets
+//! [`PrivateMemory::start_fault_server`] run a thread that does so and hands
 //! it the errors.
 //!
 //! A fault that cannot be served (its page was truncated away, the host is
@@ -25,7 +25,7 @@ use rustix::event::{eventfd, EventfdFlags};
 
 use crate::error::{Errno, Error, Result};
 use crate::first_touch::{PROBE_AFTER, SCATTERED_FAULTS, SCATTERED_FAULTS_WHILE_SPARSE};
-use crate::memory::GuestMemory;
+use crate::memory::PrivateMemory;
 use crate::region::{Backing, FileBacking, PrivateRegion};
 use crate::uffd::Fault;
 use crate::Gpa;
@@ -52,7 +52,7 @@ impl FaultError {
     }
 }
 
-impl GuestMemory {
+impl PrivateMemory {
     /// The descriptor to poll (`POLLIN`) for pending guest faults.
     pub fn fault_fd(&self) -> BorrowedFd<'_> {
         self.uffd.as_fd()
@@ -349,7 +349,7 @@ impl GuestMemory {
     }
 }
 
-/// The fault-serving threads of [`GuestMemory::start_fault_servers`];
+/// The fault-serving threads of [`PrivateMemory::start_fault_servers`];
 /// stopped and joined on drop.
 #[derive(Debug)]
 pub struct FaultServer {

@@ -17,11 +17,11 @@ use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
 use crate::error::{Error, Result};
-use crate::memory::GuestMemory;
+use crate::memory::PrivateMemory;
 use crate::region::{Backing, PrivateRegion};
 use crate::Gpa;
 
-impl GuestMemory {
+impl PrivateMemory {
     /// Reads shared guest memory at `gpa` into `buf` (across adjacent
     /// regions too), after any conversion or punch of the range under way.
     /// Nothing is read unless all of it can be: `EPERM` naming the GPA if

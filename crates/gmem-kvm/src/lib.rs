@@ -5,18 +5,18 @@
 //! signal handler: the VMM keeps its own `kvm_ioctls::VmFd`, slot numbering
 //! and vCPU loop (and kicks its vCPUs its own way, e.g. `immediate_exit`).
 //!
-//! - [`GuestMemory`]: the VM's guest memory and the owner of its files.
-//!   [`GuestMemory::add_region`] registers a [`RegionSpec`] with KVM (the
+//! - [`PrivateMemory`]: the VM's guest memory and the owner of its files.
+//!   [`PrivateMemory::add_region`] registers a [`RegionSpec`] with KVM (the
 //!   one `unsafe` call, as in kvm-ioctls).
 //! - [`faults`]: serve guest first touches from your event loop
-//!   ([`GuestMemory::fault_fd`] + [`GuestMemory::serve_faults`]) or from a
-//!   thread ([`GuestMemory::start_fault_server`]); a fault that cannot be
+//!   ([`PrivateMemory::fault_fd`] + [`PrivateMemory::serve_faults`]) or from a
+//!   thread ([`PrivateMemory::start_fault_server`]); a fault that cannot be
 //!   served ends `KVM_RUN` instead of hanging it.
-//! - [`convert`]: one conversion primitive ([`GuestMemory::convert`]),
+//! - [`convert`]: one conversion primitive ([`PrivateMemory::convert`]),
 //!   decoding of GUEST_ABI's port request and of `KVM_HC_MAP_GPA_RANGE`
 //!   exits, and [`MemoryListener`]s told of every discard and conversion.
-//! - Host access that never faults: [`GuestMemory::read`] /
-//!   [`GuestMemory::write`], and a vm-memory view ([`GuestMemory::shared`])
+//! - Host access that never faults: [`PrivateMemory::read`] /
+//!   [`PrivateMemory::write`], and a vm-memory view ([`PrivateMemory::shared`])
 //!   that holds conversions off while a device uses it.
 //! - [`probe`]: what the host offers, and which backend to use;
 //!   [`harden`]: opt-in process hardening.
@@ -26,13 +26,13 @@
 //! ```
 //! use std::sync::Arc;
 //! use gmem::{FileOffset, PrivateMemFile};
-//! use gmem_kvm::{GuestMemory, Gpa, PageState, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
+//! use gmem_kvm::{PrivateMemory, Gpa, PageState, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
 //! use vm_memory::{Bytes, GuestAddress};
 //!
 //! # if !std::path::Path::new("/dev/kvm").exists() { return Ok(()); }
 //! let kvm = kvm_ioctls::Kvm::new().unwrap();
 //! let vm = kvm.create_vm().unwrap();
-//! let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
+//! let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
 //! let file = Arc::new(PrivateMemFile::new_guest("guest-ram")?);
 //! file.set_len(16 << 20)?;
 //! let spec = RegionSpec { slot: 0, gpa: Gpa(0), file, file_offset: FileOffset(0), size: 16 << 20 };
@@ -71,7 +71,7 @@ mod uffd;
 pub use convert::ConversionRequest;
 pub use error::{Errno, Error, Result};
 pub use faults::{FaultError, FaultServer};
-pub use memory::{GuestMemory, MemoryListener, MemoryStats, DEFAULT_FAULT_AROUND_PAGES};
+pub use memory::{PrivateMemory, MemoryListener, MemoryStats, DEFAULT_FAULT_AROUND_PAGES};
 pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 
 /// A guest physical address.

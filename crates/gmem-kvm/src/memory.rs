@@ -1,7 +1,7 @@
 //! A VM's guest memory: the private regions a VMM registered, the owner of
 //! their files, and the listeners told of every discard and conversion.
 //!
-//! The path of a page: the VMM registers a region ([`GuestMemory::add_region`]),
+//! The path of a page: the VMM registers a region ([`PrivateMemory::add_region`]),
 //! which binds the memory as the file's owner and maps a KVM-only window,
 //! registered with userfaultfd, as the memslot. A guest's first touch makes
 //! KVM fault on the window; fault serving ([`crate::faults`]) locks a batch
@@ -129,11 +129,11 @@ impl Reserved {
 
 /// The guest memory of one VM, and the owner of its files.
 ///
-/// Shared as `Arc<GuestMemory>`: fault serving, device threads and the
+/// Shared as `Arc<PrivateMemory>`: fault serving, device threads and the
 /// VMM's vCPU loop all use it at once. It creates no thread of its own
-/// (see [`GuestMemory::start_fault_server`] for the one it can start on
+/// (see [`PrivateMemory::start_fault_server`] for the one it can start on
 /// request), installs no signal handler and keeps no global state.
-pub struct GuestMemory {
+pub struct PrivateMemory {
     regions: RwLock<Vec<Arc<PrivateRegion>>>,
     reserved: Mutex<Vec<Reserved>>,
     pub(crate) uffd: Userfaultfd,
@@ -149,15 +149,15 @@ pub struct GuestMemory {
     pub(crate) counters: Counters,
 }
 
-impl std::fmt::Debug for GuestMemory {
+impl std::fmt::Debug for PrivateMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestMemory")
+        f.debug_struct("PrivateMemory")
             .field("regions", &self.regions().len())
             .finish_non_exhaustive()
     }
 }
 
-impl GuestOwner for GuestMemory {
+impl GuestOwner for PrivateMemory {
     fn invalidate_page_range(&self, file: FileId, pages: PageRange) {
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         self.counters.invalidated_pages.fetch_add(pages.len(), Ordering::Relaxed);
@@ -198,7 +198,7 @@ impl GuestOwner for GuestMemory {
     }
 }
 
-impl GuestMemory {
+impl PrivateMemory {
     /// Guest memory with no region yet, serving `fault_around` pages (a
     /// power of two, at most 512) per fault; `EINVAL` otherwise. Opens its
     /// two userfaultfds (root, `CAP_SYS_PTRACE` or
@@ -247,7 +247,7 @@ impl GuestMemory {
     ///
     /// `vm` must be the VM this memory serves, and the memslot must not be
     /// replaced or deleted by other means, nor the VM run once this
-    /// `GuestMemory` is dropped unless [`remove_region`](Self::remove_region)
+    /// `PrivateMemory` is dropped unless [`remove_region`](Self::remove_region)
     /// deleted the slot first: KVM keeps writing to `userspace_addr`, a
     /// mapping this memory owns (the same promise as kvm-ioctls'
     /// `set_user_memory_region`).

@@ -17,7 +17,7 @@
 //! converts or punches gets `EDEADLK`.
 //!
 //! ```no_run
-//! # fn demo(memory: &gmem_kvm::GuestMemory) -> Result<(), Box<dyn std::error::Error>> {
+//! # fn demo(memory: &gmem_kvm::PrivateMemory) -> Result<(), Box<dyn std::error::Error>> {
 //! use vm_memory::{Bytes, GuestAddress};
 //! let view = memory.shared();
 //! let header: u64 = view.read_obj(GuestAddress(0x30_0000))?;
@@ -33,7 +33,7 @@ use vm_memory::{
 };
 
 use crate::access::Shared;
-use crate::memory::GuestMemory;
+use crate::memory::PrivateMemory;
 use crate::region::PrivateRegion;
 use crate::{Error, Gpa};
 
@@ -50,7 +50,7 @@ impl std::fmt::Debug for SharedView<'_> {
     }
 }
 
-impl GuestMemory {
+impl PrivateMemory {
     /// A view of the shared pages for vm-memory users, taken once no
     /// conversion or punch is under way; conversions and discards wait
     /// while it lives.
@@ -76,7 +76,7 @@ impl<'a> GuestMemoryBackend for SharedView<'a> {
 
 /// One region's shared pages, inside a [`SharedView`].
 pub struct SharedRegion<'a> {
-    memory: &'a GuestMemory,
+    memory: &'a PrivateMemory,
     region: Arc<PrivateRegion>,
 }
 
@@ -102,7 +102,7 @@ fn to_vm_memory(error: Error, gpa: Gpa) -> GuestMemoryError {
 }
 
 impl SharedRegion<'_> {
-    /// [`GuestMemory::map_shared`] of `len` bytes at `offset`, with
+    /// [`PrivateMemory::map_shared`] of `len` bytes at `offset`, with
     /// vm-memory's error.
     fn map_shared(
         &self,

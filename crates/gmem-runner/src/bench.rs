@@ -226,7 +226,7 @@ pub struct PunchTimes {
     pub mapped_memfd: Duration,
     /// The kernel's guest_memfd, where KVM has it.
     pub guest_memfd: Option<Duration>,
-    /// [`GuestMemory::punch`](gmem_kvm::GuestMemory::punch) of a native
+    /// [`PrivateMemory::punch`](gmem_kvm::PrivateMemory::punch) of a native
     /// region (guest_memfd under gmem's states, listeners told), where the
     /// native backend runs.
     pub native: Option<Duration>,
@@ -333,7 +333,7 @@ fn shared_pages_vm() -> Result<Vm> {
 }
 
 /// Bytes per second that `threads` host threads read from shared pages
-/// with [`GuestMemory::read`](gmem_kvm::GuestMemory::read), 4 KiB at a
+/// with [`PrivateMemory::read`](gmem_kvm::PrivateMemory::read), 4 KiB at a
 /// time, each its own pages, for `duration`.
 pub fn host_read_rate(threads: usize, duration: Duration) -> Result<f64> {
     use std::sync::atomic::{AtomicU64, Ordering};

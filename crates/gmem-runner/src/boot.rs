@@ -241,7 +241,7 @@ pub fn check_layout(image: &GuestImage, ram_size: u64, vcpus: u32) -> Result<()>
 }
 
 /// Writes everything a GUEST_ABI guest needs at launch, the VMM region and
-/// `image`'s segments, with `populate` (e.g. [`gmem_kvm::GuestMemory::populate`]).
+/// `image`'s segments, with `populate` (e.g. [`gmem_kvm::PrivateMemory::populate`]).
 pub fn load(
     image: &GuestImage,
     ram_size: u64,

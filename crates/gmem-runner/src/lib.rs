@@ -3,7 +3,7 @@
 //! The GUEST_ABI 1.2 VM behind `gmem run`, `gmem bench` and `gmem check`,
 //! built on [`gmem_kvm`]'s public API only, as any VMM would: its own
 //! `VmFd`, slot numbers, vCPU threads and kicks ([`kick`]), and a
-//! [`gmem_kvm::GuestMemory`] for RAM.
+//! [`gmem_kvm::PrivateMemory`] for RAM.
 //!
 //! ```
 //! use gmem_runner::{GuestImage, Outcome, RunConfig, Vm};

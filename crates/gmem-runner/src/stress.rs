@@ -4,7 +4,7 @@
 //! The `stress` guest (see its source) converts, writes and checks random
 //! runs of its pages on every vCPU and makes invalid requests, failing on
 //! anything it should not see. Meanwhile host threads read (through
-//! [`GuestMemory::read`] and the vm-memory view), write and punch the
+//! [`PrivateMemory::read`] and the vm-memory view), write and punch the
 //! guest's pages, and convert, write and read a range of their own, and
 //! make invalid requests. The host checks that it never reads a token the
 //! guest wrote into a private page, that every refusal has the errno it
@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gmem_guest::stress_layout::{Rng, HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
-use gmem_kvm::{Errno, GuestMemory, PageState};
+use gmem_kvm::{Errno, PrivateMemory, PageState};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
@@ -47,7 +47,7 @@ pub struct StressConfig {
 pub struct StressReport {
     /// Guest operations, conversions, refused invalid requests and checks.
     pub guest: [u64; 4],
-    /// Host reads through `GuestMemory::read`, and through the view.
+    /// Host reads through `PrivateMemory::read`, and through the view.
     pub host_reads: u64,
     /// Of those, through the vm-memory view.
     pub host_view_reads: u64,
@@ -97,7 +97,7 @@ struct Counters {
 
 /// The host side: threads that work on the guest's memory until `stop`.
 struct Host<'a> {
-    memory: &'a GuestMemory,
+    memory: &'a PrivateMemory,
     vcpus: u32,
     stop: &'a AtomicBool,
     counters: Counters,

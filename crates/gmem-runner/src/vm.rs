@@ -1,4 +1,4 @@
-//! gmem's own GUEST_ABI VM: a KVM VM whose RAM is a [`GuestMemory`] of
+//! gmem's own GUEST_ABI VM: a KVM VM whose RAM is a [`PrivateMemory`] of
 //! gmem-kvm, used through that library's public API only, like any VMM.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gmem::{FileOffset, PrivateMemFile};
 use gmem_kvm::shared::SharedView;
 use gmem_kvm::{
-    ConversionRequest, Error, FaultServer, GuestMemory, MemoryStats, RegionSpec, Result,
+    ConversionRequest, Error, FaultServer, PrivateMemory, MemoryStats, RegionSpec, Result,
     DEFAULT_FAULT_AROUND_PAGES,
 };
 use kvm_bindings::kvm_userspace_memory_region;
@@ -181,7 +181,7 @@ pub struct Vm {
     kvm: Kvm,
     // Declared before `memory`: the VM (and its memslots) goes first.
     pub(crate) fd: VmFd,
-    memory: Arc<GuestMemory>,
+    memory: Arc<PrivateMemory>,
     pub(crate) control: Arc<Control>,
     _server: FaultServer,
     next_slot: AtomicU32,
@@ -211,7 +211,7 @@ impl Vm {
     /// Creates a VM that serves `pages` pages (a power of two up to 512)
     /// per fault.
     pub fn with_fault_around(pages: u64) -> Result<Self> {
-        let memory = GuestMemory::new(pages)?;
+        let memory = PrivateMemory::new(pages)?;
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
         let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         let control = Arc::new(Control::default());
@@ -268,7 +268,7 @@ impl Vm {
 
     /// Creates a VM with `ram_size` bytes of RAM laid out per GUEST_ABI 1.1
     /// on the native backend: one guest_memfd per memslot
-    /// ([`GuestMemory::add_native_region`]).
+    /// ([`PrivateMemory::add_native_region`]).
     pub fn with_native_ram(ram_size: u64) -> Result<Self> {
         let vm = Self::new()?;
         for (gpa, size) in boot::ram_regions(ram_size) {
@@ -281,7 +281,7 @@ impl Vm {
     }
 
     /// Adds a private memslot: `size` bytes of `file` at `offset` appear at
-    /// `gpa` (see [`GuestMemory::add_region`] for the errors).
+    /// `gpa` (see [`PrivateMemory::add_region`] for the errors).
     pub fn add_private_memory(
         &self,
         gpa: Gpa,
@@ -297,7 +297,7 @@ impl Vm {
         Ok(slot)
     }
 
-    /// Deletes memslot `slot` ([`GuestMemory::remove_region`]), even while
+    /// Deletes memslot `slot` ([`PrivateMemory::remove_region`]), even while
     /// vCPUs run: their next access there stops the VM with an error that
     /// names the GPA.
     pub fn remove_memory(&self, slot: u32) -> Result<()> {
@@ -371,7 +371,7 @@ impl Vm {
 
     /// The guest memory, for everything gmem-kvm offers (conversions,
     /// host access, listeners, stats).
-    pub fn memory(&self) -> &Arc<GuestMemory> {
+    pub fn memory(&self) -> &Arc<PrivateMemory> {
         &self.memory
     }
 
@@ -435,31 +435,31 @@ impl Vm {
         })
     }
 
-    /// Discards `[gpa, gpa + len)` ([`GuestMemory::punch`]).
+    /// Discards `[gpa, gpa + len)` ([`PrivateMemory::punch`]).
     pub fn punch(&self, gpa: Gpa, len: u64) -> Result<()> {
         self.memory.punch(gpa, len)
     }
 
     /// Converts `[gpa, gpa + size)` as port 0xF0 does for the guest:
     /// `attributes` 0 is shared, `ATTRIBUTE_PRIVATE` private, anything else
-    /// `EINVAL` (see [`GuestMemory::convert`]). Returns how many pages
+    /// `EINVAL` (see [`PrivateMemory::convert`]). Returns how many pages
     /// changed state.
     pub fn convert(&self, gpa: Gpa, size: u64, attributes: u64) -> Result<u64> {
         let request = ConversionRequest::from_port(gpa.0, size, attributes)?;
         self.memory.convert(request.gpa, request.len, request.state)
     }
 
-    /// Host read of shared guest memory ([`GuestMemory::read`]).
+    /// Host read of shared guest memory ([`PrivateMemory::read`]).
     pub fn read_guest(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
         self.memory.read(gpa, buf)
     }
 
-    /// Host write of shared guest memory ([`GuestMemory::write`]).
+    /// Host write of shared guest memory ([`PrivateMemory::write`]).
     pub fn write_guest(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
         self.memory.write(gpa, data)
     }
 
-    /// The shared pages as a vm-memory view ([`GuestMemory::shared`]).
+    /// The shared pages as a vm-memory view ([`PrivateMemory::shared`]).
     pub fn shared_memory(&self) -> SharedView<'_> {
         self.memory.shared()
     }

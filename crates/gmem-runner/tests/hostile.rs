@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{config, console, kvm, RAM};
 use gmem::{FileOffset, PrivateMemFile};
-use gmem_kvm::{Errno, GuestMemory, PageState, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
+use gmem_kvm::{Errno, PrivateMemory, PageState, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
 use gmem_runner::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -147,7 +147,7 @@ fn a_region_kvm_refuses_leaves_nothing() {
     }
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
+    let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
     let file = Arc::new(PrivateMemFile::new_guest("refused").unwrap());
     file.set_len(4 << 20).unwrap();
     let spec = |slot, gpa, offset| RegionSpec {
@@ -296,7 +296,7 @@ fn an_unservable_fault_is_fenced_and_reported() {
     const STUCK: u64 = 16 << 20;
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
+    let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
     let file = Arc::new(PrivateMemFile::new_guest("fenced").unwrap());
     file.set_len(RAM).unwrap();
     let spec = RegionSpec {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{guest_file, kvm};
 use gmem::FileOffset;
-use gmem_kvm::{Errno, GuestMemory, MemoryListener, PageState};
+use gmem_kvm::{Errno, PrivateMemory, MemoryListener, PageState};
 use gmem_runner::{Gpa, Vm};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -133,7 +133,7 @@ fn listeners_that_call_back_into_the_memory_never_hang() {
 }
 
 struct CallingBack {
-    memory: std::sync::Weak<GuestMemory>,
+    memory: std::sync::Weak<PrivateMemory>,
     results: Mutex<Vec<(String, Result<(), Errno>)>>,
     busy: AtomicBool,
     /// Changes told to the listeners this one added.
@@ -255,7 +255,7 @@ fn memslot_changes_from_the_fault_serving_thread_complete() {
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = kvm.create_vm().unwrap();
         // One page per fault: the vCPU waits on a fault most of the time.
-        let memory = GuestMemory::new(1).unwrap();
+        let memory = PrivateMemory::new(1).unwrap();
         let spec = RegionSpec {
             slot: 0,
             gpa: Gpa(0),

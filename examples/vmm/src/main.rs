@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use gmem::{FileOffset, PrivateMemFile};
 use gmem_kvm::convert::ConversionRequest;
-use gmem_kvm::{GuestMemory, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
+use gmem_kvm::{PrivateMemory, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
 use gmem_runner::boot;
 use gmem_virtio::blk::Block;
 use gmem_virtio::mmio::{Device, VirtioMmio};
@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vm = kvm.create_vm()?;
 
     // 1. Guest RAM: one GUEST-sealed file, one private region in slot 7.
-    let memory = GuestMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
+    let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
     let file = Arc::new(PrivateMemFile::new_guest("example-ram")?);
     file.set_len(RAM)?;
     let spec =
