@@ -24,7 +24,29 @@ pub enum Error {
     /// The private-memory file refused the operation.
     #[error(transparent)]
     Memory(#[from] gmem::Error),
-    /// A bad argument: unaligned, empty or outside guest RAM (`EINVAL`).
+    /// The host touched a private page: only shared pages are reachable
+    /// (`EPERM`). Devices see it inside vm-memory's error: see
+    /// [`Error::private_page_in`].
+    #[error("{0} is private: the host may not access it")]
+    PrivatePage(crate::Gpa),
+    /// A range not inside guest RAM (`EINVAL`).
+    #[error("{gpa}+{len:#x} is not inside guest RAM")]
+    OutsideRam {
+        /// Where the range starts.
+        gpa: crate::Gpa,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// A conversion or punch of pages a device has pinned for I/O
+    /// ([`crate::DeviceMemory::pin`]); try again once the I/O is done (`EAGAIN`).
+    #[error("{gpa}+{len:#x} is pinned for device I/O")]
+    Pinned {
+        /// Where the refused range starts.
+        gpa: crate::Gpa,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// A bad argument: unaligned, empty or otherwise malformed (`EINVAL`).
     #[error("{0}")]
     InvalidArgument(String),
     /// A range already taken: overlapping memslots, a file range bound twice (`EEXIST`).
@@ -50,7 +72,9 @@ impl Error {
         match self {
             Error::Kvm { errno, .. } | Error::Os { errno, .. } => *errno,
             Error::Memory(e) => e.errno(),
-            Error::InvalidArgument(_) => Errno::INVAL,
+            Error::PrivatePage(_) => Errno::PERM,
+            Error::OutsideRam { .. } | Error::InvalidArgument(_) => Errno::INVAL,
+            Error::Pinned { .. } => Errno::AGAIN,
             Error::Exists(_) => Errno::EXIST,
             Error::NotPermitted(_) => Errno::PERM,
             Error::BadImage(_) => Errno::NOEXEC,
@@ -72,6 +96,28 @@ impl Error {
     /// An error for a failed `std` I/O call, keeping its errno.
     pub fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |e| Error::Os { op, errno: Errno::from_io_error(&e).unwrap_or(Errno::IO) }
+    }
+}
+
+impl Error {
+    /// The private page a device's vm-memory access was refused on, if
+    /// that is why it failed (the view's errors wrap an [`Error`]).
+    pub fn private_page_in(error: &vm_memory::GuestMemoryError) -> Option<crate::Gpa> {
+        match error {
+            vm_memory::GuestMemoryError::IOError(io) => match io.get_ref()?.downcast_ref()? {
+                Error::PrivatePage(gpa) => Some(*gpa),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    /// An I/O error of the same errno, with this error inside.
+    fn from(error: Error) -> Self {
+        let kind = std::io::Error::from(error.errno()).kind();
+        std::io::Error::new(kind, error)
     }
 }
 

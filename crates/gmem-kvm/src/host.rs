@@ -86,10 +86,10 @@ impl PrivateMemory {
     ) -> Result<*mut u8> {
         let end = offset.checked_add(len as u64).filter(|&end| end <= region.size);
         let Some(end) = end else {
-            return Err(Error::InvalidArgument(format!(
-                "{:#x}+{len:#x} is past the end of the region",
-                region.gpa.0 + offset
-            )));
+            return Err(crate::memory::outside(
+                Gpa(region.gpa.0.saturating_add(offset)),
+                len as u64,
+            ));
         };
         let pages = offset / gmem::PAGE_SIZE..end.div_ceil(gmem::PAGE_SIZE);
         if len != 0 {
@@ -123,10 +123,7 @@ impl PrivateMemory {
             None => Ok(()),
             Some(private) => {
                 self.counters.host_denials.fetch_add(1, Ordering::Relaxed);
-                Err(Error::NotPermitted(format!(
-                    "GPA {:#x} is private: the host may not access it",
-                    region.gpa_of(private.start).0
-                )))
+                Err(Error::PrivatePage(region.gpa_of(private.start)))
             }
         }
     }

@@ -78,6 +78,18 @@ pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Gpa(pub u64);
 
+impl From<vm_memory::GuestAddress> for Gpa {
+    fn from(address: vm_memory::GuestAddress) -> Self {
+        Gpa(address.0)
+    }
+}
+
+impl From<Gpa> for vm_memory::GuestAddress {
+    fn from(gpa: Gpa) -> Self {
+        vm_memory::GuestAddress(gpa.0)
+    }
+}
+
 impl std::fmt::Display for Gpa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GPA {:#x}", self.0)

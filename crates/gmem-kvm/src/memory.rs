@@ -616,9 +616,5 @@ impl PrivateMemory {
 }
 
 pub(crate) fn outside(gpa: Gpa, len: u64) -> Error {
-    Error::InvalidArgument(format!(
-        "{:#x}..{:#x} is not inside guest RAM",
-        gpa.0,
-        gpa.0.saturating_add(len)
-    ))
+    Error::OutsideRam { gpa, len }
 }

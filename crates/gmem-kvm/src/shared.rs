@@ -93,11 +93,8 @@ impl std::fmt::Debug for SharedRegion<'_> {
 /// whose inner error names the GPA; a range past the region is invalid.
 fn to_vm_memory(error: Error, gpa: Gpa) -> GuestMemoryError {
     match error {
-        Error::InvalidArgument(_) => GuestMemoryError::InvalidGuestAddress(GuestAddress(gpa.0)),
-        error => {
-            let kind = std::io::Error::from(error.errno()).kind();
-            GuestMemoryError::IOError(std::io::Error::new(kind, error))
-        }
+        Error::OutsideRam { .. } => GuestMemoryError::InvalidGuestAddress(GuestAddress(gpa.0)),
+        error => GuestMemoryError::IOError(error.into()),
     }
 }
 
