@@ -79,6 +79,15 @@ pub enum Error {
         /// `ENOMEM` or `EAGAIN`, as returned by `mlock2`.
         errno: Errno,
     },
+    /// Shrinking a file below the end of a live owner window (a guest
+    /// region would lose its backing): `EBUSY`.
+    #[error("ftruncate to {size:#x}: an owner window maps the file up to {window_end:#x}")]
+    WindowBusy {
+        /// The refused size.
+        size: u64,
+        /// Where the furthest live window ends.
+        window_end: u64,
+    },
     /// A system call failed.
     #[error("{op}: {errno}")]
     Os {
@@ -96,7 +105,7 @@ impl Error {
             Error::GuestSealed { .. } | Error::SealForbids { .. } | Error::OwnerConflict => {
                 Errno::PERM
             }
-            Error::SealBusy { .. } => Errno::BUSY,
+            Error::SealBusy { .. } | Error::WindowBusy { .. } => Errno::BUSY,
             Error::Unaligned { .. }
             | Error::PastEof { .. }
             | Error::NotGuestFile

@@ -116,6 +116,8 @@ pub struct PrivateMemFile {
     pages: PageLocks,
     host_mappings: Arc<AtomicUsize>,
     owner: Mutex<Option<OwnerSlot>>,
+    /// Where each live owner window ends: the file may not shrink below.
+    window_ends: Mutex<Vec<u64>>,
     counters: Counters,
 }
 
@@ -140,6 +142,7 @@ impl PrivateMemFile {
             pages: PageLocks::default(),
             host_mappings: Arc::new(AtomicUsize::new(0)),
             owner: Mutex::new(None),
+            window_ends: Mutex::default(),
             counters: Counters::default(),
         })
     }
@@ -150,6 +153,23 @@ impl PrivateMemFile {
         let file = Self::new(name)?;
         file.add_seals(Seals::GUEST)?;
         Ok(file)
+    }
+
+    fn window_ends(&self) -> MutexGuard<'_, Vec<u64>> {
+        self.window_ends.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a live owner window ending at `end` (until
+    /// [`window_gone`](Self::window_gone)).
+    pub(crate) fn window_made(&self, end: u64) {
+        self.window_ends().push(end);
+    }
+
+    pub(crate) fn window_gone(&self, end: u64) {
+        let mut ends = self.window_ends();
+        if let Some(i) = ends.iter().position(|&e| e == end) {
+            ends.swap_remove(i);
+        }
     }
 
     /// The file's identity, as passed to the owner's callback.
@@ -298,6 +318,10 @@ impl PrivateMemFile {
         }
         i64::try_from(size)
             .map_err(|_| Error::InvalidArgument { op: "ftruncate", why: "size too large" })?;
+        // Windows are made under the resize lock too: none appears meanwhile.
+        if let Some(&window_end) = self.window_ends().iter().max().filter(|&&end| end > size) {
+            return Err(Error::WindowBusy { size, window_end });
+        }
         let removed =
             PageRange::new(PageIndex(size.div_ceil(PAGE_SIZE)), PageIndex(old.div_ceil(PAGE_SIZE)));
         self.remove_pages("ftruncate", removed, |file, inode| {
@@ -674,6 +698,8 @@ impl Binding {
     pub fn map_window(&self, offset: FileOffset, len: u64) -> Result<OwnerWindow> {
         let op = "map owner window";
         PrivateMemFile::check_guest_alignment(op, &[offset.0, len])?;
+        // No resize between the check and the window's count (set_len).
+        let _resize = self.file.resize.lock(op)?;
         let inside = offset.0.checked_add(len).is_some_and(|end| end <= self.file.size());
         if len == 0 || !inside {
             return Err(Error::InvalidArgument {

@@ -200,7 +200,10 @@ pub struct OwnerWindow {
 }
 
 impl OwnerWindow {
+    /// Counts as a live window of `file`, which cannot shrink below its
+    /// end while it lives.
     pub(crate) fn new(map: Mapping, offset: u64, file: Arc<PrivateMemFile>) -> Self {
+        file.window_made(offset + map.len() as u64);
         Self { map, offset, file, locked: AtomicBool::new(false) }
     }
 
@@ -261,5 +264,6 @@ impl Drop for OwnerWindow {
         if self.is_locked_in_ram() && Arc::strong_count(&self.file) > 1 {
             let _ = self.file.keep_locked(self.pages());
         }
+        self.file.window_gone(self.offset + self.map.len() as u64);
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{guest_file, Recorder};
+use common::{errno, guest_file, Recorder};
 use gmem::{
     Errno, Fallocate, FileId, FileOffset, GuestOwner, PageIndex, PageRange, PrivateMemFile,
 };
@@ -96,4 +96,26 @@ fn page_guard_offsets_whose_end_overflows_are_einval() {
     }
     assert_eq!(guard.read(4000, &mut [0u8; 96]), Ok(()));
     assert_eq!(guard.read(4000, &mut [0u8; 97]).unwrap_err().errno(), Errno::INVAL);
+}
+
+/// A bound file cannot shrink below a live owner window (a guest region
+/// would lose its backing, and the guest's next access there would be a
+/// plain MMIO exit instead of a fault error): `EBUSY`, nothing changed.
+/// It may grow, and shrink again once the window is gone.
+#[test]
+fn shrinking_below_a_live_owner_window_is_ebusy() {
+    let file = guest_file(1 << 20);
+    let owner = Arc::new(Recorder::default());
+    let binding = file.bind(&owner).unwrap();
+    let window = binding.map_window(FileOffset(0x4000), 0x4000).unwrap();
+    binding.get_and_lock(PageIndex(5)).map(drop).unwrap();
+    assert_eq!(errno(file.set_len(0x4000)), Errno::BUSY);
+    assert_eq!(errno(file.set_len(0)), Errno::BUSY);
+    assert_eq!(file.size(), 1 << 20);
+    assert_eq!(file.stats().allocated_pages, 1, "nothing was freed");
+    file.set_len(0x8000).unwrap();
+    file.set_len(2 << 20).unwrap();
+    drop(window);
+    file.set_len(0).unwrap();
+    assert_eq!(file.stats().allocated_pages, 0);
 }
