@@ -17,10 +17,14 @@
 //!   waiting for waiting writers, and may take it shared where it holds it
 //!   exclusively (a change's own invalidation);
 //! - exclusive while this thread holds it shared is `EDEADLK`; a nested
-//!   exclusive (a listener's punch inside a conversion) widens the hold and
-//!   waits for other threads' accesses to the new range, which never wait
-//!   for anything while they hold (a copy waits for no one, and a view
-//!   spans all of memory, so it cannot coexist with a writer);
+//!   exclusive (a listener's punch inside a conversion) widens the hold if
+//!   no other thread's access overlaps the new range, and is `EAGAIN`
+//!   otherwise: that access may be a view's, whose thread waits for this
+//!   writer to take its next range;
+//! - a pin (device I/O that outlives a call, released on any thread) is a
+//!   shared hold of no thread: an exclusive hold over one is refused
+//!   (`EAGAIN`, [`Error::Pinned`]) rather than waiting, since nothing says
+//!   when, or on which thread, the I/O ends;
 //! - a waiting writer keeps new overlapping readers out for at most
 //!   [`WRITER_GRACE`], so that conversions are not starved by a stream of
 //!   accesses, and a reader that another reader waits for (a device thread
@@ -40,6 +44,7 @@ use crate::error::{Error, Result};
 pub(crate) const WRITER_GRACE: Duration = Duration::from_millis(2);
 
 /// The whole guest physical address space.
+#[cfg(test)]
 pub(crate) const EVERYWHERE: Range<u64> = 0..u64::MAX;
 
 fn current_thread() -> ThreadId {
@@ -60,8 +65,8 @@ struct Writer {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Shared holds: (hold id, thread, range).
-    readers: Vec<(u64, ThreadId, Range<u64>)>,
+    /// Shared holds: (hold id, thread or `None` for a pin, range).
+    readers: Vec<(u64, Option<ThreadId>, Range<u64>)>,
     writer: Option<Writer>,
     /// Writers waiting: (thread, range).
     waiting: Vec<(ThreadId, Range<u64>)>,
@@ -72,16 +77,28 @@ struct State {
 
 impl State {
     fn reads(&self, thread: ThreadId) -> bool {
-        self.readers.iter().any(|(_, t, _)| *t == thread)
+        self.readers.iter().any(|(_, t, _)| *t == Some(thread))
     }
 
     fn writes(&self, thread: ThreadId) -> bool {
         self.writer.as_ref().is_some_and(|w| w.thread == thread)
     }
 
-    /// Another thread's shared hold overlaps `span`.
+    /// Another thread's shared hold (or a pin) overlaps `span`.
     fn read_by_others(&self, me: ThreadId, span: &Range<u64>) -> bool {
-        self.readers.iter().any(|(_, t, r)| *t != me && overlaps(r, span))
+        self.readers.iter().any(|(_, t, r)| *t != Some(me) && overlaps(r, span))
+    }
+
+    /// `Error::Pinned` for the first pin that overlaps `span`.
+    fn check_not_pinned(&self, span: &Range<u64>) -> Result<()> {
+        match self.readers.iter().find(|(_, t, r)| t.is_none() && overlaps(r, span)) {
+            None => Ok(()),
+            Some((_, _, pinned)) => {
+                let start = pinned.start.max(span.start);
+                let len = pinned.end.min(span.end) - start;
+                Err(Error::Pinned { gpa: crate::Gpa(start), len })
+            }
+        }
     }
 }
 
@@ -129,7 +146,7 @@ impl AccessLock {
     }
 
     /// Wakes the sleepers, if any (a wake is a system call).
-    fn release(&self, state: MutexGuard<'_, State>) {
+    fn wake(&self, state: MutexGuard<'_, State>) {
         let sleepers = state.sleepers;
         drop(state);
         if sleepers > 0 {
@@ -141,7 +158,16 @@ impl AccessLock {
     /// range exclusively, and (unless this thread holds the lock already)
     /// for at most [`WRITER_GRACE`] while another thread waits to. Also
     /// says whether this thread held the lock already.
+    #[cfg(test)]
     pub(crate) fn shared(&self, span: Range<u64>) -> (Shared<'_>, bool) {
+        let (id, holder) = self.hold(span, false);
+        (self.adopt(id), holder)
+    }
+
+    /// [`shared`](Self::shared) as a hold id, released by
+    /// [`release`](Self::release): a hold of this thread, or, if `pin`, of
+    /// none (taken as this thread would take one).
+    pub(crate) fn hold(&self, span: Range<u64>, pin: bool) -> (u64, bool) {
         let me = current_thread();
         let mut state = self.state();
         let holder = state.reads(me) || state.writes(me);
@@ -160,8 +186,22 @@ impl AccessLock {
         }
         let id = state.next_hold;
         state.next_hold += 1;
-        state.readers.push((id, me, span));
-        (Shared(self, id, NotSend::default()), holder)
+        state.readers.push((id, (!pin).then_some(me), span));
+        (id, holder)
+    }
+
+    /// Hold `id` of this thread as a guard.
+    pub(crate) fn adopt(&self, id: u64) -> Shared<'_> {
+        Shared(self, id, NotSend::default())
+    }
+
+    /// Ends hold `id`, on any thread.
+    pub(crate) fn release(&self, id: u64) {
+        let mut state = self.state();
+        if let Some(i) = state.readers.iter().position(|(held, _, _)| *held == id) {
+            state.readers.swap_remove(i);
+        }
+        self.wake(state);
     }
 
     /// Whether this thread holds the lock, shared or exclusively.
@@ -186,29 +226,42 @@ impl AccessLock {
 
     /// Takes `span` exclusively, once no other thread's access overlaps it
     /// and no other writer holds the lock; `EDEADLK` if this thread holds
-    /// it shared. Nested in this thread's own exclusive hold, it widens
-    /// that hold to `span` and waits for other threads' accesses there.
+    /// it shared, `EAGAIN` ([`Error::Pinned`]) while a pin overlaps it.
+    /// Nested in this thread's own exclusive hold, it widens that hold to
+    /// `span`, or is `EAGAIN` while another thread's access overlaps it.
     pub(crate) fn exclusive(&self, op: &'static str, span: Range<u64>) -> Result<Exclusive<'_>> {
         // Only this thread changes its own holds: the check stays true
         // after the state lock is dropped and taken again.
         self.check_not_shared_here(op)?;
         let me = current_thread();
         let mut state = self.state();
-        if let Some(writer) = state.writer.as_mut().filter(|w| w.thread == me) {
-            // Widened first: new accesses to `span` wait from now on.
+        state.check_not_pinned(&span)?;
+        if state.writes(me) {
+            if state.read_by_others(me, &span) {
+                return Err(Error::Memory(gmem::Error::Again { op }));
+            }
+            let writer = state.writer.as_mut().expect("this thread's");
             writer.span = writer.span.start.min(span.start)..writer.span.end.max(span.end);
             writer.depth += 1;
-            while state.read_by_others(me, &span) {
-                state = self.wait(state, None);
-            }
             return Ok(Exclusive(self, NotSend::default()));
         }
         state.waiting.push((me, span.clone()));
-        while state.writer.is_some() || state.read_by_others(me, &span) {
+        let pinned = loop {
+            if let Err(pinned) = state.check_not_pinned(&span) {
+                break Err(pinned);
+            }
+            if state.writer.is_none() && !state.read_by_others(me, &span) {
+                break Ok(());
+            }
             state = self.wait(state, None);
-        }
+        };
         if let Some(i) = state.waiting.iter().position(|(t, r)| *t == me && *r == span) {
             state.waiting.swap_remove(i);
+        }
+        if let Err(pinned) = pinned {
+            // Readers kept out for this writer may go now.
+            self.wake(state);
+            return Err(pinned);
         }
         state.writer = Some(Writer { thread: me, span, depth: 1 });
         Ok(Exclusive(self, NotSend::default()))
@@ -221,11 +274,7 @@ fn would_deadlock(op: &'static str, held: &str) -> Error {
 
 impl Drop for Shared<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.state();
-        if let Some(i) = state.readers.iter().position(|(id, _, _)| *id == self.1) {
-            state.readers.swap_remove(i);
-        }
-        self.0.release(state);
+        self.0.release(self.1);
     }
 }
 
@@ -238,7 +287,7 @@ impl Drop for Exclusive<'_> {
                 state.writer = None;
             }
         }
-        self.0.release(state);
+        self.0.wake(state);
     }
 }
 
@@ -305,23 +354,38 @@ mod tests {
         });
     }
 
-    /// A nested exclusive hold widens to its range and waits for another
-    /// thread's access there; new accesses to it wait for the writer.
+    /// A nested exclusive hold widens to its range, or is `EAGAIN` while
+    /// another thread's access is there: that thread may be waiting for
+    /// this writer (a view taking its next range).
     #[test]
-    fn a_nested_writer_waits_for_readers_of_its_new_range() {
+    fn a_nested_writer_does_not_wait_for_readers_of_its_new_range() {
         let lock = &AccessLock::default();
         std::thread::scope(|scope| {
             let (reader, release_tx) = reader(scope, lock, 500..600);
             let outer = lock.exclusive("test", 0..100).unwrap();
-            let releaser = scope.spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                release_tx.send(()).unwrap();
-            });
-            let inner = lock.exclusive("test", 550..560).unwrap();
+            assert_eq!(errno(lock.exclusive("test", 550..560)), crate::Errno::AGAIN);
+            release_tx.send(()).unwrap();
             reader.join().unwrap();
-            releaser.join().unwrap();
+            let inner = lock.exclusive("test", 550..560).unwrap();
             drop((inner, outer));
         });
+    }
+
+    /// A pin is no thread's: an exclusive hold over it is refused at once
+    /// (`Error::Pinned`, `EAGAIN`), even on the thread that pinned; it ends
+    /// on whichever thread releases it.
+    #[test]
+    fn pins_refuse_writers_until_released_on_any_thread() {
+        let lock = &AccessLock::default();
+        let (pin, _) = lock.hold(0x1000..0x3000, true);
+        assert!(!lock.held_here(), "a pin is not this thread's hold");
+        match lock.exclusive("test", 0x2000..0x5000).map(drop) {
+            Err(Error::Pinned { gpa, len }) => assert_eq!((gpa.0, len), (0x2000, 0x1000)),
+            other => panic!("{other:?}"),
+        }
+        drop(lock.exclusive("test", 0x3000..0x5000).unwrap());
+        std::thread::scope(|scope| scope.spawn(move || lock.release(pin)).join().unwrap());
+        drop(lock.exclusive("test", 0..0x5000).unwrap());
     }
 
     /// A reader that a waiting writer keeps out gets in after the grace,

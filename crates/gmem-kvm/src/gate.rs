@@ -46,18 +46,29 @@ impl ChangeGate {
     /// wait for itself); [`check_not_changing`](Self::check_not_changing)
     /// tells it what it may not touch.
     pub(crate) fn access(&self, span: Range<u64>) -> Shared<'_> {
+        self.access.adopt(self.hold(span, false))
+    }
+
+    /// [`access`](Self::access) as a hold id for [`release`](Self::release):
+    /// a view's (this thread's) or, if `pin`, a pin's (no thread's).
+    pub(crate) fn hold(&self, span: Range<u64>, pin: bool) -> u64 {
         loop {
-            let (shared, nested) = self.access.shared(span.clone());
+            let (id, nested) = self.access.hold(span.clone(), pin);
             if nested || self.changes.load(Ordering::SeqCst) == 0 {
-                return shared;
+                return id;
             }
             let changing = self.changing();
             if !changing.iter().any(|(r, _)| overlaps(r, &span)) {
-                return shared;
+                return id;
             }
-            drop(shared);
+            self.access.release(id);
             drop(self.changed.wait(changing).unwrap_or_else(|p| p.into_inner()));
         }
+    }
+
+    /// Ends hold `id` of [`hold`](Self::hold), on any thread.
+    pub(crate) fn release(&self, id: u64) {
+        self.access.release(id);
     }
 
     /// `EDEADLK` if `span` overlaps a change of this thread's (a listener

@@ -73,6 +73,7 @@ pub use error::{Errno, Error, Result};
 pub use faults::{FaultError, FaultServer};
 pub use memory::{PrivateMemory, MemoryListener, MemoryStats, DEFAULT_FAULT_AROUND_PAGES};
 pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
+pub use shared::{DeviceMemory, PinnedRange, SharedView};
 
 /// A guest physical address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

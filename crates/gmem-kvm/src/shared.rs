@@ -1,86 +1,141 @@
-//! The host's view of shared guest memory through vm-memory's traits, so
-//! that rust-vmm device crates (virtio-queue and friends) can use it.
+//! Device access to shared guest memory through vm-memory's traits, so
+//! that rust-vmm device crates (virtio-queue and friends) can use it, on
+//! any thread.
 //!
-//! A [`SharedView`] holds all of guest memory in the change gate
-//! (`gate.rs`) for as long as it lives: no page can be converted, punched or truncated away while a
-//! device holds it (those wait), so the slices it hands out stay valid
-//! and a device never faults. Each region is one [`SharedRegion`]; every
-//! access first checks that the pages are shared: a private page is a
-//! [`GuestMemoryError::IOError`] whose inner error is a
-//! [`crate::Error::NotPermitted`] (`EPERM`) naming the GPA. Never a fault,
-//! never a silent zero. Slices borrow the view, so none outlives it; a raw
-//! address from [`GuestMemoryRegion::get_host_address`] is valid only while
-//! the view lives, and only for the page it was asked for.
+//! - [`DeviceMemory`]: the handle a device keeps (`Clone + Send + Sync`),
+//!   a vm-memory [`GuestAddressSpace`] as `GuestMemoryAtomic` is: each
+//!   [`memory()`](GuestAddressSpace::memory) is a [`SharedView`] for one
+//!   piece of device work (a request, a descriptor chain), which sees the
+//!   regions added or removed since the last one.
+//! - [`SharedView`]: the [`GuestMemoryBackend`] a device walks. Every slice
+//!   it hands out holds its GPA range in the change gate ([`crate::gate`])
+//!   from then until the view is dropped: those pages cannot be converted,
+//!   punched or freed under the device (the change waits), while every
+//!   other page converts freely. Every access first checks that its pages
+//!   are shared: a private page is a [`GuestMemoryError::IOError`] whose
+//!   inner error is [`Error::PrivatePage`] (`EPERM`, see
+//!   [`Error::private_page_in`]). Never a fault, never a silent zero.
+//!   Slices borrow the view, so none outlives it; a raw address from
+//!   [`GuestMemoryRegion::get_host_address`] is valid only while the view
+//!   lives, and only for the page it was asked for. A view's holds belong
+//!   to its thread, so it is not `Send`: a thread that holds one and
+//!   converts or punches gets `EDEADLK`, never a wait for itself.
+//! - [`PinnedRange`]: shared pages held for I/O that outlives a call
+//!   (asynchronous I/O straight into guest buffers), released on whichever
+//!   thread drops it. A conversion or punch of pinned pages is refused
+//!   with [`Error::Pinned`] (`EAGAIN`, which a guest's conversion request
+//!   gets back) instead of waiting for I/O that nothing bounds.
 //!
-//! Hold a view for a batch of device work, not for ever: a guest's
-//! conversion request waits for it. A thread that holds a view and
-//! converts or punches gets `EDEADLK`.
+//! `GuestMemoryAtomic<M>` itself cannot hold gmem's memory: it hands every
+//! device the same `M` for as long as the map lives, so nothing would ever
+//! say when a device's access ends. [`DeviceMemory`] takes its place for
+//! devices generic over [`GuestAddressSpace`].
 //!
 //! ```no_run
-//! # fn demo(memory: &gmem_kvm::PrivateMemory) -> Result<(), Box<dyn std::error::Error>> {
-//! use vm_memory::{Bytes, GuestAddress};
-//! let view = memory.shared();
-//! let header: u64 = view.read_obj(GuestAddress(0x30_0000))?;
+//! # fn demo(memory: &std::sync::Arc<gmem_kvm::PrivateMemory>) -> Result<(), Box<dyn std::error::Error>> {
+//! use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+//! let device = gmem_kvm::DeviceMemory::new(memory);
+//! std::thread::spawn(move || {
+//!     let view = device.memory();
+//!     let header: Result<u64, _> = view.read_obj(GuestAddress(0x30_0000));
+//! });
 //! # Ok(()) }
 //! ```
 
+use std::cell::RefCell;
+use std::ops::Range;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use vm_memory::bitmap::BS;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion, GuestMemoryRegionBytes,
-    GuestUsize, MemoryRegionAddress, VolatileSlice,
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
+    GuestMemoryRegionBytes, GuestUsize, MemoryRegionAddress, VolatileSlice,
 };
 
-use crate::access::Shared;
 use crate::memory::PrivateMemory;
 use crate::region::PrivateRegion;
-use crate::{Error, Gpa};
+use crate::{Error, Gpa, Result};
 
-/// The shared pages of guest memory, one region per private region, held
-/// still while the view lives (see the module docs).
-pub struct SharedView<'a> {
-    regions: Vec<SharedRegion<'a>>,
-    _shared: Shared<'a>,
+/// The ranges a view holds in the change gate, released when it goes.
+struct Holds {
+    memory: Arc<PrivateMemory>,
+    spans: RefCell<Vec<(u64, Range<u64>)>>,
 }
 
-impl std::fmt::Debug for SharedView<'_> {
+impl Holds {
+    /// Holds `span` (unless a hold of this view covers it already), for
+    /// `access`; released again if `access` fails.
+    fn with<T>(&self, span: Range<u64>, access: impl FnOnce() -> Result<T>) -> Result<T> {
+        let covered = self.spans.borrow().iter().any(|(_, h)| h.start <= span.start && span.end <= h.end);
+        if covered {
+            return access();
+        }
+        let id = self.memory.gate.hold(span.clone(), false);
+        match access() {
+            Ok(value) => {
+                self.spans.borrow_mut().push((id, span));
+                Ok(value)
+            }
+            Err(error) => {
+                self.memory.gate.release(id);
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        for (id, _) in self.spans.get_mut().drain(..) {
+            self.memory.gate.release(id);
+        }
+    }
+}
+
+/// The shared pages of guest memory, one region per private region, for
+/// one piece of device work (see the module docs).
+pub struct SharedView {
+    regions: Vec<SharedRegion>,
+}
+
+impl std::fmt::Debug for SharedView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedView").field("regions", &self.regions.len()).finish()
     }
 }
 
 impl PrivateMemory {
-    /// A view of the shared pages for vm-memory users, taken once no
-    /// conversion or punch is under way; conversions and discards wait
-    /// while it lives.
-    pub fn shared(&self) -> SharedView<'_> {
-        let shared = self.gate.access(crate::access::EVERYWHERE);
-        let mut regions: Vec<SharedRegion<'_>> = self
+    /// A view of the shared pages for vm-memory users on this thread. Each
+    /// range it hands out is held until the view is dropped: conversions
+    /// and punches of those pages wait, all others go on.
+    pub fn shared(self: &Arc<Self>) -> SharedView {
+        let holds = Rc::new(Holds { memory: self.clone(), spans: RefCell::default() });
+        let mut regions: Vec<SharedRegion> = self
             .regions()
             .iter()
-            .map(|r| SharedRegion { memory: self, region: r.clone() })
+            .map(|r| SharedRegion { region: r.clone(), holds: holds.clone() })
             .collect();
         regions.sort_by_key(|r| r.region.gpa);
-        SharedView { regions, _shared: shared }
+        SharedView { regions }
     }
 }
 
-impl<'a> GuestMemoryBackend for SharedView<'a> {
-    type R = SharedRegion<'a>;
+impl GuestMemoryBackend for SharedView {
+    type R = SharedRegion;
 
-    fn iter(&self) -> impl Iterator<Item = &SharedRegion<'a>> {
+    fn iter(&self) -> impl Iterator<Item = &SharedRegion> {
         self.regions.iter()
     }
 }
 
 /// One region's shared pages, inside a [`SharedView`].
-pub struct SharedRegion<'a> {
-    memory: &'a PrivateMemory,
+pub struct SharedRegion {
     region: Arc<PrivateRegion>,
+    holds: Rc<Holds>,
 }
 
-impl std::fmt::Debug for SharedRegion<'_> {
+impl std::fmt::Debug for SharedRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedRegion")
             .field("gpa", &self.region.gpa)
@@ -93,26 +148,28 @@ impl std::fmt::Debug for SharedRegion<'_> {
 /// whose inner error names the GPA; a range past the region is invalid.
 fn to_vm_memory(error: Error, gpa: Gpa) -> GuestMemoryError {
     match error {
-        Error::OutsideRam { .. } => GuestMemoryError::InvalidGuestAddress(GuestAddress(gpa.0)),
+        Error::OutsideRam { .. } => GuestMemoryError::InvalidGuestAddress(gpa.into()),
         error => GuestMemoryError::IOError(error.into()),
     }
 }
 
-impl SharedRegion<'_> {
-    /// [`PrivateMemory::map_shared`] of `len` bytes at `offset`, with
-    /// vm-memory's error.
+impl SharedRegion {
+    /// The host address of the `len` shared bytes at `offset`, held for the
+    /// view's life; vm-memory's error otherwise.
     fn map_shared(
         &self,
         offset: MemoryRegionAddress,
         len: usize,
     ) -> vm_memory::guest_memory::Result<*mut u8> {
-        self.memory
-            .map_shared(&self.region, offset.0, len)
-            .map_err(|e| to_vm_memory(e, Gpa(self.region.gpa.0.saturating_add(offset.0))))
+        let gpa = self.region.gpa.0.saturating_add(offset.0);
+        let memory = &self.holds.memory;
+        self.holds
+            .with(gpa..gpa.saturating_add(len as u64), || memory.map_shared(&self.region, offset.0, len))
+            .map_err(|e| to_vm_memory(e, Gpa(gpa)))
     }
 }
 
-impl GuestMemoryRegion for SharedRegion<'_> {
+impl GuestMemoryRegion for SharedRegion {
     type B = ();
 
     fn len(&self) -> GuestUsize {
@@ -120,7 +177,7 @@ impl GuestMemoryRegion for SharedRegion<'_> {
     }
 
     fn start_addr(&self) -> GuestAddress {
-        GuestAddress(self.region.gpa.0)
+        self.region.gpa.into()
     }
 
     fn bitmap(&self) -> BS<'_, ()> {}
@@ -141,12 +198,96 @@ impl GuestMemoryRegion for SharedRegion<'_> {
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
         let host = self.map_shared(offset, count)?;
         // SAFETY: `host` points at `count` bytes of the region's host view,
-        // all shared and mapped (map_shared checked them); the view's shared
-        // hold on the access lock keeps them so until it is dropped, and the
+        // all shared and mapped (map_shared checked them); the view's hold
+        // on their range keeps them so until the view is dropped, and the
         // slice borrows the view. Guest and host reach the pages only
         // through volatile accesses (KVM, vm-memory).
         Ok(unsafe { VolatileSlice::new(host, count) })
     }
 }
 
-impl GuestMemoryRegionBytes for SharedRegion<'_> {}
+impl GuestMemoryRegionBytes for SharedRegion {}
+
+/// The handle a device thread keeps: guest memory as a vm-memory
+/// [`GuestAddressSpace`], whose [`memory()`](GuestAddressSpace::memory) is
+/// a fresh [`SharedView`] (see the module docs).
+#[derive(Clone, Debug)]
+pub struct DeviceMemory {
+    memory: Arc<PrivateMemory>,
+}
+
+impl DeviceMemory {
+    /// A handle on `memory` for devices.
+    pub fn new(memory: &Arc<PrivateMemory>) -> Self {
+        Self { memory: memory.clone() }
+    }
+
+    /// Holds the shared pages of `[gpa, gpa + len)` for I/O until the pin
+    /// is dropped, on any thread: conversions and punches of them are
+    /// refused with [`Error::Pinned`] (`EAGAIN`) meanwhile. Waits for a
+    /// change of the range under way (`EAGAIN` instead if this thread holds
+    /// a view or copy); `EPERM` ([`Error::PrivatePage`]) if a page is
+    /// private, `EINVAL` ([`Error::OutsideRam`]) for a byte outside RAM
+    /// or an empty range.
+    pub fn pin(&self, gpa: GuestAddress, len: usize) -> Result<PinnedRange> {
+        let memory = &self.memory;
+        if len == 0 {
+            return Err(crate::memory::outside(gpa.into(), 0));
+        }
+        let span = gpa.0..gpa.0.saturating_add(len as u64);
+        let hold = memory.gate.hold(span, true);
+        let mut pin = PinnedRange { memory: memory.clone(), hold, parts: Vec::new() };
+        for (region, offset, part) in memory.parts(gpa.into(), len as u64)? {
+            let host = memory.map_shared(&region, offset, part as usize)?;
+            pin.parts.push((region, host as usize, part as usize));
+        }
+        Ok(pin)
+    }
+}
+
+impl GuestAddressSpace for DeviceMemory {
+    type M = SharedView;
+    type T = Rc<SharedView>;
+
+    fn memory(&self) -> Rc<SharedView> {
+        Rc::new(self.memory.shared())
+    }
+}
+
+/// Shared guest pages pinned for device I/O ([`DeviceMemory::pin`]);
+/// released on drop, on any thread.
+pub struct PinnedRange {
+    memory: Arc<PrivateMemory>,
+    hold: u64,
+    /// Each region the range spans (kept mapped), with the host address
+    /// and length of its part.
+    parts: Vec<(Arc<PrivateRegion>, usize, usize)>,
+}
+
+impl std::fmt::Debug for PinnedRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedRange").field("parts", &self.parts.len()).finish()
+    }
+}
+
+impl PinnedRange {
+    /// The pinned bytes, one slice per region they span, in GPA order:
+    /// for copies, or as the buffers (`as_ptr`, `len`) of asynchronous
+    /// I/O that ends before the pin is dropped.
+    pub fn slices(&self) -> Vec<VolatileSlice<'_>> {
+        self.parts
+            .iter()
+            // SAFETY: each part is `len` bytes of its region's host view,
+            // checked shared and mapped when pinned; the pin keeps them so
+            // (conversions and punches of them are refused) and keeps the
+            // region, so its host view stays mapped; the slices borrow it.
+            .map(|&(_, host, len)| unsafe { VolatileSlice::new(host as *mut u8, len) })
+            .collect()
+    }
+}
+
+impl Drop for PinnedRange {
+    fn drop(&mut self) {
+        self.memory.gate.release(self.hold);
+    }
+}

@@ -13,7 +13,7 @@
 //! they must come back to where they were.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gmem_guest::stress_layout::{Rng, HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
@@ -97,7 +97,7 @@ struct Counters {
 
 /// The host side: threads that work on the guest's memory until `stop`.
 struct Host<'a> {
-    memory: &'a PrivateMemory,
+    memory: &'a Arc<PrivateMemory>,
     vcpus: u32,
     stop: &'a AtomicBool,
     counters: Counters,

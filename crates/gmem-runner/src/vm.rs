@@ -460,7 +460,7 @@ impl Vm {
     }
 
     /// The shared pages as a vm-memory view ([`PrivateMemory::shared`]).
-    pub fn shared_memory(&self) -> SharedView<'_> {
+    pub fn shared_memory(&self) -> SharedView {
         self.memory.shared()
     }
 
