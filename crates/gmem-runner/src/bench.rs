@@ -366,8 +366,9 @@ pub fn host_read_rate(threads: usize, duration: Duration) -> Result<f64> {
 }
 
 /// 4 KiB conversions per second of one page (back and forth) for
-/// `duration`, while `readers` host threads keep reading other shared
-/// pages 4 KiB at a time (a device's accesses).
+/// `duration`, while `readers` device threads keep reading other shared
+/// pages 4 KiB at a time, each read a view of its own through a
+/// [`DeviceMemory`](gmem_kvm::DeviceMemory) handle.
 pub fn conversion_rate(readers: usize, duration: Duration) -> Result<f64> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let vm = shared_pages_vm()?;
@@ -375,13 +376,14 @@ pub fn conversion_rate(readers: usize, duration: Duration) -> Result<f64> {
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         for thread in 0..readers as u64 {
-            let (vm, stop) = (&vm, &stop);
+            let (device, stop) = (gmem_kvm::DeviceMemory::new(vm.memory()), &stop);
             scope.spawn(move || {
+                use vm_memory::{Bytes, GuestAddressSpace};
                 let mut buf = vec![0u8; PAGE_SIZE as usize];
                 let mut at = thread;
                 while !stop.load(Ordering::Relaxed) {
-                    let gpa = Gpa(TOUCH_BASE + (at % HOST_PAGES) * PAGE_SIZE);
-                    let _ = vm.memory().read(gpa, &mut buf);
+                    let gpa = vm_memory::GuestAddress(TOUCH_BASE + (at % HOST_PAGES) * PAGE_SIZE);
+                    let _ = device.memory().read_slice(&mut buf, gpa);
                     at += readers as u64;
                 }
             });

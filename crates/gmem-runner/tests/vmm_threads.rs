@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use common::{guest_file, kvm};
 use gmem::FileOffset;
-use gmem_kvm::{Errno, PrivateMemory, MemoryListener, PageState};
+use gmem_kvm::{DeviceMemory, Errno, MemoryListener, PageState, PrivateMemory};
 use gmem_runner::{Gpa, Vm};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 const BASE: u64 = 0x40_0000;
 const SIZE: u64 = 2 << 20;
@@ -309,5 +309,155 @@ fn memslot_changes_from_the_fault_serving_thread_complete() {
         }
         assert_eq!(vcpu_thread.join().unwrap(), 0);
         assert_eq!(changes, 20);
+    });
+}
+
+/// A virtio-blk device (virtio-queue underneath) on its own thread, holding
+/// memory through a [`DeviceMemory`] handle, serves requests while two
+/// vCPUs convert their pages back and forth (convstorm), and a third
+/// thread reads those pages through another handle: every request
+/// completes with its data, the prober sees only what the guest wrote
+/// while a page was shared (never a marker written while it was private)
+/// or an `EPERM` naming the page, and the guest finishes.
+#[test]
+fn a_virtio_device_thread_serves_requests_while_the_guest_converts() {
+    use common::rig::{Rig, DATA, IN, OUT};
+    if !kvm() {
+        return;
+    }
+    within_a_minute("device thread", || {
+        let vm = Vm::with_ram(common::RAM).unwrap().0;
+        let memory = vm.memory().clone();
+        let rig = Rig::new(&vm, "device-thread");
+        let stop = AtomicBool::new(false);
+        let (stop, memory) = (&stop, &memory);
+        std::thread::scope(|scope| {
+            let device = scope.spawn(move || {
+                let mut rig = rig;
+                let mut requests = 0u32;
+                while requests < 50 || !stop.load(Ordering::Relaxed) {
+                    let pattern = [(requests % 251) as u8 + 1; 512];
+                    rig.memory.write(Gpa(DATA), &pattern).unwrap();
+                    assert_eq!(rig.request(OUT, DATA, 512), 0, "OUT {requests}");
+                    rig.memory.write(Gpa(DATA), &[0; 512]).unwrap();
+                    assert_eq!(rig.request(IN, DATA, 512), 0, "IN {requests}");
+                    let mut back = [0u8; 512];
+                    rig.memory.read(Gpa(DATA), &mut back).unwrap();
+                    assert_eq!(back, pattern, "request {requests} read back other data");
+                    requests += 1;
+                }
+                requests
+            });
+            let prober = scope.spawn(move || {
+                let device = DeviceMemory::new(memory);
+                let (mut seen, mut denied) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    for gpa in [0x60_0000u64, 0x60_1000] {
+                        match device.memory().read_obj::<u64>(GuestAddress(gpa + 0x800)) {
+                            Ok(value) => {
+                                let marker = value.wrapping_sub(0x5ec0_0000);
+                                let shared_marker = marker < 300 && marker % 2 == 1;
+                                assert!(
+                                    value == 0 || value == 0x4848_4848_4848_4848 || shared_marker,
+                                    "the host saw {value:#x} at {gpa:#x}: written while private"
+                                );
+                                seen += 1;
+                            }
+                            Err(e) => {
+                                assert_eq!(gmem_kvm::Error::private_page_in(&e), Some(Gpa(gpa)));
+                                denied += 1;
+                            }
+                        }
+                    }
+                }
+                (seen, denied)
+            });
+            let report = common::run(&vm, "convstorm", 2, &|_, _| {});
+            stop.store(true, Ordering::Relaxed);
+            assert_eq!(report.outcome, gmem_runner::Outcome::Exit(0));
+            let requests = device.join().unwrap();
+            let (seen, denied) = prober.join().unwrap();
+            assert!(requests >= 50 && seen + denied > 0, "{requests} {seen} {denied}");
+        });
+        assert_eq!(vm.stats().memory.conversions, 2 * 300 + 1, "the guest's and the rig's");
+    });
+}
+
+/// A view holds only what it touched: a conversion of another page goes
+/// on while it lives (a view used to hold all of memory: a device holding
+/// one for 300 ms stalled every conversion for as long), and a conversion
+/// of a page it read waits until it is dropped.
+#[test]
+fn a_view_holds_only_the_pages_it_touched() {
+    if !kvm() {
+        return;
+    }
+    within_a_minute("view holds", || {
+        let vm = Vm::with_ram(common::RAM).unwrap().0;
+        let memory = vm.memory().clone();
+        memory.convert(Gpa(BASE), 2 * 4096, PageState::Shared).unwrap();
+        let device = DeviceMemory::new(&memory);
+        let view = device.memory();
+        view.read_obj::<u64>(GuestAddress(BASE)).unwrap();
+        let other = memory.clone();
+        let elsewhere = std::thread::spawn(move || {
+            other.convert(Gpa(BASE + 4096), 4096, PageState::Private)
+        });
+        // Joined while the view lives: it must not wait for it.
+        elsewhere.join().unwrap().unwrap();
+        let (done, converted) = mpsc::channel();
+        let other = memory.clone();
+        let here = std::thread::spawn(move || {
+            let _ = done.send(other.convert(Gpa(BASE), 4096, PageState::Private));
+        });
+        assert!(converted.recv_timeout(Duration::from_millis(100)).is_err(), "did not wait");
+        drop(view);
+        converted.recv().unwrap().unwrap();
+        here.join().unwrap();
+        assert_eq!(memory.page_state(Gpa(BASE)), Some(PageState::Private));
+    });
+}
+
+/// A pinned range (I/O that outlives a call) refuses conversions and
+/// punches of its pages with `EAGAIN` (a guest's request gets -11), lets
+/// every other page change, gives out its bytes as slices, and is released
+/// on another thread. Bad pins get the errno a kernel user expects.
+#[test]
+fn pins_refuse_changes_of_their_pages_until_dropped_on_any_thread() {
+    if !kvm() {
+        return;
+    }
+    within_a_minute("pins", || {
+        let vm = Vm::with_ram(common::RAM).unwrap().0;
+        let memory = vm.memory().clone();
+        memory.convert(Gpa(BASE), 4 * 4096, PageState::Shared).unwrap();
+        let device = DeviceMemory::new(&memory);
+        let pin = device.pin(GuestAddress(BASE + 0x800), 4096).unwrap();
+        match memory.convert(Gpa(BASE + 4096), 4096, PageState::Private) {
+            Err(gmem_kvm::Error::Pinned { gpa, len }) => assert_eq!((gpa, len), (Gpa(BASE + 4096), 0x800)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(memory.punch(Gpa(BASE), 4096).unwrap_err().errno(), Errno::AGAIN);
+        let request = gmem_kvm::ConversionRequest::from_port(BASE, 8192, 8);
+        assert_eq!(memory.convert_for_guest(request) as i64, -11);
+        assert_eq!(memory.page_state(Gpa(BASE)), Some(PageState::Shared), "nothing converted");
+        memory.convert(Gpa(BASE + 2 * 4096), 4096, PageState::Private).unwrap();
+        let slices = pin.slices();
+        assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), 4096);
+        slices[0].write_slice(b"pinned", 0).unwrap();
+        drop(slices);
+        let mut back = [0u8; 6];
+        memory.read(Gpa(BASE + 0x800), &mut back).unwrap();
+        assert_eq!(&back, b"pinned");
+        std::thread::spawn(move || drop(pin)).join().unwrap();
+        memory.convert(Gpa(BASE), 8192, PageState::Private).unwrap();
+
+        let errno = |r: gmem_kvm::Result<gmem_kvm::PinnedRange>| r.unwrap_err().errno();
+        assert_eq!(errno(device.pin(GuestAddress(BASE), 4096)), Errno::PERM);
+        assert_eq!(errno(device.pin(GuestAddress(BASE + 3 * 4096), 0)), Errno::INVAL);
+        assert_eq!(errno(device.pin(GuestAddress(common::RAM - 8), 16)), Errno::INVAL);
+        assert_eq!(errno(device.pin(GuestAddress(u64::MAX - 8), usize::MAX)), Errno::INVAL);
+        // A refused pin holds nothing.
+        memory.convert(Gpa(BASE + 3 * 4096), 4096, PageState::Private).unwrap();
     });
 }

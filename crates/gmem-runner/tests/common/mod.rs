@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use gmem_runner::{GuestImage, Outcome, RunConfig, RunReport, Vm};
 
+pub mod rig;
+
 pub use gmem_kvm::test_support::kvm_available as kvm;
 
 pub const RAM: u64 = 64 << 20;
