@@ -11,12 +11,13 @@ fn main() {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let script = std::fs::canonicalize(dir.join("guest.ld")).expect("guest.ld");
     println!("cargo:rerun-if-changed=guests");
+    println!("cargo:rerun-if-changed=../gmem-boot/src/abi.rs");
 
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("guests/")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|n| n.strip_suffix(".rs").map(str::to_owned))
-        .filter(|n| !["rt", "virtio", "stress_layout", "abi"].contains(&n.as_str()))
+        .filter(|n| !["rt", "virtio", "stress_layout"].contains(&n.as_str()))
         .collect();
     names.sort();
 

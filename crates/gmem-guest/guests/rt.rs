@@ -5,7 +5,7 @@
 
 use core::arch::{asm, global_asm};
 
-#[path = "abi.rs"]
+#[path = "../../gmem-boot/src/abi.rs"]
 pub mod abi;
 
 pub use abi::{BootInfo, DeviceEntry, DeviceListHeader, MemoryRegion, PRIVATE, SHARED};

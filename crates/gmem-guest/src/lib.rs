@@ -30,8 +30,8 @@
 //!   `diskbench`: bounced against direct 64 KiB requests (TSC cycles), in
 //!   user mode.
 //!
-//! [`abi`] is GUEST_ABI's layouts and constants, compiled into every guest
-//! too; [`needs`] says what each built-in guest needs from the VMM.
+//! GUEST_ABI's layouts and constants are `gmem_boot::abi`, compiled into
+//! every guest; [`needs`] says what each built-in guest needs from the VMM.
 //!
 //! ```
 //! let demo = gmem_guest::guest("demo").unwrap();
@@ -39,9 +39,6 @@
 //! ```
 
 include!(concat!(env!("OUT_DIR"), "/guests.rs"));
-
-#[path = "../guests/abi.rs"]
-pub mod abi;
 
 #[path = "../guests/stress_layout.rs"]
 pub mod stress_layout;

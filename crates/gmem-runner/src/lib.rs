@@ -19,7 +19,6 @@
 //! ```
 
 pub mod bench;
-pub mod boot;
 pub mod check;
 pub mod conformance;
 pub mod kick;
@@ -30,8 +29,7 @@ pub mod stress;
 mod vcpu;
 mod vm;
 
-pub use boot::GuestImage;
-pub use gmem_guest::abi;
+pub use gmem_boot::{self as boot, abi, GuestImage};
 pub use gmem_kvm::Gpa;
 pub use vm::{
     probe_hypercall_exits, Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats,

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-use gmem_guest::abi::{self, PORT_CONSOLE, PORT_EXIT, PORT_SYNC};
+use gmem_boot::abi::{self, PORT_CONSOLE, PORT_EXIT, PORT_SYNC};
 use gmem_kvm::convert::{ConversionRequest, KVM_HC_MAP_GPA_RANGE};
 use gmem_kvm::{Error, Result};
 use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd, VmFd};

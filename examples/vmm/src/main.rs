@@ -1,25 +1,26 @@
 //! A minimal VMM that adopts gmem private memory: its own `VmFd` from
 //! kvm-ioctls, its own memslot numbers, its own vCPU loop and fault-serving
-//! event loop, and gmem-kvm for guest RAM. It boots the GUEST_ABI demo
-//! guest (boot layout from gmem-runner's `boot` module), serves its
-//! conversion requests, and reads the message the guest shares, through
-//! vm-memory. Exit status 0 when the guest exits 0 and the message came.
+//! event loop, gmem-kvm for guest RAM and gmem-boot for GUEST_ABI's boot
+//! layout (nothing of gmem's own runner). It boots the GUEST_ABI demo
+//! guest, serves its conversion requests, and reads the message the guest
+//! shares through vm-memory, as a device would (a `DeviceMemory` handle).
+//! Exit status 0 when the guest exits 0 and the message came.
 //!
 //! `gmem-example-vmm --disk PATH` boots the `disk` guest instead, with a
 //! virtio-blk device (gmem-virtio) wired into the same loop: the device's
 //! MMIO window in the gap, listed in the boot info, and every notify served
-//! through the view of shared pages.
+//! through a view of the shared pages it touches.
 
 use std::sync::Arc;
 
 use gmem::{FileOffset, PrivateMemFile};
 use gmem_kvm::convert::ConversionRequest;
-use gmem_kvm::{PrivateMemory, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
-use gmem_runner::boot;
+use gmem_boot as boot;
+use gmem_kvm::{DeviceMemory, PrivateMemory, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
 use gmem_virtio::blk::Block;
 use gmem_virtio::mmio::{Device, VirtioMmio};
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 const RAM: u64 = 64 << 20;
 
@@ -38,9 +39,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     file.set_len(RAM)?;
     let spec =
         RegionSpec { slot: 7, gpa: gmem_kvm::Gpa(0), file, file_offset: FileOffset(0), size: RAM };
-    // SAFETY: `vm` is this memory's VM; `memory` lives until after the
-    // vCPU below is gone (it is declared before, so dropped after, `vm`
-    // is no longer run).
+    // SAFETY: `vm` is this memory's VM. Locals drop in reverse order: the
+    // vCPU (declared below) goes first, so no guest runs on the region's
+    // window once `memory` unmaps it; `vm` goes last.
     unsafe { memory.add_region(&vm, spec) }?;
 
     // 2. A disk, if asked for: device 0 of GUEST_ABI 1.1's device list.
@@ -82,7 +83,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    // 5. Our own vCPU loop.
+    // 5. Our own vCPU loop; devices reach memory through their handle.
+    let device_memory = DeviceMemory::new(&memory);
     let mut vcpu = vm.create_vcpu(0)?;
     boot::init_vcpu(&kvm, &vcpu, image.entry, 0, RAM)?;
     let (message_gpa, message_len, message_stage) = gmem_guest::DEMO_MESSAGE;
@@ -96,8 +98,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 disk.as_ref().ok_or("no disk")?.read(gpa - gmem_virtio::device_gpa(0), data)
             }
             VcpuExit::MmioWrite(gpa, data) if disk.is_some() && window(gpa) => {
-                let view = memory.shared();
-                disk.as_mut().ok_or("no disk")?.write(gpa - gmem_virtio::device_gpa(0), data, &view)
+                let view = device_memory.memory();
+                disk.as_mut().ok_or("no disk")?.write(gpa - gmem_virtio::device_gpa(0), data, &*view)
             }
             VcpuExit::IoOut(0xF4, data) => break data[0],
             VcpuExit::IoOut(port @ (0xF0 | 0xF8), _) => {
@@ -109,7 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 } else {
                     if regs.rdi == message_stage {
                         // A device reads the shared page through vm-memory.
-                        let view = memory.shared();
+                        let view = device_memory.memory();
                         let mut bytes = vec![0u8; message_len as usize];
                         view.read_slice(&mut bytes, GuestAddress(message_gpa))?;
                         message =

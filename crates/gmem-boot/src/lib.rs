@@ -1,15 +1,40 @@
-//! Guest images and the machine of GUEST_ABI 1.2: the memory map (RAM above
-//! 3 GiB goes above 4 GiB, leaving the x86 MMIO gap), long mode, identity
-//! page tables for all of RAM with U/S set at every level (user mode reaches
-//! RAM, devices and the doorbell), a flat GDT with kernel and user
-//! descriptors and the boot info, all in the VMM's region `[0, 0x200000)`.
-//! The layouts shared with guests are `gmem_guest::abi`'s.
+//! # gmem-boot: GUEST_ABI 1.2's boot layer, for any VMM
+//!
+//! Guest images and the machine of GUEST_ABI 1.2 (`docs/GUEST_ABI.md`):
+//! the memory map (RAM above 3 GiB goes above 4 GiB, leaving the x86 MMIO
+//! gap), long mode, identity page tables for all of RAM with U/S set at
+//! every level (user mode reaches RAM, devices and the doorbell), a flat
+//! GDT with kernel and user descriptors and the boot info, all in the VMM's
+//! region `[0, 0x200000)`, and a vCPU's entry state. A VMM takes it without
+//! gmem's runner: [`load`] writes through any `populate` function (gmem's
+//! [`gmem_kvm::PrivateMemory::populate`], or a plain copy), [`init_vcpu`]
+//! sets up a kvm-ioctls vCPU.
+//!
+//! [`abi`] is the one definition of the layouts host and guest share: the
+//! same file is compiled into every guest program.
+//!
+//! ```
+//! let ram = 64 << 20;
+//! let image = gmem_boot::GuestImage::parse(gmem_guest::demo(), ram)?;
+//! let mut written = 0;
+//! gmem_boot::load(&image, ram, 1, |_gpa, bytes| {
+//!     written += bytes.len();
+//!     Ok(())
+//! })?;
+//! assert!(written > 0);
+//! # Ok::<(), gmem_kvm::Error>(())
+//! ```
+
+pub mod abi;
 
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
 use object::{elf, Endianness, Object};
 
-use gmem_guest::abi::{self, BootInfo, DeviceEntry, DeviceListHeader, MemoryRegion};
+use abi::{BootInfo, DeviceEntry, DeviceListHeader, MemoryRegion};
 use gmem_kvm::{Error, Gpa, Result};
+
+/// The page size of the machine's page tables and boot info.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// First GPA a guest image may use; below it is the VMM's.
 pub const IMAGE_BASE: u64 = 0x20_0000;
@@ -173,7 +198,7 @@ pub fn vmm_region(ram_size: u64, vcpus: u32, devices: &[(Gpa, u32)]) -> Vec<(Gpa
             magic: abi::BOOT_MAGIC,
             ram_size,
             vcpu_count: vcpus,
-            page_size: gmem::PAGE_SIZE as u32,
+            page_size: PAGE_SIZE as u32,
             ram_end: end,
             region_count: regions.len() as u32,
             abi_minor: abi::ABI_MINOR,
@@ -216,7 +241,7 @@ pub fn vmm_region(ram_size: u64, vcpus: u32, devices: &[(Gpa, u32)]) -> Vec<(Gpa
     ]
 }
 
-/// Appends `value`'s bytes: one of `gmem_guest::abi`'s boot info layouts.
+/// Appends `value`'s bytes: one of [`abi`]'s boot info layouts.
 fn push_bytes<T: Copy>(out: &mut Vec<u8>, value: &T) {
     // SAFETY: the boot info types are `repr(C)` integers without padding
     // (`abi.rs` asserts their sizes), so every byte is initialized; the

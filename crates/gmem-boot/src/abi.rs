@@ -1,7 +1,7 @@
 //! GUEST_ABI 1.2, the part host and guest both read: the boot info's
-//! layout, the ports, the doorbell and the user-mode selectors. Compiled
-//! into every guest (through `rt.rs`) and exported by this crate as
-//! `gmem_guest::abi` for the VMM side, so that the two cannot drift apart.
+//! layout, the ports, the doorbell and the user-mode selectors. This one
+//! file is the VMM's (`gmem_boot::abi`) and is compiled into every guest
+//! (through gmem-guest's `rt.rs`), so that the two cannot drift apart.
 #![allow(dead_code)]
 
 /// Boot info magic, "GMEMABI1".
