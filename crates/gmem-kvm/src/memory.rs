@@ -203,17 +203,44 @@ impl PrivateMemory {
     /// power of two, at most 512) per fault; `EINVAL` otherwise. Opens its
     /// two userfaultfds (root, `CAP_SYS_PTRACE` or
     /// `vm.unprivileged_userfaultfd=1`).
+    ///
+    /// Where the `userfaultfd` system call is not allowed, they come from
+    /// `/dev/userfaultfd` (Linux 6.1+, as its file mode allows); a jailed
+    /// VMM may also pass descriptors it was given
+    /// ([`with_userfaultfds`](Self::with_userfaultfds)).
     pub fn new(fault_around: u64) -> Result<Arc<Self>> {
+        Self::check_fault_around(fault_around)?;
+        Self::build(fault_around, Userfaultfd::new()?, Userfaultfd::new_sigbus()?)
+    }
+
+    /// As [`new`](Self::new), on two userfaultfds the caller opened (with
+    /// `O_CLOEXEC | O_NONBLOCK`, no `UFFDIO_API` yet): one for guest faults,
+    /// one for the host's view. `ENOTTY` for a descriptor that is not a
+    /// userfaultfd, `EINVAL` for one already set up.
+    pub fn with_userfaultfds(
+        fault_around: u64,
+        faults: std::os::fd::OwnedFd,
+        host: std::os::fd::OwnedFd,
+    ) -> Result<Arc<Self>> {
+        Self::check_fault_around(fault_around)?;
+        Self::build(fault_around, Userfaultfd::adopt(faults)?, Userfaultfd::adopt_sigbus(host)?)
+    }
+
+    fn check_fault_around(fault_around: u64) -> Result<()> {
         if fault_around == 0 || !fault_around.is_power_of_two() || fault_around > 512 {
             return Err(Error::InvalidArgument(format!(
                 "fault-around must be a power of two of pages up to 512, not {fault_around}"
             )));
         }
+        Ok(())
+    }
+
+    fn build(fault_around: u64, uffd: Userfaultfd, host_uffd: Userfaultfd) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
             regions: RwLock::new(Vec::new()),
             reserved: Mutex::new(Vec::new()),
-            uffd: Userfaultfd::new()?,
-            host_uffd: Userfaultfd::new_sigbus()?,
+            uffd,
+            host_uffd,
             fault_around,
             scattered_faults: ScatteredFaults::default(),
             gate: ChangeGate::default(),

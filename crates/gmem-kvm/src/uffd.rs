@@ -3,7 +3,7 @@
 //! Written by hand because the `userfaultfd` crate needs libclang at build
 //! time; the structures and ioctl numbers come from `linux-raw-sys`.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use gmem::PAGE_SIZE;
 use linux_raw_sys::general::{
@@ -96,14 +96,33 @@ impl Userfaultfd {
     /// Opens a non-blocking userfaultfd that reports faults as events, with
     /// the faulting thread's id (for a fault-serving thread).
     pub(crate) fn new() -> Result<Self> {
-        Self::open(UFFD_FEATURE_THREAD_ID, "UFFDIO_API (shmem MISSING|MINOR, THREAD_ID)")
+        Self::create()?.enable_faults()
+    }
+
+    /// [`new`](Self::new) on a userfaultfd the caller opened (no
+    /// `UFFDIO_API` yet; `EINVAL` otherwise).
+    pub(crate) fn adopt(fd: OwnedFd) -> Result<Self> {
+        Self { fd }.enable_faults()
+    }
+
+    fn enable_faults(self) -> Result<Self> {
+        self.enable(UFFD_FEATURE_THREAD_ID, "UFFDIO_API (shmem MISSING|MINOR, THREAD_ID)")
     }
 
     /// Opens a userfaultfd whose registered ranges raise `SIGBUS` on any
     /// access to a page not mapped by [`continue_range`](Self::continue_range):
     /// a mapping that holds only the pages put there, never one faulted in.
     pub(crate) fn new_sigbus() -> Result<Self> {
-        Self::open(UFFD_FEATURE_SIGBUS, "UFFDIO_API (shmem MISSING|MINOR, SIGBUS)")
+        Self::create()?.enable_sigbus()
+    }
+
+    /// [`new_sigbus`](Self::new_sigbus) on a userfaultfd the caller opened.
+    pub(crate) fn adopt_sigbus(fd: OwnedFd) -> Result<Self> {
+        Self { fd }.enable_sigbus()
+    }
+
+    fn enable_sigbus(self) -> Result<Self> {
+        self.enable(UFFD_FEATURE_SIGBUS, "UFFDIO_API (shmem MISSING|MINOR, SIGBUS)")
     }
 
     /// The features this kernel's userfaultfd offers (`UFFD_FEATURE_*`).
@@ -114,19 +133,48 @@ impl Userfaultfd {
         Ok(api.features)
     }
 
+    /// A new userfaultfd: the system call where this process may use it
+    /// (root or `CAP_SYS_PTRACE`, or `vm.unprivileged_userfaultfd=1`),
+    /// otherwise `/dev/userfaultfd` (Linux 6.1+), whose file mode decides,
+    /// as a jailed VMM's is meant to.
     fn create() -> Result<Self> {
         let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: creates a new descriptor; no memory is affected until a
         // range is registered.
-        let fd = unsafe { rustix::mm::userfaultfd(flags) }.map_err(|errno| Error::Os {
-            op: "userfaultfd (needs root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)",
-            errno,
-        })?;
-        Ok(Self { fd })
+        match unsafe { rustix::mm::userfaultfd(flags) } {
+            Ok(fd) => Ok(Self { fd }),
+            Err(Errno::PERM) => Self::from_device(flags),
+            Err(errno) => Err(Error::Os { op: "userfaultfd", errno }),
+        }
     }
 
-    fn open(extra_features: u32, op: &'static str) -> Result<Self> {
-        let uffd = Self::create()?;
+    /// A userfaultfd from `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`).
+    fn from_device(flags: UserfaultfdFlags) -> Result<Self> {
+        const OP: &str = "userfaultfd: the system call needs CAP_SYS_PTRACE or \
+                          vm.unprivileged_userfaultfd=1, and /dev/userfaultfd";
+        /// `_IO(0xAA, 0x00)` of linux/userfaultfd.h (not in linux-raw-sys).
+        const USERFAULTFD_IOC_NEW: u32 = 0xAA00;
+        let device = rustix::fs::open(
+            "/dev/userfaultfd",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|errno| Error::Os { op: OP, errno })?;
+        // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags as
+        // its integer argument and returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::ioctl(device.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags.bits() as libc::c_int)
+        };
+        if fd < 0 {
+            return Err(Error::io(OP)(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// The API handshake, with the shmem features and `extra_features`.
+    fn enable(self, extra_features: u32, op: &'static str) -> Result<Self> {
+        let uffd = self;
         let mut api = uffdio_api {
             api: UFFD_API.into(),
             features: (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | extra_features)
