@@ -130,6 +130,34 @@ impl PrivateMemory {
         Ok(changed)
     }
 
+    /// Serves the conversion request a vCPU just exited with (GUEST_ABI's
+    /// port 0xF0 or its doorbell: RDI = GPA, RSI = bytes, RDX =
+    /// attributes) in one call: the request is read from the registers KVM
+    /// synced at the exit, carried out, and its result written into RAX
+    /// for the next `KVM_RUN`, with no `KVM_GET_REGS`/`KVM_SET_REGS` pair.
+    /// It turns register syncing on for the vCPU's later exits; an exit
+    /// without it (the first) reads and writes the registers with ioctls.
+    /// Returns what the guest gets in RAX (0 or a negative errno); `Err`
+    /// only if those ioctls fail. A VMM that also sets registers itself at
+    /// this exit must do so through `sync_regs_mut` too.
+    pub fn serve_conversion_exit(&self, vcpu: &mut kvm_ioctls::VcpuFd) -> Result<u64> {
+        use kvm_ioctls::SyncReg;
+        let synced = vcpu.get_kvm_run().kvm_valid_regs & u64::from(kvm_bindings::KVM_SYNC_X86_REGS);
+        let mut regs = match synced {
+            0 => vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?,
+            _ => vcpu.sync_regs().regs,
+        };
+        regs.rax = self.convert_for_guest(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx));
+        if synced == 0 {
+            vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
+        } else {
+            vcpu.sync_regs_mut().regs.rax = regs.rax;
+            vcpu.set_sync_dirty_reg(SyncReg::Register);
+        }
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+        Ok(regs.rax)
+    }
+
     /// Carries out a guest's request; what the guest gets back in RAX:
     /// 0, or a negative errno.
     pub fn convert_for_guest(&self, request: Result<ConversionRequest>) -> u64 {

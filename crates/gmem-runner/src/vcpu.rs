@@ -215,8 +215,11 @@ impl Vm {
                 }
                 // PORT_CONVERT: a request holds one of the ABI's ports.
                 _ => {
-                    let regs = vcpu.sync_regs().regs;
-                    self.guest_convert(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx))
+                    self.conversion_requests.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.memory().serve_conversion_exit(vcpu) {
+                        return stop(format!("serving a conversion request: {e}"));
+                    }
+                    continue;
                 }
             };
             vcpu.sync_regs_mut().regs.rax = rax;

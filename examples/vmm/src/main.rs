@@ -14,7 +14,6 @@
 use std::sync::Arc;
 
 use gmem::{FileOffset, PrivateMemFile};
-use gmem_kvm::convert::ConversionRequest;
 use gmem_boot as boot;
 use gmem_kvm::{DeviceMemory, PrivateMemory, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
 use gmem_virtio::blk::Block;
@@ -102,23 +101,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 disk.as_mut().ok_or("no disk")?.write(gpa - gmem_virtio::device_gpa(0), data, &*view)
             }
             VcpuExit::IoOut(0xF4, data) => break data[0],
-            VcpuExit::IoOut(port @ (0xF0 | 0xF8), _) => {
+            // A conversion request: decoded, served and answered in one call.
+            VcpuExit::IoOut(0xF0, _) => {
+                memory.serve_conversion_exit(&mut vcpu)?;
+            }
+            VcpuExit::IoOut(0xF8, _) => {
                 let mut regs = vcpu.get_regs()?;
-                regs.rax = if port == 0xF0 {
-                    memory.convert_for_guest(ConversionRequest::from_port(
-                        regs.rdi, regs.rsi, regs.rdx,
-                    ))
-                } else {
-                    if regs.rdi == message_stage {
-                        // A device reads the shared page through vm-memory.
-                        let view = device_memory.memory();
-                        let mut bytes = vec![0u8; message_len as usize];
-                        view.read_slice(&mut bytes, GuestAddress(message_gpa))?;
-                        message =
-                            Some(String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_owned());
-                    }
-                    0
-                };
+                if regs.rdi == message_stage {
+                    // A device reads the shared page through vm-memory.
+                    let view = device_memory.memory();
+                    let mut bytes = vec![0u8; message_len as usize];
+                    view.read_slice(&mut bytes, GuestAddress(message_gpa))?;
+                    message = Some(String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_owned());
+                }
+                regs.rax = 0;
                 vcpu.set_regs(&regs)?;
             }
             other => return Err(format!("unexpected exit {other:?}").into()),
