@@ -15,7 +15,7 @@
 //! `KVM_RUN` returns (an MMIO exit on some hosts, `EFAULT` on others) and
 //! the VMM, told of the error, can stop the VM.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,15 +24,59 @@ use gmem::PAGE_SIZE;
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::error::{Errno, Error, Result};
-use crate::first_touch::{PROBE_AFTER, SCATTERED_FAULTS, SCATTERED_FAULTS_WHILE_SPARSE};
+use crate::first_touch::{SCATTERED_FAULTS, SCATTERED_FAULTS_WHILE_SPARSE};
 use crate::memory::PrivateMemory;
 use crate::region::{Backing, FileBacking, PrivateRegion};
 use crate::uffd::Fault;
 use crate::Gpa;
 
-/// The epoll tokens of a fault thread's two descriptors.
+/// The epoll tokens of a fault thread's descriptors.
 const FAULT_EVENT: u64 = 0;
 const STOP_EVENT: u64 = 1;
+const TIMER_EVENT: u64 = 2;
+
+/// What makes [`PrivateMemory::fault_fd`] readable: guest faults, and a
+/// timer that fires when first touches are due to be taken back from the
+/// kernel, so that a poll loop needs no timeout of its own.
+#[derive(Debug)]
+pub(crate) struct FaultReadiness {
+    epoll: OwnedFd,
+    timer: OwnedFd,
+}
+
+impl FaultReadiness {
+    /// An epoll of `uffd` and of a new, disarmed timer.
+    pub(crate) fn new(uffd: &crate::uffd::Userfaultfd) -> Result<Self> {
+        use rustix::event::epoll;
+        use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
+        let flags = TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK;
+        let timer = timerfd_create(TimerfdClockId::Monotonic, flags)
+            .map_err(Error::os("timerfd_create"))?;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
+        for (fd, token) in [(uffd.as_fd(), FAULT_EVENT), (timer.as_fd(), TIMER_EVENT)] {
+            epoll::add(&epoll, fd, epoll::EventData::new_u64(token), epoll::EventFlags::IN)
+                .map_err(Error::os("epoll_ctl (fault readiness)"))?;
+        }
+        Ok(Self { epoll, timer })
+    }
+
+    /// Fires the timer `after` from now (at least 1 ms), or disarms it.
+    fn arm(&self, after: Option<std::time::Duration>) {
+        use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
+        let after = after.map(|d| d.max(std::time::Duration::from_millis(1)));
+        let value = after.map_or(Timespec { tv_sec: 0, tv_nsec: 0 }, |d| Timespec {
+            tv_sec: d.as_secs() as i64,
+            tv_nsec: i64::from(d.subsec_nanos()),
+        });
+        let spec = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };
+        let _ = timerfd_settime(&self.timer, TimerfdTimerFlags::empty(), &spec);
+    }
+
+    /// Takes the timer's expiry, if any, so that it stops being readable.
+    fn clear(&self) {
+        let _ = rustix::io::read(&self.timer, &mut [0u8; 8]);
+    }
+}
 
 /// A guest page fault that could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -53,21 +97,26 @@ impl FaultError {
 }
 
 impl PrivateMemory {
-    /// The descriptor to poll (`POLLIN`) for pending guest faults.
+    /// The descriptor to poll (`POLLIN`) for pending guest faults, and
+    /// for first touches due to be taken back from the kernel: call
+    /// [`serve_faults`](Self::serve_faults) whenever it is readable, with
+    /// no timeout of your own. It is an epoll descriptor: add it to your
+    /// epoll without `EPOLLEXCLUSIVE`, which epoll refuses there.
     pub fn fault_fd(&self) -> BorrowedFd<'_> {
-        self.uffd.as_fd()
+        self.readiness.epoll.as_fd()
     }
 
     /// Serves every pending guest fault without blocking; returns how many
     /// it served, and the faults it could not serve (each fenced off).
     ///
     /// It also takes first touches back from the kernel where it has
-    /// served them for [`PROBE_AFTER`] (see [`first_touch`](crate::first_touch)):
-    /// a VMM that wants a guest turned sequential to get its batches back
-    /// calls this at least that often, fault or not
-    /// ([`start_fault_server`](Self::start_fault_server) does).
+    /// served them for [`PROBE_AFTER`](crate::first_touch::PROBE_AFTER) (see
+    /// [`first_touch`](crate::first_touch));
+    /// [`fault_fd`](Self::fault_fd) becomes readable when that is due.
     pub fn serve_faults(&self) -> Result<(usize, Vec<FaultError>)> {
+        self.readiness.clear();
         self.take_back_first_touches();
+        self.schedule_take_back();
         let mut faults = Vec::new();
         self.uffd.read_faults(&mut faults)?;
         let mut failed = Vec::new();
@@ -117,15 +166,19 @@ impl PrivateMemory {
         Ok(server)
     }
 
-    /// An epoll of the fault descriptor, added `EPOLLEXCLUSIVE` (a fault
-    /// wakes one of the threads waiting, not all), and of `stop`.
+    /// An epoll of the userfaultfd, added `EPOLLEXCLUSIVE` (a fault wakes
+    /// one of the threads waiting, not all), of the take-back timer and of
+    /// `stop`.
     fn fault_waiter(&self, stop: &OwnedFd) -> Result<OwnedFd> {
         use rustix::event::epoll;
         let waiter =
             epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
         let exclusive = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
-        epoll::add(&waiter, self.fault_fd(), epoll::EventData::new_u64(FAULT_EVENT), exclusive)
+        epoll::add(&waiter, self.uffd.as_fd(), epoll::EventData::new_u64(FAULT_EVENT), exclusive)
             .map_err(Error::os("epoll_ctl (userfaultfd)"))?;
+        let timer = epoll::EventData::new_u64(TIMER_EVENT);
+        epoll::add(&waiter, &self.readiness.timer, timer, epoll::EventFlags::IN)
+            .map_err(Error::os("epoll_ctl (timer)"))?;
         epoll::add(&waiter, stop, epoll::EventData::new_u64(STOP_EVENT), epoll::EventFlags::IN)
             .map_err(Error::os("epoll_ctl (stop)"))?;
         Ok(waiter)
@@ -159,14 +212,10 @@ impl PrivateMemory {
     /// the descriptor fails.
     fn serve_until_stopped(&self, waiter: &OwnedFd, report: impl Fn(Error)) {
         use rustix::event::epoll;
-        let mut events = Vec::with_capacity(2);
-        let probe = rustix::event::Timespec::try_from(PROBE_AFTER).unwrap_or_default();
+        let mut events = Vec::with_capacity(3);
         loop {
             events.clear();
-            // While the kernel serves some region's first touches, wake up
-            // to take them back in time.
-            let timeout = self.kernel_serves_first_touches().then_some(&probe);
-            match epoll::wait(waiter, rustix::buffer::spare_capacity(&mut events), timeout) {
+            match epoll::wait(waiter, rustix::buffer::spare_capacity(&mut events), None) {
                 Ok(_) | Err(Errno::INTR) => {}
                 Err(errno) => return report(Error::Os { op: "epoll_wait", errno }),
             }
@@ -266,6 +315,7 @@ impl PrivateMemory {
             };
             if scattered >= threshold {
                 f.first_touch.hand_over(&self.uffd, &f.window);
+                self.schedule_take_back();
             }
         }
         Ok(())
@@ -276,6 +326,12 @@ impl PrivateMemory {
         self.regions()
             .iter()
             .any(|r| r.file_backing().is_some_and(|f| f.first_touch.kernel_serves()))
+    }
+
+    /// Arms the take-back timer for the region due first, if any.
+    fn schedule_take_back(&self) {
+        let due = self.regions().iter().filter_map(|r| r.file_backing()?.first_touch.due_in()).min();
+        self.readiness.arm(due);
     }
 
     /// Takes first touches back from the kernel in every region where it

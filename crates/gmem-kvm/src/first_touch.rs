@@ -140,6 +140,12 @@ impl FirstTouch {
 
     /// Takes first touches of `window` back from the kernel when it has
     /// served them for [`PROBE_AFTER`].
+    /// How long until [`take_back`](Self::take_back) would take first
+    /// touches back, while the kernel serves them.
+    pub(crate) fn due_in(&self) -> Option<Duration> {
+        self.serving().map(|since| PROBE_AFTER.saturating_sub(since.elapsed()))
+    }
+
     pub(crate) fn take_back(&self, uffd: &Userfaultfd, window: &OwnerWindow) {
         if !self.kernel_serves() {
             return;

@@ -22,6 +22,7 @@ use kvm_ioctls::VmFd;
 use crate::access::overlaps;
 use crate::bits::PageBits;
 use crate::error::{Error, Result};
+use crate::faults::FaultReadiness;
 use crate::first_touch::ScatteredFaults;
 use crate::gate::ChangeGate;
 use crate::native::{
@@ -137,6 +138,8 @@ pub struct PrivateMemory {
     regions: RwLock<Vec<Arc<PrivateRegion>>>,
     reserved: Mutex<Vec<Reserved>>,
     pub(crate) uffd: Userfaultfd,
+    /// What makes `fault_fd` readable ([`crate::faults`]).
+    pub(crate) readiness: FaultReadiness,
     /// Registered on every region's host view: SIGBUS, never an event.
     pub(crate) host_uffd: Userfaultfd,
     pub(crate) fault_around: u64,
@@ -239,6 +242,7 @@ impl PrivateMemory {
         Ok(Arc::new(Self {
             regions: RwLock::new(Vec::new()),
             reserved: Mutex::new(Vec::new()),
+            readiness: FaultReadiness::new(&uffd)?,
             uffd,
             host_uffd,
             fault_around,
