@@ -535,9 +535,7 @@ impl PrivateMemory {
     /// [`finish_launch`](Self::finish_launch); `EINVAL` where no region
     /// holds a byte of it (nothing is written then).
     pub fn populate(&self, gpa: Gpa, bytes: &[u8]) -> Result<()> {
-        if self.launched.load(Ordering::SeqCst) {
-            return Err(Error::NotPermitted("populate: the launch is finished".into()));
-        }
+        self.check_launching()?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -556,6 +554,14 @@ impl PrivateMemory {
                     unsafe { vm_memory::VolatileSlice::new(host, part.len()) }.copy_from(part);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `EPERM` once the launch is finished.
+    pub(crate) fn check_launching(&self) -> Result<()> {
+        if self.launched.load(Ordering::SeqCst) {
+            return Err(Error::NotPermitted("populate: the launch is finished".into()));
         }
         Ok(())
     }

@@ -241,7 +241,9 @@ fn views_on_threads_that_wait_for_each_other_do_not_deadlock_a_conversion() {
 /// A VM driven by hand, as an event-loop VMM drives it: `guest` (a
 /// built-in user-mode guest) in `ram` bytes of one region, served
 /// `fault_around` pages per fault, on a vCPU thread that returns the
-/// guest's exit status. The caller serves faults.
+/// guest's exit status. The caller serves faults. The image is loaded
+/// with `populate`, or (`staged`) through vm-memory's `Bytes` on a
+/// `LaunchMemory`, as linux-loader would write it.
 struct HandDriven {
     memory: Arc<PrivateMemory>,
     vcpu_thread: Option<std::thread::JoinHandle<u8>>,
@@ -250,6 +252,10 @@ struct HandDriven {
 
 impl HandDriven {
     fn start(guest: &str, ram: u64, fault_around: u64) -> Self {
+        Self::start_loaded(guest, ram, fault_around, false)
+    }
+
+    fn start_loaded(guest: &str, ram: u64, fault_around: u64, staged: bool) -> Self {
         use kvm_ioctls::VcpuExit;
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = kvm.create_vm().unwrap();
@@ -265,7 +271,19 @@ impl HandDriven {
         // `finish`) before either is dropped.
         unsafe { memory.add_region(&vm, spec) }.unwrap();
         let image = gmem_runner::GuestImage::parse(gmem_guest::guest(guest).unwrap(), ram).unwrap();
-        gmem_runner::boot::load(&image, ram, 1, |gpa, bytes| memory.populate(gpa, bytes)).unwrap();
+        if staged {
+            let launch = memory.launch_memory().unwrap();
+            gmem_runner::boot::load(&image, ram, 1, |gpa, bytes| {
+                launch.write_slice(bytes, gpa.into()).map_err(|e| {
+                    gmem_kvm::Error::InvalidArgument(format!("launch write at {gpa}: {e}"))
+                })
+            })
+            .unwrap();
+            assert!(launch.commit().unwrap() > 0);
+        } else {
+            gmem_runner::boot::load(&image, ram, 1, |gpa, bytes| memory.populate(gpa, bytes))
+                .unwrap();
+        }
         memory.finish_launch();
         let vcpu = vm.create_vcpu(0).unwrap();
         gmem_runner::boot::init_vcpu(&kvm, &vcpu, image.entry, 0, ram).unwrap();
@@ -337,6 +355,37 @@ fn memslot_changes_from_the_fault_serving_thread_complete() {
         }
         assert_eq!(vm.finish(), 0);
         assert_eq!(changes, 20);
+    });
+}
+
+/// A guest image written through vm-memory (`LaunchMemory`, as
+/// linux-loader writes kernels) lands in private memory and runs; the
+/// staging shows only what was written through it, never private content,
+/// and is refused once the launch is finished.
+#[test]
+fn a_guest_loaded_through_vm_memory_runs() {
+    if !kvm() {
+        return;
+    }
+    within_a_minute("launch through vm-memory", || {
+        let mut vm = HandDriven::start_loaded("touch", 32 << 20, 512, true);
+        while vm.running() {
+            if vm.faults_ready(Duration::from_millis(10)) {
+                vm.memory.serve_faults().unwrap();
+            }
+        }
+        assert_eq!(vm.finish(), 0);
+        let refused = vm.memory.launch_memory().map(drop);
+        assert_eq!(refused.unwrap_err().errno(), Errno::PERM);
+    });
+    within_a_minute("launch staging", || {
+        let vm = Vm::with_ram(common::RAM).unwrap().0;
+        vm.memory().populate(Gpa(BASE), b"private").unwrap();
+        let launch = vm.memory().launch_memory().unwrap();
+        assert_eq!(launch.read_obj::<u64>(GuestAddress(BASE)).unwrap(), 0, "staging, not RAM");
+        assert!(launch.write_slice(b"x", GuestAddress(common::RAM)).is_err(), "outside RAM");
+        launch.write_slice(b"staged", GuestAddress(BASE + 4096)).unwrap();
+        assert_eq!(launch.commit().unwrap(), 4096, "one page written");
     });
 }
 
