@@ -147,7 +147,8 @@ impl PrivateMemory {
             0 => vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?,
             _ => vcpu.sync_regs().regs,
         };
-        regs.rax = self.convert_for_guest(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx));
+        regs.rax =
+            self.convert_for_guest(ConversionRequest::from_port(regs.rdi, regs.rsi, regs.rdx));
         if synced == 0 {
             vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
         } else {

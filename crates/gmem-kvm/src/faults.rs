@@ -52,7 +52,8 @@ impl FaultReadiness {
         let flags = TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK;
         let timer = timerfd_create(TimerfdClockId::Monotonic, flags)
             .map_err(Error::os("timerfd_create"))?;
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
+        let epoll =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::os("epoll_create"))?;
         for (fd, token) in [(uffd.as_fd(), FAULT_EVENT), (timer.as_fd(), TIMER_EVENT)] {
             epoll::add(&epoll, fd, epoll::EventData::new_u64(token), epoll::EventFlags::IN)
                 .map_err(Error::os("epoll_ctl (fault readiness)"))?;
@@ -330,7 +331,8 @@ impl PrivateMemory {
 
     /// Arms the take-back timer for the region due first, if any.
     fn schedule_take_back(&self) {
-        let due = self.regions().iter().filter_map(|r| r.file_backing()?.first_touch.due_in()).min();
+        let due =
+            self.regions().iter().filter_map(|r| r.file_backing()?.first_touch.due_in()).min();
         self.readiness.arm(due);
     }
 

@@ -26,6 +26,11 @@
 //!   with [`Error::Pinned`] (`EAGAIN`, which a guest's conversion request
 //!   gets back) instead of waiting for I/O that nothing bounds.
 //!
+//! A VMM that mixes ordinary memory with gmem's (firmware, a shared
+//! swiotlb pool, pmem) adds those `GuestRegionMmap`s to the handle
+//! ([`DeviceMemory::add_plain_region`]): a device walks one address space
+//! over both, and plain regions are reached as vm-memory reaches them.
+//!
 //! `GuestMemoryAtomic<M>` itself cannot hold gmem's memory: it hands every
 //! device the same `M` for as long as the map lives, so nothing would ever
 //! say when a device's access ends. [`DeviceMemory`] takes its place for
@@ -45,12 +50,12 @@
 use std::cell::RefCell;
 use std::ops::Range;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use vm_memory::bitmap::BS;
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
-    GuestMemoryRegionBytes, GuestUsize, MemoryRegionAddress, VolatileSlice,
+    GuestMemoryRegionBytes, GuestRegionMmap, GuestUsize, MemoryRegionAddress, VolatileSlice,
 };
 
 use crate::memory::PrivateMemory;
@@ -67,7 +72,8 @@ impl Holds {
     /// Holds `span` (unless a hold of this view covers it already), for
     /// `access`; released again if `access` fails.
     fn with<T>(&self, span: Range<u64>, access: impl FnOnce() -> Result<T>) -> Result<T> {
-        let covered = self.spans.borrow().iter().any(|(_, h)| h.start <= span.start && span.end <= h.end);
+        let covered =
+            self.spans.borrow().iter().any(|(_, h)| h.start <= span.start && span.end <= h.end);
         if covered {
             return access();
         }
@@ -110,13 +116,20 @@ impl PrivateMemory {
     /// range it hands out is held until the view is dropped: conversions
     /// and punches of those pages wait, all others go on.
     pub fn shared(self: &Arc<Self>) -> SharedView {
+        self.view_with(&[])
+    }
+
+    /// A view of the shared pages and of `plain` regions.
+    fn view_with(self: &Arc<Self>, plain: &[Arc<GuestRegionMmap<()>>]) -> SharedView {
         let holds = Rc::new(Holds { memory: self.clone(), spans: RefCell::default() });
-        let mut regions: Vec<SharedRegion> = self
+        let private = self
             .regions()
             .iter()
-            .map(|r| SharedRegion { region: r.clone(), holds: holds.clone() })
-            .collect();
-        regions.sort_by_key(|r| r.region.gpa);
+            .map(|r| SharedRegion(Kind::Private { region: r.clone(), holds: holds.clone() }))
+            .collect::<Vec<_>>();
+        let plain = plain.iter().map(|r| SharedRegion(Kind::Plain(r.clone())));
+        let mut regions: Vec<SharedRegion> = private.into_iter().chain(plain).collect();
+        regions.sort_by_key(|r| r.start_addr());
         SharedView { regions }
     }
 }
@@ -129,17 +142,21 @@ impl GuestMemoryBackend for SharedView {
     }
 }
 
-/// One region's shared pages, inside a [`SharedView`].
-pub struct SharedRegion {
-    region: Arc<PrivateRegion>,
-    holds: Rc<Holds>,
+/// One region of a [`SharedView`]: a private region's shared pages, or a
+/// plain region the VMM added to its [`DeviceMemory`].
+pub struct SharedRegion(Kind);
+
+enum Kind {
+    Private { region: Arc<PrivateRegion>, holds: Rc<Holds> },
+    Plain(Arc<GuestRegionMmap<()>>),
 }
 
 impl std::fmt::Debug for SharedRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedRegion")
-            .field("gpa", &self.region.gpa)
-            .field("size", &self.region.size)
+            .field("gpa", &self.start_addr())
+            .field("size", &self.len())
+            .field("plain", &matches!(self.0, Kind::Plain(_)))
             .finish()
     }
 }
@@ -153,31 +170,36 @@ fn to_vm_memory(error: Error, gpa: Gpa) -> GuestMemoryError {
     }
 }
 
-impl SharedRegion {
-    /// The host address of the `len` shared bytes at `offset`, held for the
-    /// view's life; vm-memory's error otherwise.
-    fn map_shared(
-        &self,
-        offset: MemoryRegionAddress,
-        len: usize,
-    ) -> vm_memory::guest_memory::Result<*mut u8> {
-        let gpa = self.region.gpa.0.saturating_add(offset.0);
-        let memory = &self.holds.memory;
-        self.holds
-            .with(gpa..gpa.saturating_add(len as u64), || memory.map_shared(&self.region, offset.0, len))
-            .map_err(|e| to_vm_memory(e, Gpa(gpa)))
-    }
+/// The host address of the `len` shared bytes at `offset` of `region`,
+/// held for the view's life; vm-memory's error otherwise.
+fn map_shared(
+    region: &Arc<PrivateRegion>,
+    holds: &Holds,
+    offset: MemoryRegionAddress,
+    len: usize,
+) -> vm_memory::guest_memory::Result<*mut u8> {
+    let gpa = region.gpa.0.saturating_add(offset.0);
+    let memory = &holds.memory;
+    holds
+        .with(gpa..gpa.saturating_add(len as u64), || memory.map_shared(region, offset.0, len))
+        .map_err(|e| to_vm_memory(e, Gpa(gpa)))
 }
 
 impl GuestMemoryRegion for SharedRegion {
     type B = ();
 
     fn len(&self) -> GuestUsize {
-        self.region.size
+        match &self.0 {
+            Kind::Private { region, .. } => region.size,
+            Kind::Plain(region) => region.len(),
+        }
     }
 
     fn start_addr(&self) -> GuestAddress {
-        self.region.gpa.into()
+        match &self.0 {
+            Kind::Private { region, .. } => region.gpa.into(),
+            Kind::Plain(region) => region.start_addr(),
+        }
     }
 
     fn bitmap(&self) -> BS<'_, ()> {}
@@ -188,7 +210,10 @@ impl GuestMemoryRegion for SharedRegion {
         &self,
         addr: MemoryRegionAddress,
     ) -> vm_memory::guest_memory::Result<*mut u8> {
-        self.map_shared(addr, 1)
+        match &self.0 {
+            Kind::Private { region, holds } => map_shared(region, holds, addr, 1),
+            Kind::Plain(region) => region.get_host_address(addr),
+        }
     }
 
     fn get_slice(
@@ -196,7 +221,11 @@ impl GuestMemoryRegion for SharedRegion {
         offset: MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let host = self.map_shared(offset, count)?;
+        let (region, holds) = match &self.0 {
+            Kind::Private { region, holds } => (region, holds),
+            Kind::Plain(region) => return region.get_slice(offset, count),
+        };
+        let host = map_shared(region, holds, offset, count)?;
         // SAFETY: `host` points at `count` bytes of the region's host view,
         // all shared and mapped (map_shared checked them); the view's hold
         // on their range keeps them so until the view is dropped, and the
@@ -214,12 +243,37 @@ impl GuestMemoryRegionBytes for SharedRegion {}
 #[derive(Clone, Debug)]
 pub struct DeviceMemory {
     memory: Arc<PrivateMemory>,
+    /// Ordinary regions the VMM added, shared by every clone.
+    plain: Arc<RwLock<Vec<Arc<GuestRegionMmap<()>>>>>,
 }
 
 impl DeviceMemory {
     /// A handle on `memory` for devices.
     pub fn new(memory: &Arc<PrivateMemory>) -> Self {
-        Self { memory: memory.clone() }
+        Self { memory: memory.clone(), plain: Arc::default() }
+    }
+
+    /// Adds an ordinary vm-memory region (firmware, a shared swiotlb pool,
+    /// pmem: memory the VMM registers with KVM itself) to every view of
+    /// this handle and its clones, from the next
+    /// [`memory()`](GuestAddressSpace::memory) on. `EEXIST` where it
+    /// overlaps a private region or another plain one.
+    pub fn add_plain_region(&self, region: Arc<GuestRegionMmap<()>>) -> Result<()> {
+        let mut plain = self.plain.write().unwrap_or_else(|p| p.into_inner());
+        let span = region.start_addr().0..region.start_addr().0.saturating_add(region.len());
+        let private =
+            self.memory.regions().iter().map(|r| r.gpa.0..r.gpa.0 + r.size).collect::<Vec<_>>();
+        let others = plain.iter().map(|r| r.start_addr().0..r.start_addr().0 + r.len());
+        if let Some(taken) =
+            private.into_iter().chain(others).find(|r| crate::access::overlaps(r, &span))
+        {
+            return Err(Error::Exists(format!(
+                "plain region {:#x}..{:#x} overlaps guest memory at {:#x}..{:#x}",
+                span.start, span.end, taken.start, taken.end
+            )));
+        }
+        plain.push(region);
+        Ok(())
     }
 
     /// Holds the shared pages of `[gpa, gpa + len)` for I/O until the pin
@@ -250,7 +304,8 @@ impl GuestAddressSpace for DeviceMemory {
     type T = Rc<SharedView>;
 
     fn memory(&self) -> Rc<SharedView> {
-        Rc::new(self.memory.shared())
+        let plain = self.plain.read().unwrap_or_else(|p| p.into_inner());
+        Rc::new(self.memory.view_with(&plain))
     }
 }
 

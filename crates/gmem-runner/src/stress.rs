@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gmem_guest::stress_layout::{Rng, HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
-use gmem_kvm::{Errno, PrivateMemory, PageState};
+use gmem_kvm::{Errno, PageState, PrivateMemory};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};

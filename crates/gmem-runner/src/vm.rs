@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gmem::{FileOffset, PrivateMemFile};
 use gmem_kvm::shared::SharedView;
 use gmem_kvm::{
-    ConversionRequest, Error, FaultServer, PrivateMemory, MemoryStats, RegionSpec, Result,
+    ConversionRequest, Error, FaultServer, MemoryStats, PrivateMemory, RegionSpec, Result,
     DEFAULT_FAULT_AROUND_PAGES,
 };
 use kvm_bindings::kvm_userspace_memory_region;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{config, console, kvm, RAM};
 use gmem::{FileOffset, PrivateMemFile};
-use gmem_kvm::{Errno, PrivateMemory, PageState, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
+use gmem_kvm::{Errno, PageState, PrivateMemory, RegionSpec, DEFAULT_FAULT_AROUND_PAGES};
 use gmem_runner::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 

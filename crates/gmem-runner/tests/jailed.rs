@@ -35,8 +35,8 @@ fn guests_run_without_cap_sys_ptrace_through_dev_userfaultfd() {
         .env(CHILD, "1")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("jailed child: the guest exited 0"), "{text}");
 }

@@ -10,7 +10,6 @@ use common::rig::*;
 use common::{kvm, RAM};
 use gmem_runner::{Gpa, Vm};
 
-
 #[test]
 fn buffers_outside_shared_memory_get_an_io_error_and_move_nothing() {
     if !kvm() {

@@ -516,9 +516,8 @@ fn a_view_holds_only_the_pages_it_touched() {
         let view = device.memory();
         view.read_obj::<u64>(GuestAddress(BASE)).unwrap();
         let other = memory.clone();
-        let elsewhere = std::thread::spawn(move || {
-            other.convert(Gpa(BASE + 4096), 4096, PageState::Private)
-        });
+        let elsewhere =
+            std::thread::spawn(move || other.convert(Gpa(BASE + 4096), 4096, PageState::Private));
         // Joined while the view lives: it must not wait for it.
         elsewhere.join().unwrap().unwrap();
         let (done, converted) = mpsc::channel();
@@ -550,7 +549,9 @@ fn pins_refuse_changes_of_their_pages_until_dropped_on_any_thread() {
         let device = DeviceMemory::new(&memory);
         let pin = device.pin(GuestAddress(BASE + 0x800), 4096).unwrap();
         match memory.convert(Gpa(BASE + 4096), 4096, PageState::Private) {
-            Err(gmem_kvm::Error::Pinned { gpa, len }) => assert_eq!((gpa, len), (Gpa(BASE + 4096), 0x800)),
+            Err(gmem_kvm::Error::Pinned { gpa, len }) => {
+                assert_eq!((gpa, len), (Gpa(BASE + 4096), 0x800))
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(memory.punch(Gpa(BASE), 4096).unwrap_err().errno(), Errno::AGAIN);
@@ -575,5 +576,54 @@ fn pins_refuse_changes_of_their_pages_until_dropped_on_any_thread() {
         assert_eq!(errno(device.pin(GuestAddress(u64::MAX - 8), usize::MAX)), Errno::INVAL);
         // A refused pin holds nothing.
         memory.convert(Gpa(BASE + 3 * 4096), 4096, PageState::Private).unwrap();
+    });
+}
+
+/// Ordinary vm-memory regions (firmware, a swiotlb pool) beside private
+/// ones in one address space: a device walks both, an access spanning
+/// the end of RAM and a plain region right after it works, a virtio
+/// request's buffer may lie in the plain region, and overlaps are `EEXIST`.
+#[test]
+fn plain_regions_join_private_ones_in_the_device_view() {
+    use common::rig::{Rig, IN, OUT};
+    use vm_memory::{GuestMemoryBackend, GuestRegionMmap};
+    if !kvm() {
+        return;
+    }
+    within_a_minute("plain regions", || {
+        let ram = common::RAM;
+        let vm = Vm::with_ram(ram).unwrap().0;
+        let mut rig = Rig::new(&vm, "plain");
+        let memory = vm.memory().clone();
+        let plain = |gpa: u64| {
+            let map = vm_memory::mmap::MmapRegion::new(1 << 20).unwrap();
+            Arc::new(GuestRegionMmap::new(map, GuestAddress(gpa)).unwrap())
+        };
+        rig.device.add_plain_region(plain(ram)).unwrap();
+        let overlap = rig.device.add_plain_region(plain(ram - 4096)).unwrap_err();
+        assert_eq!(overlap.errno(), Errno::EXIST);
+        assert_eq!(
+            rig.device.add_plain_region(plain(ram + 4096)).unwrap_err().errno(),
+            Errno::EXIST
+        );
+        memory.convert(Gpa(ram - 4096), 4096, PageState::Shared).unwrap();
+        let view = rig.device.memory();
+        assert_eq!(view.num_regions(), 2);
+        let across = [0x77u8; 8192];
+        view.write_slice(&across, GuestAddress(ram - 4096)).unwrap();
+        let mut back = [0u8; 8192];
+        view.read_slice(&mut back, GuestAddress(ram - 4096)).unwrap();
+        assert_eq!(back, across);
+        drop(view);
+        // A clone of the handle sees the plain region too.
+        let clone = rig.device.clone();
+        clone.memory().write_slice(&[0x3c; 512], GuestAddress(ram + 0x1000)).unwrap();
+        assert_eq!(rig.request(OUT, ram + 0x1000, 512), 0);
+        clone.memory().write_slice(&[0; 512], GuestAddress(ram + 0x1000)).unwrap();
+        assert_eq!(rig.request(IN, ram + 0x1000, 512), 0);
+        assert_eq!(
+            clone.memory().read_obj::<u64>(GuestAddress(ram + 0x1000)).unwrap(),
+            0x3c3c_3c3c_3c3c_3c3c
+        );
     });
 }

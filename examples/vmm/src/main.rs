@@ -98,7 +98,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             VcpuExit::MmioWrite(gpa, data) if disk.is_some() && window(gpa) => {
                 let view = device_memory.memory();
-                disk.as_mut().ok_or("no disk")?.write(gpa - gmem_virtio::device_gpa(0), data, &*view)
+                disk.as_mut().ok_or("no disk")?.write(
+                    gpa - gmem_virtio::device_gpa(0),
+                    data,
+                    &*view,
+                )
             }
             VcpuExit::IoOut(0xF4, data) => break data[0],
             // A conversion request: decoded, served and answered in one call.
@@ -112,7 +116,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let view = device_memory.memory();
                     let mut bytes = vec![0u8; message_len as usize];
                     view.read_slice(&mut bytes, GuestAddress(message_gpa))?;
-                    message = Some(String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_owned());
+                    message =
+                        Some(String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_owned());
                 }
                 regs.rax = 0;
                 vcpu.set_regs(&regs)?;

@@ -23,7 +23,7 @@ pub const NEEDS_RESET: u32 = 64;
 
 pub struct Rig {
     pub memory: Arc<PrivateMemory>,
-    device: DeviceMemory,
+    pub device: DeviceMemory,
     pub disk: Disk,
     path: std::path::PathBuf,
     avail: u16,
