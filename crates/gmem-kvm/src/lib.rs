@@ -6,18 +6,25 @@
 //! and vCPU loop (and kicks its vCPUs its own way, e.g. `immediate_exit`).
 //!
 //! - [`PrivateMemory`]: the VM's guest memory and the owner of its files.
-//!   [`PrivateMemory::add_region`] registers a [`RegionSpec`] with KVM (the
-//!   one `unsafe` call, as in kvm-ioctls).
+//!   [`PrivateMemory::add_region`] registers a [`RegionSpec`] with KVM; the
+//!   memory keeps the VM and deletes its memslots when dropped, so no
+//!   memslot outlives its mapping (no `unsafe` for the VMM).
 //! - [`faults`]: serve guest first touches from your event loop
 //!   ([`PrivateMemory::fault_fd`] + [`PrivateMemory::serve_faults`]) or from a
 //!   thread ([`PrivateMemory::start_fault_server`]); a fault that cannot be
 //!   served ends `KVM_RUN` instead of hanging it.
 //! - [`convert`]: one conversion primitive ([`PrivateMemory::convert`]),
-//!   decoding of GUEST_ABI's port request and of `KVM_HC_MAP_GPA_RANGE`
-//!   exits, and [`MemoryListener`]s told of every discard and conversion.
+//!   a guest's request served at its exit in one call
+//!   ([`PrivateMemory::serve_conversion_exit`]), decoding of
+//!   `KVM_HC_MAP_GPA_RANGE` exits, and [`MemoryListener`]s told of every
+//!   discard and conversion.
 //! - Host access that never faults: [`PrivateMemory::read`] /
-//!   [`PrivateMemory::write`], and a vm-memory view ([`PrivateMemory::shared`])
-//!   that holds conversions off while a device uses it.
+//!   [`PrivateMemory::write`], and for device threads [`DeviceMemory`], a
+//!   vm-memory `GuestAddressSpace` whose views hold only the pages a
+//!   device touches, with [`PinnedRange`]s for I/O that outlives a call
+//!   ([`shared`]).
+//! - [`launch`]: loaders that write through vm-memory load straight into
+//!   private memory ([`LaunchMemory`]).
 //! - [`probe`]: what the host offers, and which backend to use;
 //!   [`harden`]: opt-in process hardening.
 //!
@@ -31,13 +38,12 @@
 //!
 //! # if !std::path::Path::new("/dev/kvm").exists() { return Ok(()); }
 //! let kvm = kvm_ioctls::Kvm::new().unwrap();
-//! let vm = kvm.create_vm().unwrap();
+//! let vm = Arc::new(kvm.create_vm().unwrap());
 //! let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
 //! let file = Arc::new(PrivateMemFile::new_guest("guest-ram")?);
 //! file.set_len(16 << 20)?;
 //! let spec = RegionSpec { slot: 0, gpa: Gpa(0), file, file_offset: FileOffset(0), size: 16 << 20 };
-//! // SAFETY: `vm` is this memory's VM, and `memory` outlives its use.
-//! let region = unsafe { memory.add_region(&vm, spec) }?;
+//! let region = memory.add_region(&vm, spec)?;
 //! let _faults = memory.start_fault_server(|e| eprintln!("{e}"))?;
 //! // ... create vCPUs on `vm` and run them; the guest's RAM is private.
 //!
@@ -48,7 +54,7 @@
 //! let mut back = [0; 8];
 //! memory.read(Gpa(0x1000), &mut back)?;
 //! assert_eq!(u64::from_le_bytes(back), 0xfeed);
-//! memory.remove_region(&vm, region.slot())?;
+//! memory.remove_region(region.slot())?;
 //! # Ok::<(), gmem_kvm::Error>(())
 //! ```
 

@@ -13,7 +13,7 @@
 //! notifier zaps its own mappings.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use gmem::{FileId, FileOffset, GuestOwner, PageRange, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -149,6 +149,8 @@ pub struct PrivateMemory {
     pub(crate) gate: ChangeGate,
     listeners: RwLock<Vec<Arc<dyn MemoryListener>>>,
     launched: AtomicBool,
+    /// The VM whose memslots the regions are, kept until they are deleted.
+    vm: OnceLock<Arc<VmFd>>,
     pub(crate) counters: Counters,
 }
 
@@ -157,6 +159,16 @@ impl std::fmt::Debug for PrivateMemory {
         f.debug_struct("PrivateMemory")
             .field("regions", &self.regions().len())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PrivateMemory {
+    /// Deletes every memslot first: KVM never uses a window once it is
+    /// unmapped (a vCPU still running gets exits for those GPAs).
+    fn drop(&mut self) {
+        for region in self.regions().iter() {
+            let _ = self.delete_memslot(region);
+        }
     }
 }
 
@@ -250,6 +262,7 @@ impl PrivateMemory {
             gate: ChangeGate::default(),
             listeners: RwLock::new(Vec::new()),
             launched: AtomicBool::new(false),
+            vm: OnceLock::new(),
             counters: Counters::default(),
         }))
     }
@@ -274,19 +287,17 @@ impl PrivateMemory {
     /// GUEST-sealed; `EEXIST` for a GPA range or slot id already taken;
     /// `EPERM` for a file another VM owns; KVM's errno where it refuses.
     ///
-    /// # Safety
-    ///
-    /// `vm` must be the VM this memory serves, and the memslot must not be
-    /// replaced or deleted by other means, nor the VM run once this
-    /// `PrivateMemory` is dropped unless [`remove_region`](Self::remove_region)
-    /// deleted the slot first: KVM keeps writing to `userspace_addr`, a
-    /// mapping this memory owns (the same promise as kvm-ioctls'
-    /// `set_user_memory_region`).
-    pub unsafe fn add_region(
+    /// The memory keeps `vm` (the first region's VM; `EINVAL` for
+    /// another) and deletes its memslots when it is dropped, so no memslot
+    /// outlives the mapping it points at: unlike kvm-ioctls'
+    /// `set_user_memory_region`, this is safe. Do not replace or delete
+    /// the slot through the `VmFd` yourself (that is `unsafe` there).
+    pub fn add_region(
         self: &Arc<Self>,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         spec: RegionSpec,
     ) -> Result<Arc<PrivateRegion>> {
+        let vm = self.serve_vm(vm)?;
         let RegionSpec { slot, gpa, ref file, file_offset: FileOffset(offset), size } = spec;
         if offset % PAGE_SIZE != 0 || offset.checked_add(size).is_none() {
             return Err(Error::InvalidArgument(format!(
@@ -303,7 +314,8 @@ impl PrivateMemory {
                 userspace_addr: region.userspace_addr(),
             };
             // SAFETY: the window is a live mapping of `size` bytes owned by
-            // the region; the caller promised it outlives the memslot.
+            // the region, which this memory keeps until it deletes the
+            // memslot (remove_region, or on drop).
             self.with_faults_served(|| unsafe { vm.set_user_memory_region(kvm_region) })
                 .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
             Ok(region)
@@ -320,25 +332,24 @@ impl PrivateMemory {
     /// [`add_region`](Self::add_region); `EOPNOTSUPP`-like KVM errnos where
     /// the kernel lacks the flags (see [`crate::native::probe`]).
     ///
-    /// # Safety
-    ///
-    /// As [`add_region`](Self::add_region): the mapping this memory owns
-    /// must outlive the memslot.
-    pub unsafe fn add_native_region(
+    /// As [`add_region`](Self::add_region), the memory keeps `vm` and
+    /// deletes the memslot when dropped.
+    pub fn add_native_region(
         self: &Arc<Self>,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         slot: u32,
         gpa: Gpa,
         size: u64,
     ) -> Result<Arc<PrivateRegion>> {
+        let vm = self.serve_vm(vm)?;
         self.reserve(slot, gpa, size, None)?;
         let region = (|| {
             let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
             let memfd = GuestMemfd::create(vm, size, flags)?;
             let map = GuestMemfdMap::new(&memfd, size)?;
             // SAFETY: `map` is a mapping of `size` bytes owned by the region
-            // (no Rust reference points into it); the caller promised it
-            // outlives the memslot.
+            // (no Rust reference points into it), which this memory keeps
+            // until it deletes the memslot.
             self.with_faults_served(|| unsafe {
                 memfd.bind(vm, slot, gpa.0, size, 0, map.addr() as u64)
             })?;
@@ -442,15 +453,35 @@ impl PrivateMemory {
     /// [`add_region`](Self::add_region), callable from any thread, the one
     /// that serves faults included: faults are served by a thread of the
     /// call's own while KVM waits for the vCPUs.
-    pub fn remove_region(&self, vm: &VmFd, slot: u32) -> Result<Arc<PrivateRegion>> {
+    pub fn remove_region(&self, slot: u32) -> Result<Arc<PrivateRegion>> {
         let region = self
             .regions()
             .iter()
             .find(|r| r.slot == slot)
             .cloned()
             .ok_or_else(|| Error::InvalidArgument(format!("no region in memslot {slot}")))?;
+        self.delete_memslot(&region)?;
+        self.regions.write().unwrap_or_else(|p| p.into_inner()).retain(|r| r.slot != slot);
+        Ok(region)
+    }
+
+    /// The VM this memory serves: `vm`, kept from its first region on;
+    /// `EINVAL` for another.
+    fn serve_vm<'a>(&'a self, vm: &Arc<VmFd>) -> Result<&'a VmFd> {
+        let served = self.vm.get_or_init(|| vm.clone());
+        if !Arc::ptr_eq(served, vm) {
+            return Err(Error::InvalidArgument(
+                "this memory serves another VM: one PrivateMemory per VM (and per boot)".into(),
+            ));
+        }
+        Ok(served)
+    }
+
+    /// Deletes `region`'s memslot: KVM stops using its window.
+    fn delete_memslot(&self, region: &PrivateRegion) -> Result<()> {
+        let Some(vm) = self.vm.get() else { return Ok(()) };
         let delete = kvm_userspace_memory_region {
-            slot,
+            slot: region.slot,
             flags: 0,
             guest_phys_addr: region.gpa.0,
             memory_size: 0,
@@ -458,9 +489,7 @@ impl PrivateMemory {
         };
         // SAFETY: deleting a memslot maps nothing; KVM stops using the window.
         self.with_faults_served(|| unsafe { vm.set_user_memory_region(delete) })
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
-        self.regions.write().unwrap_or_else(|p| p.into_inner()).retain(|r| r.slot != slot);
-        Ok(region)
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))
     }
 
     /// Tells `listener` of every later discard and conversion.

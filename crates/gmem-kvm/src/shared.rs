@@ -8,7 +8,7 @@
 //!   piece of device work (a request, a descriptor chain), which sees the
 //!   regions added or removed since the last one.
 //! - [`SharedView`]: the [`GuestMemoryBackend`] a device walks. Every slice
-//!   it hands out holds its GPA range in the change gate ([`crate::gate`])
+//!   it hands out holds its GPA range in the change gate (`gate.rs`)
 //!   from then until the view is dropped: those pages cannot be converted,
 //!   punched or freed under the device (the change waits), while every
 //!   other page converts freely. Every access first checks that its pages

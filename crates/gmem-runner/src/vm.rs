@@ -171,6 +171,7 @@ pub fn probe_hypercall_exits() -> Result<std::result::Result<(), String>> {
 
 /// Plain anonymous memory at a GPA (benchmark baselines), unmapped on drop.
 struct AnonymousSlot {
+    slot: u32,
     gpa: Gpa,
     size: u64,
     map: Map,
@@ -179,8 +180,8 @@ struct AnonymousSlot {
 /// A KVM VM with private memory served by gmem (the user-space backend).
 pub struct Vm {
     kvm: Kvm,
-    // Declared before `memory`: the VM (and its memslots) goes first.
-    pub(crate) fd: VmFd,
+    /// Shared with `memory`, which deletes its memslots before it lets go.
+    pub(crate) fd: Arc<VmFd>,
     memory: Arc<PrivateMemory>,
     pub(crate) control: Arc<Control>,
     _server: FaultServer,
@@ -202,6 +203,24 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+impl Drop for Vm {
+    /// Deletes the plain memslots before their maps go (the VmFd may live
+    /// on in the memory, which deletes its own).
+    fn drop(&mut self) {
+        for slot in self.anonymous.get_mut().unwrap_or_else(|p| p.into_inner()).iter() {
+            let delete = kvm_userspace_memory_region {
+                slot: slot.slot,
+                flags: 0,
+                guest_phys_addr: slot.gpa.0,
+                memory_size: 0,
+                userspace_addr: 0,
+            };
+            // SAFETY: deleting a memslot maps nothing; KVM stops using the map.
+            let _ = unsafe { self.fd.set_user_memory_region(delete) };
+        }
+    }
+}
+
 impl Vm {
     /// Opens `/dev/kvm` and creates a VM with the default fault-around.
     pub fn new() -> Result<Self> {
@@ -213,7 +232,7 @@ impl Vm {
     pub fn with_fault_around(pages: u64) -> Result<Self> {
         let memory = PrivateMemory::new(pages)?;
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
-        let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        let fd = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         let control = Arc::new(Control::default());
         let on_error = control.clone();
         // One fault thread per core (at most 16): many vCPUs' first
@@ -273,9 +292,7 @@ impl Vm {
         let vm = Self::new()?;
         for (gpa, size) in boot::ram_regions(ram_size) {
             let slot = vm.next_slot.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: `fd` is this memory's VM, and the Vm drops `fd` (and
-            // with it the memslots) before `memory`.
-            unsafe { vm.memory.add_native_region(&vm.fd, slot, gpa, size) }?;
+            vm.memory.add_native_region(&vm.fd, slot, gpa, size)?;
         }
         Ok(vm)
     }
@@ -291,9 +308,7 @@ impl Vm {
     ) -> Result<u32> {
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let spec = RegionSpec { slot, gpa, file: file.clone(), file_offset: offset, size };
-        // SAFETY: `fd` is this memory's VM, and the Vm drops `fd` (and with
-        // it the memslots) before `memory`.
-        unsafe { self.memory.add_region(&self.fd, spec) }?;
+        self.memory.add_region(&self.fd, spec)?;
         Ok(slot)
     }
 
@@ -301,7 +316,7 @@ impl Vm {
     /// vCPUs run: their next access there stops the VM with an error that
     /// names the GPA.
     pub fn remove_memory(&self, slot: u32) -> Result<()> {
-        self.memory.remove_region(&self.fd, slot).map(drop)
+        self.memory.remove_region(slot).map(drop)
     }
 
     /// Adds plain anonymous memory at `gpa`: not private, not served by
@@ -336,11 +351,12 @@ impl Vm {
             memory_size: size,
             userspace_addr: map.at(0) as u64,
         };
-        let slot = AnonymousSlot { gpa, size, map };
-        // Owned by the VM from here, which unmaps it on drop, after its VmFd.
+        let slot = AnonymousSlot { slot: id, gpa, size, map };
+        // Owned by the VM from here, which deletes the memslot on drop
+        // before it unmaps it.
         self.anonymous.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
         // SAFETY: the slot's map is a live mapping of `size` bytes that the
-        // VM keeps until it is dropped, after its VmFd.
+        // VM keeps until it has deleted the memslot (on drop).
         unsafe { self.fd.set_user_memory_region(region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         Ok(id)

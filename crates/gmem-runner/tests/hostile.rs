@@ -138,7 +138,7 @@ fn a_region_kvm_refuses_leaves_nothing() {
         return;
     }
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
     let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
     let file = Arc::new(PrivateMemFile::new_guest("refused").unwrap());
     file.set_len(4 << 20).unwrap();
@@ -149,8 +149,7 @@ fn a_region_kvm_refuses_leaves_nothing() {
         file_offset: FileOffset(offset),
         size: 2 << 20,
     };
-    // SAFETY: `vm` is this memory's VM and is never run.
-    let refused = unsafe { memory.add_region(&vm, spec(0, 1 << 60, 0)) };
+    let refused = memory.add_region(&vm, spec(0, 1 << 60, 0));
     assert_eq!(refused.unwrap_err().errno(), Errno::INVAL);
     assert!(memory.regions().is_empty());
     assert_eq!(
@@ -164,14 +163,17 @@ fn a_region_kvm_refuses_leaves_nothing() {
         let threads: Vec<_> = (0..8u32)
             .map(|i| {
                 let (memory, vm, spec) = (&memory, &vm, spec(i + 1, 8 << 20, 0));
-                // SAFETY: as above.
-                scope.spawn(move || unsafe { memory.add_region(vm, spec) }.map(|_| ()))
+                scope.spawn(move || memory.add_region(vm, spec).map(|_| ()))
             })
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
     assert_eq!(memory.regions().len(), 1);
+    // One memory serves one VM.
+    let other = Arc::new(kvm.create_vm().unwrap());
+    let refused = memory.add_region(&other, spec(20, 32 << 20, 2 << 20));
+    assert_eq!(refused.unwrap_err().errno(), Errno::INVAL);
 }
 
 /// A zero-length slice at the very end of a region is empty, not a panic.
@@ -287,7 +289,7 @@ fn an_unservable_fault_is_fenced_and_reported() {
     use kvm_ioctls::VcpuExit;
     const STUCK: u64 = 16 << 20;
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
     let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
     let file = Arc::new(PrivateMemFile::new_guest("fenced").unwrap());
     file.set_len(RAM).unwrap();
@@ -298,8 +300,7 @@ fn an_unservable_fault_is_fenced_and_reported() {
         file_offset: FileOffset(0),
         size: RAM,
     };
-    // SAFETY: `vm` is this memory's VM; `memory` outlives every run of it.
-    unsafe { memory.add_region(&vm, spec) }.unwrap();
+    memory.add_region(&vm, spec).unwrap();
     let image = GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
     boot::load(&image, RAM, 1, |gpa, bytes| memory.populate(gpa, bytes)).unwrap();
     // This thread serves faults and holds a lock on the page at STUCK.

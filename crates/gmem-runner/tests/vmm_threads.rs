@@ -247,7 +247,7 @@ fn views_on_threads_that_wait_for_each_other_do_not_deadlock_a_conversion() {
 struct HandDriven {
     memory: Arc<PrivateMemory>,
     vcpu_thread: Option<std::thread::JoinHandle<u8>>,
-    vm: kvm_ioctls::VmFd,
+    vm: Arc<kvm_ioctls::VmFd>,
 }
 
 impl HandDriven {
@@ -258,7 +258,7 @@ impl HandDriven {
     fn start_loaded(guest: &str, ram: u64, fault_around: u64, staged: bool) -> Self {
         use kvm_ioctls::VcpuExit;
         let kvm = kvm_ioctls::Kvm::new().unwrap();
-        let vm = kvm.create_vm().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
         let memory = PrivateMemory::new(fault_around).unwrap();
         let spec = gmem_kvm::RegionSpec {
             slot: 0,
@@ -267,9 +267,7 @@ impl HandDriven {
             file_offset: FileOffset(0),
             size: ram,
         };
-        // SAFETY: `vm` is this memory's VM; the vCPU thread is joined (by
-        // `finish`) before either is dropped.
-        unsafe { memory.add_region(&vm, spec) }.unwrap();
+        memory.add_region(&vm, spec).unwrap();
         let image = gmem_runner::GuestImage::parse(gmem_guest::guest(guest).unwrap(), ram).unwrap();
         if staged {
             let launch = memory.launch_memory().unwrap();
@@ -346,9 +344,8 @@ fn memslot_changes_from_the_fault_serving_thread_complete() {
                     file_offset: FileOffset(0),
                     size: SIZE,
                 };
-                // SAFETY: as above.
-                unsafe { vm.memory.add_region(&vm.vm, spec) }.unwrap();
-                vm.memory.remove_region(&vm.vm, 1).unwrap();
+                vm.memory.add_region(&vm.vm, spec).unwrap();
+                vm.memory.remove_region(1).unwrap();
                 changes += 1;
             }
             vm.memory.serve_faults().unwrap();
@@ -626,4 +623,48 @@ fn plain_regions_join_private_ones_in_the_device_view() {
             0x3c3c_3c3c_3c3c_3c3c
         );
     });
+}
+
+/// The memory keeps its VM and deletes its memslots when dropped, so a
+/// VmFd that outlives it (a VMM holding it elsewhere) has no memslot left
+/// on the unmapped windows: the GPA range is free for a new slot.
+#[test]
+fn dropping_the_memory_deletes_its_memslots() {
+    if !kvm() {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let memory = PrivateMemory::new(gmem_kvm::DEFAULT_FAULT_AROUND_PAGES).unwrap();
+    let spec = |slot| gmem_kvm::RegionSpec {
+        slot,
+        gpa: Gpa(0),
+        file: guest_file(SIZE),
+        file_offset: FileOffset(0),
+        size: SIZE,
+    };
+    memory.add_region(&vm, spec(3)).unwrap();
+    let plain = vm_memory::mmap::MmapRegion::<()>::new(SIZE as usize).unwrap();
+    let slot = kvm_bindings::kvm_userspace_memory_region {
+        slot: 9,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: SIZE,
+        userspace_addr: plain.as_ptr() as u64,
+    };
+    // SAFETY: `plain` outlives the VM's use of it: the slot is deleted
+    // below before `plain` goes, and no vCPU ever runs.
+    let taken = unsafe { vm.set_user_memory_region(slot) }.unwrap_err();
+    assert_eq!(taken.errno(), libc::EEXIST, "the region's memslot is there");
+    drop(memory);
+    // SAFETY: as above.
+    unsafe { vm.set_user_memory_region(slot) }.expect("the memslot went with the memory");
+    // SAFETY: deleting a memslot maps nothing.
+    unsafe {
+        vm.set_user_memory_region(kvm_bindings::kvm_userspace_memory_region {
+            memory_size: 0,
+            ..slot
+        })
+    }
+    .unwrap();
 }

@@ -30,7 +30,8 @@ fn window(gpa: u64) -> bool {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kvm = Kvm::new()?;
-    let vm = kvm.create_vm()?;
+    // Shared with the memory, which deletes its memslots when it goes.
+    let vm = Arc::new(kvm.create_vm()?);
 
     // 1. Guest RAM: one GUEST-sealed file, one private region in slot 7.
     let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES)?;
@@ -38,10 +39,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     file.set_len(RAM)?;
     let spec =
         RegionSpec { slot: 7, gpa: gmem_kvm::Gpa(0), file, file_offset: FileOffset(0), size: RAM };
-    // SAFETY: `vm` is this memory's VM. Locals drop in reverse order: the
-    // vCPU (declared below) goes first, so no guest runs on the region's
-    // window once `memory` unmaps it; `vm` goes last.
-    unsafe { memory.add_region(&vm, spec) }?;
+    // Safe: the memory keeps `vm` and deletes the memslot before it unmaps
+    // the region's window.
+    memory.add_region(&vm, spec)?;
 
     // 2. A disk, if asked for: device 0 of GUEST_ABI 1.1's device list.
     let disk_path = std::env::args().skip_while(|a| a != "--disk").nth(1);
