@@ -8,12 +8,13 @@
 //! [`PrivateMemory::start_fault_server`] run a thread that does so and hands
 //! it the errors.
 //!
-//! A fault that cannot be served (its page was truncated away, the host is
-//! out of memory) must not leave the vCPU retrying for ever inside
+//! A fault that cannot be served (the host is out of memory, the page is
+//! locked for good) must not leave the vCPU retrying for ever inside
 //! `KVM_RUN`, where no signal gets it out: the page is fenced off
-//! (`PROT_NONE` in the KVM window, once) and the vCPU woken, so that
-//! `KVM_RUN` returns (an MMIO exit on some hosts, `EFAULT` on others) and
-//! the VMM, told of the error, can stop the VM.
+//! (`PROT_NONE` in the KVM window, once; the whole window where the kernel
+//! cannot split the mapping) and the vCPU woken, so that `KVM_RUN` returns
+//! (an MMIO exit on some hosts, `EFAULT` on others) and the VMM, told of
+//! the error, can stop the VM.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -387,21 +388,35 @@ impl PrivateMemory {
     }
 
     /// Fences region page `page` off for KVM and wakes its vCPU, so that
-    /// its access ends `KVM_RUN` instead of faulting again.
+    /// its access ends `KVM_RUN` instead of faulting again. A page fence
+    /// splits the window's mapping, which needs memory (a VMA) the kernel
+    /// may refuse (`ENOMEM` at `vm.max_map_count`, or in a memory cgroup
+    /// at its limit); then the whole window is fenced, which splits
+    /// nothing, and failing even that, its faults are handed to the kernel
+    /// (unregistered), whose own fault either maps the page or ends
+    /// `KVM_RUN`: the vCPU never retries for ever.
     fn fence(&self, f: &FileBacking, page: u64) {
-        let addr = f.window_addr() + page * PAGE_SIZE;
-        // SAFETY: the page lies in the region's KVM window, a mapping the
-        // region owns that no Rust reference points into; taking its access
-        // away only makes KVM's next access to it fail.
-        let fenced = unsafe {
-            rustix::mm::mprotect(
-                addr as *mut std::ffi::c_void,
-                PAGE_SIZE as usize,
-                rustix::mm::MprotectFlags::empty(),
-            )
+        let window = f.window_addr();
+        let addr = window + page * PAGE_SIZE;
+        let len = f.window.len() as u64;
+        let protect_none = |addr: u64, len: u64| {
+            // SAFETY: the range lies in the region's KVM window, a mapping
+            // the region owns that no Rust reference points into; taking
+            // its access away only makes KVM's next access to it fail.
+            unsafe {
+                rustix::mm::mprotect(
+                    addr as *mut std::ffi::c_void,
+                    len as usize,
+                    rustix::mm::MprotectFlags::empty(),
+                )
+            }
         };
-        if fenced.is_ok() {
+        if protect_none(addr, PAGE_SIZE).is_ok() {
             self.counters.fenced_pages.fetch_add(1, Ordering::Relaxed);
+        } else if protect_none(window, len).is_ok() {
+            self.counters.fenced_pages.fetch_add(len / PAGE_SIZE, Ordering::Relaxed);
+        } else {
+            let _ = self.uffd.unregister(window, len);
         }
         let _ = self.uffd.wake(addr, PAGE_SIZE);
     }

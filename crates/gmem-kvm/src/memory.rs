@@ -64,7 +64,8 @@ pub struct MemoryStats {
     pub pages_served: u64,
     /// Faults handled (each serves up to a fault-around batch).
     pub faults: u64,
-    /// Faults that could not be served: their page was fenced off.
+    /// Pages fenced off after faults that could not be served (a whole
+    /// region where a page fence could not be made).
     pub fenced_pages: u64,
     /// Invalidation callbacks received from the files.
     pub invalidations: u64,
@@ -166,6 +167,14 @@ impl Drop for PrivateMemory {
     /// Deletes every memslot first: KVM never uses a window once it is
     /// unmapped (a vCPU still running gets exits for those GPAs).
     fn drop(&mut self) {
+        // The kernel serves the windows' faults from now on: a vCPU asleep
+        // on one is woken, and KVM's memslot update, which waits for it,
+        // needs no fault thread (there may be none to start).
+        for region in self.regions().iter() {
+            if let Some(f) = region.file_backing() {
+                let _ = self.uffd.unregister(f.window_addr(), f.window.len() as u64);
+            }
+        }
         for region in self.regions().iter() {
             let _ = self.delete_memslot(region);
         }

@@ -223,8 +223,14 @@ impl Userfaultfd {
     /// faults pending there (they fault again, and are served as the new
     /// registration says); where the new registration fails, the old one
     /// is restored.
+    /// Stops reporting faults on `[addr, addr + len)` and wakes the threads
+    /// waiting on them: the kernel serves their faults from now on.
+    pub(crate) fn unregister(&self, addr: u64, len: u64) -> Result<()> {
+        self.ioctl(&mut Unregister(uffdio_range { start: addr, len }), "UFFDIO_UNREGISTER")
+    }
+
     pub(crate) fn reregister(&self, addr: u64, len: u64, registration: Registration) -> Result<()> {
-        self.ioctl(&mut Unregister(uffdio_range { start: addr, len }), "UFFDIO_UNREGISTER")?;
+        self.unregister(addr, len)?;
         self.register(addr, len, registration).inspect_err(|_| {
             let _ = self.register(addr, len, registration.other());
         })

@@ -285,9 +285,67 @@ fn an_unservable_fault_is_fenced_and_reported() {
     if !kvm() {
         return;
     }
+    let (how, failed, stats) = unservable_fault(|| {});
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].gpa, Gpa(STUCK));
+    assert_eq!(failed[0].errno(), Errno::DEADLK);
+    assert_ne!(how, "guest exit", "the fenced page was never reached");
+    assert_eq!(stats.fenced_pages, 1);
+}
+
+const STUCK: u64 = 16 << 20;
+const FENCE_CHILD: &str = "GMEM_TEST_FENCE_CHILD";
+
+/// Issue 19, defect 5: a page fence is an `mprotect` that splits the
+/// window's mapping, and that needs memory (a VMA); where it fails the
+/// vCPU used to retry the fault for ever inside `KVM_RUN`. Here it fails
+/// for real, in a child process whose mappings are at `vm.max_map_count`
+/// (a per-process limit: nothing host-wide changes): `KVM_RUN` still ends,
+/// and the VMM gets the fault error.
+#[test]
+fn an_unservable_fault_ends_the_run_when_no_page_fence_can_be_made() {
+    if !kvm() {
+        return;
+    }
+    if std::env::var_os(FENCE_CHILD).is_some() {
+        let (how, failed, stats) = unservable_fault(exhaust_map_count);
+        assert_eq!(failed.first().map(|f| f.gpa), Some(Gpa(STUCK)), "{failed:?}");
+        assert_ne!(how, "guest exit", "the unservable page was never reached");
+        println!("fence child: {how}, {} fenced pages", stats.fenced_pages);
+        return;
+    }
+    let (passed, text) = common::run_in_child(
+        "an_unservable_fault_ends_the_run_when_no_page_fence_can_be_made",
+        FENCE_CHILD,
+    );
+    assert!(passed, "{text}");
+    assert!(text.contains("fence child: "), "{text}");
+}
+
+/// Maps one-page anonymous mappings that cannot merge until the kernel
+/// refuses (`vm.max_map_count`): no mapping can be split from then on.
+fn exhaust_map_count() {
+    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
+    for n in 0u64.. {
+        let prot = if n % 2 == 0 { ProtFlags::READ } else { ProtFlags::READ | ProtFlags::WRITE };
+        // SAFETY: a new anonymous mapping, never used and never unmapped
+        // (the child process ends with it).
+        let mapped = unsafe { mmap_anonymous(std::ptr::null_mut(), 4096, prot, MapFlags::PRIVATE) };
+        if mapped.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the touch guest on a vCPU while this thread serves faults and
+/// holds a lock on the page at `STUCK`; `before_run` runs once the vCPU
+/// thread is started, before it enters the guest. Returns how the vCPU
+/// left `KVM_RUN`, the faults that could not be served, and the stats.
+fn unservable_fault(
+    before_run: impl FnOnce(),
+) -> (String, Vec<gmem_kvm::FaultError>, gmem_kvm::MemoryStats) {
     use gmem_runner::boot;
     use kvm_ioctls::VcpuExit;
-    const STUCK: u64 = 16 << 20;
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
     let memory = PrivateMemory::new(DEFAULT_FAULT_AROUND_PAGES).unwrap();
@@ -303,13 +361,14 @@ fn an_unservable_fault_is_fenced_and_reported() {
     memory.add_region(&vm, spec).unwrap();
     let image = GuestImage::parse(gmem_guest::guest("touch").unwrap(), RAM).unwrap();
     boot::load(&image, RAM, 1, |gpa, bytes| memory.populate(gpa, bytes)).unwrap();
-    // This thread serves faults and holds a lock on the page at STUCK.
     let binding = file.bind(&memory).unwrap();
     let _held = binding.get_and_lock(gmem::PageIndex(STUCK / 4096)).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     boot::init_vcpu(&kvm, &vcpu, image.entry, 0, RAM).unwrap();
     let (exited, exit) = std::sync::mpsc::channel();
+    let (go, start) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
+        let _ = start.recv();
         let how = loop {
             match vcpu.run() {
                 Ok(VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _)) => {
@@ -322,7 +381,9 @@ fn an_unservable_fault_is_fenced_and_reported() {
         };
         let _ = exited.send(how);
     });
-    let mut failed = Vec::new();
+    let mut failed = Vec::with_capacity(16);
+    before_run();
+    go.send(()).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let how = loop {
         if let Ok(how) = exit.try_recv() {
@@ -332,9 +393,5 @@ fn an_unservable_fault_is_fenced_and_reported() {
         failed.extend(memory.serve_faults().unwrap().1);
         std::thread::sleep(Duration::from_micros(200));
     };
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert_eq!(failed[0].gpa, Gpa(STUCK));
-    assert_eq!(failed[0].errno(), Errno::DEADLK);
-    assert_ne!(how, "guest exit", "the fenced page was never reached");
-    assert_eq!(memory.stats().fenced_pages, 1);
+    (how, failed, memory.stats())
 }

@@ -29,15 +29,9 @@ fn guests_run_without_cap_sys_ptrace_through_dev_userfaultfd() {
         eprintln!("SKIPPED: vm.unprivileged_userfaultfd=1 lets the system call through anyway");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "guests_run_without_cap_sys_ptrace_through_dev_userfaultfd"])
-        .args(["--nocapture", "--test-threads=1"])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (passed, text) =
+        common::run_in_child("guests_run_without_cap_sys_ptrace_through_dev_userfaultfd", CHILD);
+    assert!(passed, "{text}");
     assert!(text.contains("jailed child: the guest exited 0"), "{text}");
 }
 

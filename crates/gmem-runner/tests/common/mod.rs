@@ -78,3 +78,33 @@ pub fn locked_pages_of_mapping(addr: u64) -> u64 {
         .unwrap();
     kib * 1024 / gmem::PAGE_SIZE
 }
+
+/// Runs test `name` of this test binary again, in a child process with
+/// `env` set (`KEY=1`); returns whether it passed, and its output. A child
+/// still running after two minutes is killed and fails the test.
+pub fn run_in_child(name: &str, env: &str) -> (bool, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name}: the child process hung for two minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    let _ = child.stdout.take().unwrap().read_to_string(&mut text);
+    let _ = child.stderr.take().unwrap().read_to_string(&mut text);
+    (status.success(), text)
+}
