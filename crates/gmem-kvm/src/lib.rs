@@ -79,7 +79,9 @@ pub use convert::ConversionRequest;
 pub use error::{Errno, Error, Result};
 pub use faults::{FaultError, FaultServer};
 pub use launch::LaunchMemory;
-pub use memory::{MemoryListener, MemoryStats, PrivateMemory, DEFAULT_FAULT_AROUND_PAGES};
+pub use memory::{
+    MemlockPolicy, MemoryListener, MemoryStats, PrivateMemory, DEFAULT_FAULT_AROUND_PAGES,
+};
 pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 pub use shared::{DeviceMemory, PinnedRange, SharedView};
 

@@ -57,6 +57,24 @@ pub trait MemoryListener: Send + Sync {
     }
 }
 
+/// How much memory gmem locks in RAM (`RLIMIT_MEMLOCK` for a VMM without
+/// `CAP_IPC_LOCK`). A sealed file's frame window is always locked (mlock
+/// on fault: charged its size at `set_len`, pinned as pages are
+/// allocated), so that private pages never reach swap; the policy says
+/// whether each region's KVM window is locked too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemlockPolicy {
+    /// Lock each region's KVM window too, where the limit allows: first
+    /// touches allocate each page once, in KVM's window, and a sparse
+    /// guest's may be handed to the kernel. RAM is charged twice.
+    #[default]
+    KvmWindows,
+    /// The files' frame windows only: RAM is charged once. First touches
+    /// are allocated in the frame window and mapped into KVM's (slower),
+    /// and never handed to the kernel.
+    FilesOnly,
+}
+
 /// Counters of guest memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -150,6 +168,8 @@ pub struct PrivateMemory {
     pub(crate) gate: ChangeGate,
     listeners: RwLock<Vec<Arc<dyn MemoryListener>>>,
     launched: AtomicBool,
+    /// Whether regions added from now on lock their KVM window.
+    lock_kvm_windows: AtomicBool,
     /// The VM whose memslots the regions are, kept until they are deleted.
     vm: OnceLock<Arc<VmFd>>,
     pub(crate) counters: Counters,
@@ -271,9 +291,16 @@ impl PrivateMemory {
             gate: ChangeGate::default(),
             listeners: RwLock::new(Vec::new()),
             launched: AtomicBool::new(false),
+            lock_kvm_windows: AtomicBool::new(true),
             vm: OnceLock::new(),
             counters: Counters::default(),
         }))
+    }
+
+    /// Sets the [`MemlockPolicy`] of regions added from now on.
+    pub fn set_memlock_policy(&self, policy: MemlockPolicy) {
+        let windows = policy == MemlockPolicy::KvmWindows;
+        self.lock_kvm_windows.store(windows, Ordering::Relaxed);
     }
 
     /// The registered regions, in registration order.
@@ -434,11 +461,13 @@ impl PrivateMemory {
         let binding = file.bind(self)?;
         let window = binding.map_window(FileOffset(offset), size)?;
         // Locked in RAM, the window is where first touches allocate pages,
-        // each mapped once. Where the memlock limit refuses a second charge
-        // (the frame window has the first), they are allocated in the frame
-        // window and mapped here too: slower, and no first touch is handed
-        // to the kernel.
-        let _ = window.lock_in_ram();
+        // each mapped once. Where the policy or the memlock limit refuses a
+        // second charge (the frame window has the first), they are
+        // allocated in the frame window and mapped here too: slower, and no
+        // first touch is handed to the kernel.
+        if self.lock_kvm_windows.load(Ordering::Relaxed) {
+            let _ = window.lock_in_ram();
+        }
         self.uffd.register(window.as_ptr() as u64, size, Registration::MissingAndMinor)?;
         let host_view = binding.map_window(FileOffset(offset), size)?;
         self.host_uffd.register(host_view.as_ptr() as u64, size, Registration::MissingAndMinor)?;
