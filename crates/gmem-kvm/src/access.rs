@@ -31,8 +31,15 @@
 //!   holding a view while it waits for another device thread) still gets in.
 //!
 //! One writer holds the lock at a time; readers of other ranges go on.
+//!
+//! Copies (`PrivateMemory::read`/`write`) take their hold without the
+//! lock's mutex where no writer is about ([`AccessLock::quick_shared`]):
+//! each thread publishes its range in a slot of its own cache line, so
+//! copies on many cores share no written memory, and a writer, once
+//! announced, waits for the slots that overlap its range to empty.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
@@ -107,6 +114,83 @@ impl State {
 pub(crate) struct AccessLock {
     state: Mutex<State>,
     changed: Condvar,
+    quick: QuickReaders,
+}
+
+/// How many threads may hold quick holds at once (more take the mutex).
+const QUICK_SLOTS: usize = 16;
+
+/// The quick holds: a range per slot, and how many writers are about
+/// (waiting or holding). A reader publishes its range, then checks that
+/// no writer is about; a writer announces itself, then looks at the
+/// slots. Both sequentially consistent, so one of the two sees the other.
+#[derive(Debug)]
+struct QuickReaders {
+    slots: Box<[QuickSlot]>,
+    writers: AtomicUsize,
+}
+
+impl Default for QuickReaders {
+    fn default() -> Self {
+        Self {
+            slots: (0..QUICK_SLOTS).map(|_| QuickSlot::default()).collect(),
+            writers: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A thread's quick hold: its own cache lines, written by that thread.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct QuickSlot {
+    busy: AtomicBool,
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+impl QuickReaders {
+    /// Whether a quick hold overlaps `span`.
+    fn overlap(&self, span: &Range<u64>) -> bool {
+        self.slots.iter().any(|slot| {
+            let (start, end) = (slot.start.load(SeqCst), slot.end.load(SeqCst));
+            overlaps(&(start..end), span)
+        })
+    }
+
+    /// Waits until no quick hold overlaps `span`. Quick holds are copies
+    /// that wait for nothing while they hold, so this ends soon.
+    fn wait_for(&self, span: &Range<u64>) {
+        let mut spins = 0u32;
+        while self.overlap(span) {
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+}
+
+/// A quick shared hold ([`AccessLock::quick_shared`]); released on drop.
+#[derive(Debug)]
+pub(crate) struct QuickShared<'a>(&'a QuickSlot, NotSend);
+
+impl Drop for QuickShared<'_> {
+    fn drop(&mut self) {
+        self.0.end.store(0, SeqCst);
+        self.0.start.store(0, SeqCst);
+        self.0.busy.store(false, SeqCst);
+    }
+}
+
+/// This thread's quick slot, given out round-robin.
+fn quick_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, SeqCst) % QUICK_SLOTS;
+    }
+    SLOT.with(|slot| *slot)
 }
 
 /// Holds are per thread: a guard cannot move to another one.
@@ -195,6 +279,25 @@ impl AccessLock {
         Shared(self, id, NotSend::default())
     }
 
+    /// `span` held shared without the mutex, where no writer is about and
+    /// this thread's slot is free (`None` otherwise: take
+    /// [`hold`](Self::hold)). For holds during which the thread takes no
+    /// other hold and waits for nothing (a copy).
+    pub(crate) fn quick_shared(&self, span: Range<u64>) -> Option<QuickShared<'_>> {
+        let quick = &self.quick;
+        if quick.writers.load(SeqCst) != 0 {
+            return None;
+        }
+        let slot = &quick.slots[quick_slot()];
+        if slot.busy.swap(true, SeqCst) {
+            return None;
+        }
+        slot.start.store(span.start, SeqCst);
+        slot.end.store(span.end, SeqCst);
+        let held = QuickShared(slot, NotSend::default());
+        (quick.writers.load(SeqCst) == 0).then_some(held)
+    }
+
     /// Ends hold `id`, on any thread.
     pub(crate) fn release(&self, id: u64) {
         let mut state = self.state();
@@ -233,6 +336,19 @@ impl AccessLock {
         // Only this thread changes its own holds: the check stays true
         // after the state lock is dropped and taken again.
         self.check_not_shared_here(op)?;
+        // Announced first: no quick hold begins from now on. The quick
+        // holds there are end before this thread queues as a writer, so
+        // it is never a writer that new readers wait for while it waits.
+        self.quick.writers.fetch_add(1, SeqCst);
+        self.quick.wait_for(&span);
+        let taken = self.take_exclusive(op, span);
+        if taken.is_err() {
+            self.quick.writers.fetch_sub(1, SeqCst);
+        }
+        taken
+    }
+
+    fn take_exclusive(&self, op: &'static str, span: Range<u64>) -> Result<Exclusive<'_>> {
         let me = current_thread();
         let mut state = self.state();
         state.check_not_pinned(&span)?;
@@ -280,6 +396,7 @@ impl Drop for Shared<'_> {
 
 impl Drop for Exclusive<'_> {
     fn drop(&mut self) {
+        self.0.quick.writers.fetch_sub(1, SeqCst);
         let mut state = self.0.state();
         if let Some(writer) = state.writer.as_mut() {
             writer.depth -= 1;
@@ -369,6 +486,30 @@ mod tests {
             let inner = lock.exclusive("test", 550..560).unwrap();
             drop((inner, outer));
         });
+    }
+
+    /// A quick hold keeps a writer of its range out until it ends (and not
+    /// one of another range); none is given while a writer is about.
+    #[test]
+    fn quick_holds_and_writers_see_each_other() {
+        let lock = &AccessLock::default();
+        let quick = lock.quick_shared(0x1000..0x2000).expect("no writer about");
+        drop(lock.exclusive("test", 0x2000..0x3000).unwrap());
+        std::thread::scope(|scope| {
+            let (taken, took) = mpsc::channel();
+            let writer = scope.spawn(move || {
+                let write = lock.exclusive("test", 0..0x1800).unwrap();
+                taken.send(()).unwrap();
+                // Announced and holding: no quick hold anywhere.
+                assert!(lock.quick_shared(0x8000..0x9000).is_none());
+                drop(write);
+            });
+            assert!(took.recv_timeout(Duration::from_millis(100)).is_err(), "did not wait");
+            drop(quick);
+            took.recv_timeout(Duration::from_secs(10)).unwrap();
+            writer.join().unwrap();
+        });
+        assert!(lock.quick_shared(0..8).is_some(), "free again once the writer is gone");
     }
 
     /// A pin is no thread's: an exclusive hold over it is refused at once

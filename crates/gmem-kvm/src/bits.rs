@@ -33,6 +33,21 @@ impl PageBits {
         }
     }
 
+    /// The first page of `pages` whose bit is `value`, a word at a time.
+    pub(crate) fn first(&self, pages: Range<u64>, value: bool) -> Option<u64> {
+        let mut page = pages.start;
+        while page < pages.end {
+            let word = self.0[(page / 64) as usize].load(Ordering::Acquire);
+            let word = (if value { word } else { !word }) >> (page % 64);
+            if word != 0 {
+                let found = page + u64::from(word.trailing_zeros());
+                return (found < pages.end).then_some(found);
+            }
+            page += 64 - page % 64;
+        }
+        None
+    }
+
     /// Maximal runs inside `pages` whose bits are `value`.
     pub(crate) fn runs(&self, pages: Range<u64>, value: bool) -> Vec<Range<u64>> {
         let mut runs = Vec::new();
@@ -53,5 +68,25 @@ impl PageBits {
 
     pub(crate) fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_and_runs_agree_across_words() {
+        let bits = PageBits::new(300);
+        bits.set(3..5, true);
+        bits.set(60..130, true);
+        bits.set(299..300, true);
+        for range in [0..300, 4..300, 5..60, 64..129, 129..131, 131..299, 200..200, 63..64] {
+            for value in [false, true] {
+                let expected = bits.runs(range.clone(), value).first().map(|r| r.start);
+                assert_eq!(bits.first(range.clone(), value), expected, "{range:?} {value}");
+            }
+        }
+        assert_eq!(bits.runs(0..300, true), vec![3..5, 60..130, 299..300]);
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
-use crate::access::{overlaps, AccessLock, Exclusive, Shared};
+use crate::access::{overlaps, AccessLock, Exclusive, QuickShared, Shared};
 use crate::error::{Error, Result};
 
 /// See the module docs.
@@ -47,6 +47,18 @@ impl ChangeGate {
     /// tells it what it may not touch.
     pub(crate) fn access(&self, span: Range<u64>) -> Shared<'_> {
         self.access.adopt(self.hold(span, false))
+    }
+
+    /// [`access`](Self::access) for a copy, which takes no other hold and
+    /// waits for nothing while it holds: a quick hold where no writer is
+    /// about and nothing changes (see [`crate::access`]).
+    pub(crate) fn copy_access(&self, span: Range<u64>) -> CopyAccess<'_> {
+        if let Some(quick) = self.access.quick_shared(span.clone()) {
+            if self.changes.load(Ordering::SeqCst) == 0 {
+                return CopyAccess { _quick: Some(quick), _held: None };
+            }
+        }
+        CopyAccess { _quick: None, _held: Some(self.access(span)) }
     }
 
     /// [`access`](Self::access) as a hold id for [`release`](Self::release):
@@ -132,6 +144,14 @@ impl ChangeGate {
         *converting = Some(me);
         Ok(ConversionTurn(self))
     }
+}
+
+/// A copy's hold ([`ChangeGate::copy_access`]), quick or not; released
+/// on drop.
+#[derive(Debug)]
+pub(crate) struct CopyAccess<'a> {
+    _quick: Option<QuickShared<'a>>,
+    _held: Option<Shared<'a>>,
 }
 
 /// A range marked as changing; unmarked on drop, however the change ends.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
 use crate::error::{Error, Result};
-use crate::memory::PrivateMemory;
+use crate::memory::{parts_in, PrivateMemory};
 use crate::region::{Backing, PrivateRegion};
 use crate::Gpa;
 
@@ -31,9 +31,10 @@ impl PrivateMemory {
     /// when another thread's change began; `EDEADLK` for a range this
     /// thread is changing (a listener reading what its change discards).
     pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<()> {
-        let _shared = self.gate.access(gpa.0..gpa.0.saturating_add(buf.len() as u64));
+        let _shared = self.gate.copy_access(gpa.0..gpa.0.saturating_add(buf.len() as u64));
+        let regions = self.regions();
         let mut at = 0;
-        for (_region, slice) in self.host_slices(gpa, buf.len())? {
+        for slice in self.host_slices(&regions, gpa, buf.len())? {
             slice.copy_to(&mut buf[at..at + slice.len()]);
             at += slice.len();
         }
@@ -43,34 +44,36 @@ impl PrivateMemory {
     /// Writes `data` into shared guest memory at `gpa`, all of it or
     /// nothing; errors as [`read`](Self::read).
     pub fn write(&self, gpa: Gpa, data: &[u8]) -> Result<()> {
-        let _shared = self.gate.access(gpa.0..gpa.0.saturating_add(data.len() as u64));
+        let _shared = self.gate.copy_access(gpa.0..gpa.0.saturating_add(data.len() as u64));
+        let regions = self.regions();
         let mut at = 0;
-        for (_region, slice) in self.host_slices(gpa, data.len())? {
+        for slice in self.host_slices(&regions, gpa, data.len())? {
             slice.copy_from(&data[at..at + slice.len()]);
             at += slice.len();
         }
         Ok(())
     }
 
-    /// The host view of `[gpa, gpa + len)`, one slice per region it spans,
-    /// every page shared and mapped, each with its region: the caller keeps
-    /// the regions (and so their windows) alive while it uses the slices,
-    /// however soon the VMM removes them. The caller holds the access lock
-    /// shared for as long as it uses them.
-    fn host_slices(
+    /// The host view of `[gpa, gpa + len)`, one slice per region of
+    /// `regions` (a snapshot of the table) it spans, every page shared and
+    /// mapped. The slices borrow the snapshot, which keeps the regions
+    /// (and so their windows) alive however soon the VMM removes them; the
+    /// caller holds the access lock shared for as long as it uses them.
+    fn host_slices<'r>(
         &self,
+        regions: &'r [Arc<PrivateRegion>],
         gpa: Gpa,
         len: usize,
-    ) -> Result<Vec<(Arc<PrivateRegion>, VolatileSlice<'_>)>> {
+    ) -> Result<Vec<VolatileSlice<'r>>> {
         let mut slices = Vec::new();
-        for (region, offset, part) in self.parts(gpa, len as u64)? {
-            let host = self.map_shared(&region, offset, part as usize)?;
+        for (region, offset, part) in parts_in(regions, gpa, len as u64)? {
+            let host = self.map_shared(region, offset, part as usize)?;
             // SAFETY: `host` points at `part` bytes of the region's host
             // view (map_shared checked the range), mapped and shared; the
             // caller's shared hold on the access lock keeps them so for the
-            // slice's use, and the region, returned beside the slice, keeps
-            // its host view mapped for as long as the caller holds both.
-            slices.push((region, unsafe { VolatileSlice::new(host, part as usize) }));
+            // slice's use, and the snapshot the slice borrows keeps the
+            // region, and so its host view, mapped.
+            slices.push(unsafe { VolatileSlice::new(host, part as usize) });
         }
         Ok(slices)
     }
@@ -101,7 +104,7 @@ impl PrivateMemory {
             // access, INIT_SHARED); the states gate the host.
             Backing::GuestMemfd(n) => Ok(n.map.addr().wrapping_add(offset as usize)),
             Backing::File(f) => {
-                if len != 0 && !f.host_mapped.runs(pages.clone(), false).is_empty() {
+                if len != 0 && f.host_mapped.first(pages.clone(), false).is_some() {
                     // EAGAIN rather than a wait while part of it is being
                     // discarded: the invalidation waits for our hold to end.
                     let _locked = f.binding.get_and_lock_range_or_again(f.file_pages(&pages))?;
@@ -119,11 +122,11 @@ impl PrivateMemory {
 
     /// `EPERM` naming the first private page of `pages`, counted as a denial.
     fn check_shared(&self, region: &PrivateRegion, pages: Range<u64>) -> Result<()> {
-        match region.shared.runs(pages, false).first() {
+        match region.shared.first(pages, false) {
             None => Ok(()),
             Some(private) => {
                 self.counters.host_denials.fetch_add(1, Ordering::Relaxed);
-                Err(Error::PrivatePage(region.gpa_of(private.start)))
+                Err(Error::PrivatePage(region.gpa_of(private)))
             }
         }
     }

@@ -80,7 +80,7 @@ pub use error::{Errno, Error, Result};
 pub use faults::{FaultError, FaultServer};
 pub use launch::LaunchMemory;
 pub use memory::{
-    MemlockPolicy, MemoryListener, MemoryStats, PrivateMemory, DEFAULT_FAULT_AROUND_PAGES,
+    MemlockPolicy, MemoryListener, MemoryStats, PrivateMemory, Regions, DEFAULT_FAULT_AROUND_PAGES,
 };
 pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 pub use shared::{DeviceMemory, PinnedRange, SharedView};

@@ -13,7 +13,9 @@
 //! notifier zaps its own mappings.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use arc_swap::ArcSwap;
 
 use gmem::{FileId, FileOffset, GuestOwner, PageRange, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -154,7 +156,10 @@ impl Reserved {
 /// (see [`PrivateMemory::start_fault_server`] for the one it can start on
 /// request), installs no signal handler and keeps no global state.
 pub struct PrivateMemory {
-    regions: RwLock<Vec<Arc<PrivateRegion>>>,
+    /// Read on every access without a shared counter (arc-swap), replaced
+    /// whole under `regions_update`.
+    regions: ArcSwap<Vec<Arc<PrivateRegion>>>,
+    regions_update: Mutex<()>,
     reserved: Mutex<Vec<Reserved>>,
     pub(crate) uffd: Userfaultfd,
     /// What makes `fault_fd` readable ([`crate::faults`]).
@@ -281,7 +286,8 @@ impl PrivateMemory {
 
     fn build(fault_around: u64, uffd: Userfaultfd, host_uffd: Userfaultfd) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            regions: RwLock::new(Vec::new()),
+            regions: ArcSwap::default(),
+            regions_update: Mutex::new(()),
             reserved: Mutex::new(Vec::new()),
             readiness: FaultReadiness::new(&uffd)?,
             uffd,
@@ -303,9 +309,18 @@ impl PrivateMemory {
         self.lock_kvm_windows.store(windows, Ordering::Relaxed);
     }
 
-    /// The registered regions, in registration order.
-    pub fn regions(&self) -> RwLockReadGuard<'_, Vec<Arc<PrivateRegion>>> {
-        self.regions.read().unwrap_or_else(|p| p.into_inner())
+    /// The registered regions, in registration order: a snapshot, which
+    /// keeps them (and their mappings) alive while it lives.
+    pub fn regions(&self) -> Regions {
+        Regions(self.regions.load())
+    }
+
+    /// Replaces the region table with `change` applied to it.
+    fn update_regions(&self, change: impl FnOnce(&mut Vec<Arc<PrivateRegion>>)) {
+        let _one_at_a_time = self.regions_update.lock().unwrap_or_else(|p| p.into_inner());
+        let mut regions = Vec::clone(&self.regions.load());
+        change(&mut regions);
+        self.regions.store(Arc::new(regions));
     }
 
     /// Adds a private region and registers it with KVM as memslot
@@ -404,7 +419,7 @@ impl PrivateMemory {
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         reserved.retain(|r| r.slot != slot);
         if let Ok(region) = &region {
-            self.regions.write().unwrap_or_else(|p| p.into_inner()).push(region.clone());
+            self.update_regions(|regions| regions.push(region.clone()));
         }
         region
     }
@@ -499,7 +514,7 @@ impl PrivateMemory {
             .cloned()
             .ok_or_else(|| Error::InvalidArgument(format!("no region in memslot {slot}")))?;
         self.delete_memslot(&region)?;
-        self.regions.write().unwrap_or_else(|p| p.into_inner()).retain(|r| r.slot != slot);
+        self.update_regions(|regions| regions.retain(|r| r.slot != slot));
         Ok(region)
     }
 
@@ -580,20 +595,9 @@ impl PrivateMemory {
     /// range together. An empty range is one empty part, of the region
     /// holding `gpa`.
     pub(crate) fn parts(&self, gpa: Gpa, len: u64) -> Result<Vec<(Arc<PrivateRegion>, u64, u64)>> {
-        let end = gpa.0.checked_add(len).ok_or_else(|| outside(gpa, len))?;
-        if len == 0 {
-            let region = self.region_of(gpa).ok_or_else(|| outside(gpa, len))?;
-            return Ok(vec![(region.clone(), gpa.0 - region.gpa.0, 0)]);
-        }
-        let mut parts = Vec::new();
-        let mut at = gpa.0;
-        while at < end {
-            let region = self.region_of(Gpa(at)).ok_or_else(|| outside(gpa, len))?;
-            let upto = end.min(region.gpa.0 + region.size);
-            parts.push((region.clone(), at - region.gpa.0, upto - at));
-            at = upto;
-        }
-        Ok(parts)
+        let regions = self.regions();
+        let parts = parts_in(&regions, gpa, len)?;
+        Ok(parts.into_iter().map(|(region, offset, len)| (region.clone(), offset, len)).collect())
     }
 
     /// Launch-time populate: copies `bytes` into private memory at `gpa`
@@ -717,6 +721,46 @@ impl PrivateMemory {
             allocated_pages: files.iter().map(|f| f.stats().allocated_pages).sum(),
         }
     }
+}
+
+/// A snapshot of the region table ([`PrivateMemory::regions`]).
+pub struct Regions(arc_swap::Guard<Arc<Vec<Arc<PrivateRegion>>>>);
+
+impl std::ops::Deref for Regions {
+    type Target = [Arc<PrivateRegion>];
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Regions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// [`PrivateMemory::parts`] of a region table, borrowing its regions.
+pub(crate) fn parts_in(
+    regions: &[Arc<PrivateRegion>],
+    gpa: Gpa,
+    len: u64,
+) -> Result<Vec<(&Arc<PrivateRegion>, u64, u64)>> {
+    let end = gpa.0.checked_add(len).ok_or_else(|| outside(gpa, len))?;
+    let region_of = |at: u64| regions.iter().find(|r| r.contains(Gpa(at)));
+    if len == 0 {
+        let region = region_of(gpa.0).ok_or_else(|| outside(gpa, len))?;
+        return Ok(vec![(region, gpa.0 - region.gpa.0, 0)]);
+    }
+    let mut parts = Vec::new();
+    let mut at = gpa.0;
+    while at < end {
+        let region = region_of(at).ok_or_else(|| outside(gpa, len))?;
+        let upto = end.min(region.gpa.0 + region.size);
+        parts.push((region, at - region.gpa.0, upto - at));
+        at = upto;
+    }
+    Ok(parts)
 }
 
 pub(crate) fn outside(gpa: Gpa, len: u64) -> Error {

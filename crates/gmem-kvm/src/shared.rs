@@ -58,13 +58,15 @@ use vm_memory::{
     GuestMemoryRegionBytes, GuestRegionMmap, GuestUsize, MemoryRegionAddress, VolatileSlice,
 };
 
-use crate::memory::PrivateMemory;
+use crate::memory::{PrivateMemory, Regions};
 use crate::region::PrivateRegion;
 use crate::{Error, Gpa, Result};
 
-/// The ranges a view holds in the change gate, released when it goes.
+/// The ranges a view holds in the change gate, released when it goes,
+/// and the snapshot of the region table that keeps its regions mapped.
 struct Holds {
     memory: Arc<PrivateMemory>,
+    regions: Regions,
     spans: RefCell<Vec<(u64, Range<u64>)>>,
 }
 
@@ -121,14 +123,14 @@ impl PrivateMemory {
 
     /// A view of the shared pages and of `plain` regions.
     fn view_with(self: &Arc<Self>, plain: &[Arc<GuestRegionMmap<()>>]) -> SharedView {
-        let holds = Rc::new(Holds { memory: self.clone(), spans: RefCell::default() });
-        let private = self
-            .regions()
-            .iter()
-            .map(|r| SharedRegion(Kind::Private { region: r.clone(), holds: holds.clone() }))
-            .collect::<Vec<_>>();
+        let regions = self.regions();
+        let private = (0..regions.len()).collect::<Vec<_>>();
+        let holds = Rc::new(Holds { memory: self.clone(), regions, spans: RefCell::default() });
+        let private = private
+            .into_iter()
+            .map(|index| SharedRegion(Kind::Private { index, holds: holds.clone() }));
         let plain = plain.iter().map(|r| SharedRegion(Kind::Plain(r.clone())));
-        let mut regions: Vec<SharedRegion> = private.into_iter().chain(plain).collect();
+        let mut regions: Vec<SharedRegion> = private.chain(plain).collect();
         regions.sort_by_key(|r| r.start_addr());
         SharedView { regions }
     }
@@ -147,7 +149,11 @@ impl GuestMemoryBackend for SharedView {
 pub struct SharedRegion(Kind);
 
 enum Kind {
-    Private { region: Arc<PrivateRegion>, holds: Rc<Holds> },
+    /// Region `index` of the view's snapshot.
+    Private {
+        index: usize,
+        holds: Rc<Holds>,
+    },
     Plain(Arc<GuestRegionMmap<()>>),
 }
 
@@ -170,14 +176,15 @@ fn to_vm_memory(error: Error, gpa: Gpa) -> GuestMemoryError {
     }
 }
 
-/// The host address of the `len` shared bytes at `offset` of `region`,
-/// held for the view's life; vm-memory's error otherwise.
+/// The host address of the `len` shared bytes at `offset` of the view's
+/// region `index`, held for the view's life; vm-memory's error otherwise.
 fn map_shared(
-    region: &Arc<PrivateRegion>,
+    index: usize,
     holds: &Holds,
     offset: MemoryRegionAddress,
     len: usize,
 ) -> vm_memory::guest_memory::Result<*mut u8> {
+    let region = &holds.regions[index];
     let gpa = region.gpa.0.saturating_add(offset.0);
     let memory = &holds.memory;
     holds
@@ -190,14 +197,14 @@ impl GuestMemoryRegion for SharedRegion {
 
     fn len(&self) -> GuestUsize {
         match &self.0 {
-            Kind::Private { region, .. } => region.size,
+            Kind::Private { index, holds } => holds.regions[*index].size,
             Kind::Plain(region) => region.len(),
         }
     }
 
     fn start_addr(&self) -> GuestAddress {
         match &self.0 {
-            Kind::Private { region, .. } => region.gpa.into(),
+            Kind::Private { index, holds } => holds.regions[*index].gpa.into(),
             Kind::Plain(region) => region.start_addr(),
         }
     }
@@ -211,7 +218,7 @@ impl GuestMemoryRegion for SharedRegion {
         addr: MemoryRegionAddress,
     ) -> vm_memory::guest_memory::Result<*mut u8> {
         match &self.0 {
-            Kind::Private { region, holds } => map_shared(region, holds, addr, 1),
+            Kind::Private { index, holds } => map_shared(*index, holds, addr, 1),
             Kind::Plain(region) => region.get_host_address(addr),
         }
     }
@@ -221,11 +228,11 @@ impl GuestMemoryRegion for SharedRegion {
         offset: MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let (region, holds) = match &self.0 {
-            Kind::Private { region, holds } => (region, holds),
+        let (index, holds) = match &self.0 {
+            Kind::Private { index, holds } => (*index, holds),
             Kind::Plain(region) => return region.get_slice(offset, count),
         };
-        let host = map_shared(region, holds, offset, count)?;
+        let host = map_shared(index, holds, offset, count)?;
         // SAFETY: `host` points at `count` bytes of the region's host view,
         // all shared and mapped (map_shared checked them); the view's hold
         // on their range keeps them so until the view is dropped, and the
