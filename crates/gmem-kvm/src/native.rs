@@ -15,7 +15,8 @@ use kvm_bindings::{
     KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES, KVM_MEM_GUEST_MEMFD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
-use rustix::mm::{MapFlags, ProtFlags};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{Bytes, VolatileMemory};
 
 use crate::error::{Error, Result};
 
@@ -178,17 +179,17 @@ fn serves_guest(vm: &VmFd, flags: u64) -> Result<bool> {
         SIZE as u64,
         flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED),
     )?;
-    let mut gmem_map = Scratch::new(Some(gmem.fd()), SIZE)?;
-    let mut user_map = Scratch::new(None, SIZE)?;
-    for (map, marker) in [(&mut gmem_map, FROM_GMEM), (&mut user_map, FROM_USER)] {
-        let bytes = map.bytes();
-        bytes[0] = marker;
-        bytes[CODE_AT..CODE_AT + CODE.len()].copy_from_slice(&CODE);
+    let gmem_map = map_shared_fd(gmem.fd(), SIZE)?;
+    let user_map = MmapRegion::<()>::new(SIZE).map_err(mmap_error)?;
+    for (map, marker) in [(&gmem_map, FROM_GMEM), (&user_map, FROM_USER)] {
+        let bytes = map.as_volatile_slice();
+        let planted = bytes.write_slice(&[marker], 0).and(bytes.write_slice(&CODE, CODE_AT));
+        planted.map_err(|e| Error::Unsupported(format!("planting the probe's code: {e}")))?;
     }
-    // SAFETY: `user_map` is a scratch mapping of SIZE bytes, referred to
-    // by no Rust reference while the vCPU runs, and this VM's only vCPU
-    // runs in this function only, while `user_map` lives.
-    unsafe { gmem.bind(vm, 0, 0, SIZE as u64, 0, user_map.0.as_ptr() as u64) }?;
+    // SAFETY: `user_map` is a mapping of SIZE bytes, referred to by no
+    // Rust reference while the vCPU runs, and this VM's only vCPU runs in
+    // this function only, while `user_map` lives.
+    unsafe { gmem.bind(vm, 0, 0, SIZE as u64, 0, user_map.as_ptr() as u64) }?;
     let mut vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
     let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     sregs.cs.base = 0;
@@ -217,72 +218,41 @@ fn serves_guest(vm: &VmFd, flags: u64) -> Result<bool> {
 /// The one mapping of a native region's guest_memfd: the memslot's memory
 /// and the host's way to shared pages. Locked in RAM as pages are faulted
 /// in, out of core dumps and forked children; unmapped on drop.
-pub(crate) struct GuestMemfdMap(Scratch);
-
-// SAFETY: the mapping is plain shared memory owned by this value, which
-// only hands out its address; every access through it is a raw-pointer
-// copy made under gmem's access lock.
-unsafe impl Send for GuestMemfdMap {}
-// SAFETY: as above; `&GuestMemfdMap` gives the address only.
-unsafe impl Sync for GuestMemfdMap {}
+pub(crate) struct GuestMemfdMap(MmapRegion<()>);
 
 impl GuestMemfdMap {
     pub(crate) fn new(memfd: &GuestMemfd, len: u64) -> Result<Self> {
         let len = usize::try_from(len)
             .map_err(|_| Error::InvalidArgument("guest_memfd region too large".into()))?;
-        let map = Scratch::new(Some(memfd.fd()), len)?;
+        let map = map_shared_fd(memfd.fd(), len)?;
+        let addr = map.as_ptr().cast();
         // SAFETY: the range is exactly this new mapping, owned by `map`.
-        unsafe { rustix::mm::mlock_with(map.0.as_ptr(), len, rustix::mm::MlockFlags::ONFAULT) }
+        unsafe { rustix::mm::mlock_with(addr, len, rustix::mm::MlockFlags::ONFAULT) }
             .map_err(Error::os("mlock2 (guest_memfd mapping; RLIMIT_MEMLOCK or CAP_IPC_LOCK)"))?;
         for advice in [rustix::mm::Advice::LinuxDontFork, rustix::mm::Advice::LinuxDontDump] {
             // SAFETY: advice that changes no content, on this mapping only.
-            unsafe { rustix::mm::madvise(map.0.as_ptr(), len, advice) }
+            unsafe { rustix::mm::madvise(addr, len, advice) }
                 .map_err(Error::os("madvise (guest_memfd mapping)"))?;
         }
         Ok(Self(map))
     }
 
     pub(crate) fn addr(&self) -> *mut u8 {
-        self.0 .0.as_ptr().cast()
+        self.0.as_ptr()
     }
 }
 
-/// A scratch mapping for the probe, unmapped on drop (unmapping memory a
-/// live memslot refers to is safe: KVM's MMU notifier drops its mappings).
-struct Scratch(std::ptr::NonNull<std::ffi::c_void>, usize);
-
-impl Scratch {
-    fn new(fd: Option<&OwnedFd>, len: usize) -> Result<Self> {
-        let prot = ProtFlags::READ | ProtFlags::WRITE;
-        let ptr = match fd {
-            // SAFETY: a new mapping at a kernel-chosen address, owned by `Scratch`.
-            Some(fd) => unsafe {
-                rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)
-            },
-            // SAFETY: as above, anonymous.
-            None => unsafe {
-                rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, MapFlags::PRIVATE)
-            },
-        }
-        .map_err(Error::os("mmap for the guest_memfd probe"))?;
-        std::ptr::NonNull::new(ptr)
-            .map(|p| Self(p, len))
-            .ok_or(Error::Os { op: "mmap", errno: rustix::io::Errno::NOMEM })
-    }
+/// A shared mapping of `len` bytes of `fd` from offset 0 (vm-memory's
+/// owned mapping, unmapped on drop).
+fn map_shared_fd(fd: &OwnedFd, len: usize) -> Result<MmapRegion<()>> {
+    let file = fd.try_clone().map_err(Error::io("dup guest_memfd"))?;
+    let file = vm_memory::FileOffset::new(std::fs::File::from(file), 0);
+    MmapRegion::from_file(file, len).map_err(mmap_error)
 }
 
-impl Scratch {
-    /// The mapping as bytes.
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `self.1` bytes of readable, writable memory
-        // owned by `self`, and `&mut self` makes this view the only one.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr().cast(), self.1) }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made by `Scratch::new` and is owned by it.
-        let _ = unsafe { rustix::mm::munmap(self.0.as_ptr(), self.1) };
+fn mmap_error(error: vm_memory::mmap::MmapRegionError) -> Error {
+    match error {
+        vm_memory::mmap::MmapRegionError::Mmap(e) => Error::io("mmap (guest_memfd)")(e),
+        other => Error::InvalidArgument(format!("mmap (guest_memfd): {other}")),
     }
 }

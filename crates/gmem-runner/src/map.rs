@@ -1,48 +1,44 @@
-//! An owned mapping, unmapped on drop: the anonymous baseline memory of
-//! benchmark VMs, and the selftests' mappings of guest_memfd.
+//! Plain mappings (vm-memory's owned `MmapRegion`, unmapped on drop) with
+//! the kernel's errno on failure: the anonymous baseline memory of
+//! benchmark VMs, and the selftests' mappings of guest_memfd, whose
+//! refusals they compare with the kernel's documented ones.
 
 use std::os::fd::OwnedFd;
 
 use rustix::io::Errno;
-use rustix::mm::{MapFlags, ProtFlags};
+use rustix::mm::MapFlags;
+use vm_memory::mmap::{MmapRegion, MmapRegionError};
 
 /// A readable and writable mapping of `len` bytes at a kernel-chosen
 /// address; no Rust reference ever points into it.
-pub(crate) struct Map(*mut u8, usize);
+pub(crate) struct Map(MmapRegion<()>);
 
-// SAFETY: the mapping is memory the value owns; it hands out raw addresses
-// only, and every access through them is the user's own unsafe promise.
-unsafe impl Send for Map {}
+fn errno(error: MmapRegionError) -> Errno {
+    match error {
+        MmapRegionError::Mmap(e) => Errno::from_io_error(&e).unwrap_or(Errno::NOMEM),
+        _ => Errno::INVAL,
+    }
+}
 
 impl Map {
     /// Maps `len` bytes of `fd` from offset 0 with `flags`.
     pub(crate) fn new(fd: &OwnedFd, len: usize, flags: MapFlags) -> Result<Self, Errno> {
-        let prot = ProtFlags::READ | ProtFlags::WRITE;
-        // SAFETY: a new mapping at a kernel-chosen address, owned by `Map`.
-        unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }
-            .map(|p| Self(p.cast(), len))
+        let file = std::fs::File::from(
+            fd.try_clone().map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::NOMEM))?,
+        );
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let file = Some(vm_memory::FileOffset::new(file, 0));
+        let flags = flags.bits() as i32;
+        MmapRegion::build(file, len, prot, flags).map(Self).map_err(errno)
     }
 
     /// Maps `len` bytes of private anonymous memory, reserving no swap.
     pub(crate) fn anonymous(len: usize) -> Result<Self, Errno> {
-        let prot = ProtFlags::READ | ProtFlags::WRITE;
-        let flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
-        // SAFETY: a new private mapping at a kernel-chosen address, owned by `Map`.
-        unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, flags) }
-            .map(|p| Self(p.cast(), len))
+        MmapRegion::new(len).map(Self).map_err(errno)
     }
 
     /// The address of byte `offset`.
     pub(crate) fn at(&self, offset: usize) -> *mut u8 {
-        self.0.wrapping_add(offset)
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made by `Map::new` or `Map::anonymous`, owned
-        // by `self`; unmapping memory a memslot still names is safe (KVM's
-        // MMU notifier drops its mappings).
-        let _ = unsafe { rustix::mm::munmap(self.0.cast(), self.1) };
+        self.0.as_ptr().wrapping_add(offset)
     }
 }
