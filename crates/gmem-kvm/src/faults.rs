@@ -43,6 +43,9 @@ const TIMER_EVENT: u64 = 2;
 pub(crate) struct FaultReadiness {
     epoll: OwnedFd,
     timer: OwnedFd,
+    /// Whether the timer is set (or has fired unread): while it is not,
+    /// serving faults makes no timer system call.
+    armed: std::sync::Mutex<bool>,
 }
 
 impl FaultReadiness {
@@ -59,13 +62,24 @@ impl FaultReadiness {
             epoll::add(&epoll, fd, epoll::EventData::new_u64(token), epoll::EventFlags::IN)
                 .map_err(Error::os("epoll_ctl (fault readiness)"))?;
         }
-        Ok(Self { epoll, timer })
+        Ok(Self { epoll, timer, armed: std::sync::Mutex::new(false) })
     }
 
-    /// Fires the timer `after` from now (at least 1 ms), or disarms it.
-    fn arm(&self, after: Option<std::time::Duration>) {
+    fn armed(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.armed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fires the timer at the time `due()` says (at least 1 ms from now),
+    /// or disarms it where nothing is due. `due` runs under the lock, so
+    /// two threads cannot undo each other's fresher answer.
+    fn arm(&self, due: impl FnOnce() -> Option<std::time::Duration>) {
         use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
-        let after = after.map(|d| d.max(std::time::Duration::from_millis(1)));
+        let mut armed = self.armed();
+        let after = due().map(|d| d.max(std::time::Duration::from_millis(1)));
+        if after.is_none() && !*armed {
+            return;
+        }
+        *armed = after.is_some();
         let value = after.map_or(Timespec { tv_sec: 0, tv_nsec: 0 }, |d| Timespec {
             tv_sec: d.as_secs() as i64,
             tv_nsec: i64::from(d.subsec_nanos()),
@@ -76,7 +90,9 @@ impl FaultReadiness {
 
     /// Takes the timer's expiry, if any, so that it stops being readable.
     fn clear(&self) {
-        let _ = rustix::io::read(&self.timer, &mut [0u8; 8]);
+        if *self.armed() {
+            let _ = rustix::io::read(&self.timer, &mut [0u8; 8]);
+        }
     }
 }
 
@@ -332,9 +348,9 @@ impl PrivateMemory {
 
     /// Arms the take-back timer for the region due first, if any.
     fn schedule_take_back(&self) {
-        let due =
-            self.regions().iter().filter_map(|r| r.file_backing()?.first_touch.due_in()).min();
-        self.readiness.arm(due);
+        self.readiness.arm(|| {
+            self.regions().iter().filter_map(|r| r.file_backing()?.first_touch.due_in()).min()
+        });
     }
 
     /// Takes first touches back from the kernel in every region where it
