@@ -124,11 +124,10 @@ impl PrivateMemory {
     /// A view of the shared pages and of `plain` regions.
     fn view_with(self: &Arc<Self>, plain: &[Arc<GuestRegionMmap<()>>]) -> SharedView {
         let regions = self.regions();
-        let private = (0..regions.len()).collect::<Vec<_>>();
+        let count = regions.len();
         let holds = Rc::new(Holds { memory: self.clone(), regions, spans: RefCell::default() });
-        let private = private
-            .into_iter()
-            .map(|index| SharedRegion(Kind::Private { index, holds: holds.clone() }));
+        let private =
+            (0..count).map(|index| SharedRegion(Kind::Private { index, holds: holds.clone() }));
         let plain = plain.iter().map(|r| SharedRegion(Kind::Plain(r.clone())));
         let mut regions: Vec<SharedRegion> = private.chain(plain).collect();
         regions.sort_by_key(|r| r.start_addr());

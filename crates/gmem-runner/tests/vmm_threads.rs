@@ -498,6 +498,16 @@ fn a_virtio_device_thread_serves_requests_while_the_guest_converts() {
     });
 }
 
+/// A VM whose `pages` pages from `BASE` are shared, its memory, and a
+/// device handle on it.
+fn shared_pages(pages: u64) -> (Vm, Arc<PrivateMemory>, DeviceMemory) {
+    let vm = Vm::with_ram(common::RAM).unwrap().0;
+    let memory = vm.memory().clone();
+    memory.convert(Gpa(BASE), pages * 4096, PageState::Shared).unwrap();
+    let device = DeviceMemory::new(&memory);
+    (vm, memory, device)
+}
+
 /// A view holds only what it touched: a conversion of another page goes
 /// on while it lives (a view used to hold all of memory: a device holding
 /// one for 300 ms stalled every conversion for as long), and a conversion
@@ -508,10 +518,7 @@ fn a_view_holds_only_the_pages_it_touched() {
         return;
     }
     within_a_minute("view holds", || {
-        let vm = Vm::with_ram(common::RAM).unwrap().0;
-        let memory = vm.memory().clone();
-        memory.convert(Gpa(BASE), 2 * 4096, PageState::Shared).unwrap();
-        let device = DeviceMemory::new(&memory);
+        let (_vm, memory, device) = shared_pages(2);
         let view = device.memory();
         view.read_obj::<u64>(GuestAddress(BASE)).unwrap();
         let other = memory.clone();
@@ -542,10 +549,7 @@ fn pins_refuse_changes_of_their_pages_until_dropped_on_any_thread() {
         return;
     }
     within_a_minute("pins", || {
-        let vm = Vm::with_ram(common::RAM).unwrap().0;
-        let memory = vm.memory().clone();
-        memory.convert(Gpa(BASE), 4 * 4096, PageState::Shared).unwrap();
-        let device = DeviceMemory::new(&memory);
+        let (_vm, memory, device) = shared_pages(4);
         let pin = device.pin(GuestAddress(BASE + 0x800), 4096).unwrap();
         match memory.convert(Gpa(BASE + 4096), 4096, PageState::Private) {
             Err(gmem_kvm::Error::Pinned { gpa, len }) => {
