@@ -67,6 +67,7 @@ pub mod first_touch;
 mod gate;
 pub mod harden;
 mod host;
+mod kvm_stats;
 pub mod launch;
 pub mod memory;
 pub mod native;
@@ -78,6 +79,7 @@ mod uffd;
 pub use convert::ConversionRequest;
 pub use error::{Errno, Error, Result};
 pub use faults::{FaultError, FaultServer};
+pub use kvm_stats::VmStatistics;
 pub use launch::LaunchMemory;
 pub use memory::{
     MemlockPolicy, MemoryListener, MemoryStats, PrivateMemory, Regions, DEFAULT_FAULT_AROUND_PAGES,

@@ -28,12 +28,29 @@ pub enum Error {
         op: &'static str,
     },
     /// An offset or length of a GUEST-sealed file that is not page-aligned: `EINVAL`.
-    #[error("{op}: {value:#x} is not a multiple of the page size")]
+    #[error("{op}: {value:#x} is not a multiple of {align:#x} (the file's page size)")]
     Unaligned {
         /// The refused operation.
         op: &'static str,
         /// The offending offset or length.
         value: u64,
+        /// What it must be a multiple of: 4 KiB, or 2 MiB on huge pages.
+        align: u64,
+    },
+    /// Huge pages of the kind asked for are not offered here: `EINVAL`.
+    #[error("{what}: unavailable: {why}")]
+    NoHugePages {
+        /// The kind asked for.
+        what: String,
+        /// Why this host does not offer them.
+        why: String,
+    },
+    /// The host's hugetlbfs pool has too few free pages for the file:
+    /// `ENOMEM`.
+    #[error("{bytes:#x} bytes of hugetlbfs pages: not enough free huge pages (HugePages_Free in /proc/meminfo)")]
+    NoFreeHugePages {
+        /// Bytes the file needed.
+        bytes: u64,
     },
     /// A page at or past the end of the file: `EINVAL`.
     #[error("{page} is past the end of the file ({size:#x} bytes)")]
@@ -109,7 +126,9 @@ impl Error {
             Error::Unaligned { .. }
             | Error::PastEof { .. }
             | Error::NotGuestFile
-            | Error::InvalidArgument { .. } => Errno::INVAL,
+            | Error::InvalidArgument { .. }
+            | Error::NoHugePages { .. } => Errno::INVAL,
+            Error::NoFreeHugePages { .. } => Errno::NOMEM,
             Error::WouldDeadlock { .. } => Errno::DEADLK,
             Error::Again { .. } => Errno::AGAIN,
             Error::MemlockLimit { errno, .. } | Error::Os { errno, .. } => *errno,

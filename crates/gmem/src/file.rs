@@ -36,6 +36,7 @@ use rustix::io::Errno;
 use rustix::mm::ProtFlags;
 
 use crate::error::{Error, Result};
+use crate::huge::{HugePages, PageKind, HUGE_PAGE_SIZE};
 use crate::locks::{LockToken, PageLocks, ResizeLock};
 use crate::mapping::{HostMapping, Mapping, OwnerWindow};
 use crate::seals::Seals;
@@ -111,6 +112,10 @@ struct Counters {
 pub struct PrivateMemFile {
     fd: OwnedFd,
     id: FileId,
+    /// 4 KiB, transparent huge or hugetlbfs pages.
+    kind: PageKind,
+    /// Whether the kernel seals the file (memfds; not tmpfs files).
+    kernel_sealing: bool,
     resize: ResizeLock,
     inode: RwLock<Inode>,
     pages: PageLocks,
@@ -133,10 +138,37 @@ impl PrivateMemFile {
     pub fn new(name: &str) -> Result<Self> {
         let fd = fs::memfd_create(name, MemfdFlags::ALLOW_SEALING | MemfdFlags::CLOEXEC)
             .map_err(|errno| Error::Os { op: "memfd_create", errno })?;
+        Self::from_fd(fd, PageKind::Small, true)
+    }
+
+    /// Creates an empty, unsealed file on 2 MiB pages of the kind `huge`
+    /// says (`EINVAL` where this host does not offer them: see
+    /// [`HugePages::offered`]).
+    ///
+    /// A GUEST-sealed file on huge pages takes sizes in whole 2 MiB pages
+    /// (`EINVAL`); a file on hugetlbfs is allocated and punched in whole
+    /// 2 MiB pages too, and a size the host's free pages cannot back gets
+    /// `ENOMEM` when set. A tmpfs file has no kernel seals: adding one is
+    /// `EPERM`, as the kernel answers; the GUEST seal, gmem's own, holds.
+    pub fn new_huge(name: &str, huge: &HugePages) -> Result<Self> {
+        let (fd, kind, kernel_sealing) = huge.create(name)?;
+        Self::from_fd(fd, kind, kernel_sealing)
+    }
+
+    /// [`new_huge`](Self::new_huge), GUEST-sealed from the start.
+    pub fn new_guest_huge(name: &str, huge: &HugePages) -> Result<Self> {
+        let file = Self::new_huge(name, huge)?;
+        file.add_seals(Seals::GUEST)?;
+        Ok(file)
+    }
+
+    fn from_fd(fd: OwnedFd, kind: PageKind, kernel_sealing: bool) -> Result<Self> {
         let id = FileId(fs::fstat(&fd).map_err(|errno| Error::Os { op: "fstat", errno })?.st_ino);
         Ok(Self {
             fd,
             id,
+            kind,
+            kernel_sealing,
             resize: ResizeLock::default(),
             inode: RwLock::new(Inode { size: 0, guest: false, window: None }),
             pages: PageLocks::default(),
@@ -170,6 +202,11 @@ impl PrivateMemFile {
         if let Some(i) = ends.iter().position(|&e| e == end) {
             ends.swap_remove(i);
         }
+    }
+
+    /// How the file's pages are sized.
+    pub fn page_kind(&self) -> PageKind {
+        self.kind
     }
 
     /// The file's identity, as passed to the owner's callback.
@@ -234,8 +271,18 @@ impl PrivateMemFile {
         Ok(HostMapping::new(map, self.host_mappings.clone()))
     }
 
+    /// A read-write mapping of `len` bytes at `offset`, aligned to the
+    /// file's page size.
+    fn map_aligned(&self, offset: u64, len: usize, op: &'static str) -> Result<Mapping> {
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        Mapping::new_aligned(self.fd.as_fd(), offset, len, prot, self.kind.page_size() as usize, op)
+    }
+
     /// The kernel seals of the memfd.
     fn kernel_seals(&self) -> Result<Seals> {
+        if !self.kernel_sealing {
+            return Ok(Seals::empty());
+        }
         let flags = fs::fcntl_get_seals(&self.fd)
             .map_err(|errno| Error::Os { op: "F_GET_SEALS", errno })?;
         Ok(Seals::from_kernel(flags))
@@ -275,7 +322,13 @@ impl PrivateMemFile {
                 .map_err(|errno| Error::Os { op: "fchmod", errno })?;
         }
         let kernel = seals.to_kernel();
-        let with_exec = if new_guest { kernel | SealFlags::EXEC } else { kernel };
+        if !self.kernel_sealing && !kernel.is_empty() {
+            return Err(Error::SealForbids { op: "add seals (a tmpfs file has no kernel seals)" });
+        }
+        let with_exec = match new_guest && self.kernel_sealing {
+            true => kernel | SealFlags::EXEC,
+            false => kernel,
+        };
         if !with_exec.is_empty() {
             match fs::fcntl_add_seals(&self.fd, with_exec) {
                 // Kernels before 6.3 lack F_SEAL_EXEC; the rest still applies.
@@ -291,9 +344,9 @@ impl PrivateMemFile {
         Ok(())
     }
 
-    fn check_guest_alignment(op: &'static str, values: &[u64]) -> Result<()> {
-        match values.iter().find(|v| *v % PAGE_SIZE != 0) {
-            Some(&value) => Err(Error::Unaligned { op, value }),
+    fn check_alignment(op: &'static str, align: u64, values: &[u64]) -> Result<()> {
+        match values.iter().find(|v| *v % align != 0) {
+            Some(&value) => Err(Error::Unaligned { op, value, align }),
             None => Ok(()),
         }
     }
@@ -314,7 +367,7 @@ impl PrivateMemFile {
             {
                 return Err(Error::SealForbids { op: "ftruncate" });
             }
-            Self::check_guest_alignment("ftruncate", &[size])?;
+            Self::check_alignment("ftruncate", self.kind.page_size(), &[size])?;
         }
         i64::try_from(size)
             .map_err(|_| Error::InvalidArgument { op: "ftruncate", why: "size too large" })?;
@@ -342,13 +395,11 @@ impl PrivateMemFile {
         }
         let len = usize::try_from(size)
             .map_err(|_| Error::InvalidArgument { op: "ftruncate", why: "size too large" })?;
-        let map = Mapping::new(
-            self.fd.as_fd(),
-            0,
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            "map frame window",
-        )?;
+        let map = self.map_aligned(0, len, "map frame window").map_err(|e| match e.errno() {
+            // hugetlbfs reserves the pages of a shared mapping when it is made.
+            Errno::NOMEM if self.kind == PageKind::HugeTlb => Error::NoFreeHugePages { bytes: size },
+            _ => e,
+        })?;
         map.lock_in_ram()?;
         map.keep_private()?;
         let kept = PageRange::new(PageIndex(0), PageIndex(inode.size.min(size) / PAGE_SIZE));
@@ -400,7 +451,7 @@ impl PrivateMemFile {
             return Err(Error::InvalidArgument { op, why: "empty or overflowing range" });
         };
         if guest {
-            Self::check_guest_alignment(op, &[offset.0, len])?;
+            Self::check_alignment(op, self.kind.punch_unit(), &[offset.0, len])?;
         }
         match mode {
             Fallocate::PunchHole => {
@@ -693,11 +744,47 @@ impl Binding {
         Ok(guard)
     }
 
+    /// Makes the 2 MiB pages of `pages` huge again after 4 KiB punches
+    /// split them (`MADV_COLLAPSE` through `window`, which then maps them by
+    /// PMD; other mappings of the file fault them in again). Holes in the
+    /// range are allocated as zero pages. The pages are locked meanwhile
+    /// (invalidations wait), and stay locked in RAM through the frame
+    /// window afterwards.
+    ///
+    /// `EINVAL` unless the file has transparent huge pages and `pages` is a
+    /// run of whole 2 MiB pages inside `window`; the kernel's errno where
+    /// it cannot collapse (`EAGAIN`: a page was busy; `ENOMEM`).
+    pub fn collapse(&self, window: &OwnerWindow, pages: PageRange) -> Result<()> {
+        let op = "collapse";
+        if self.file.kind != PageKind::TransparentHuge {
+            return Err(Error::InvalidArgument { op, why: "not a file on transparent huge pages" });
+        }
+        let bytes = pages.bytes();
+        PrivateMemFile::check_alignment(op, HUGE_PAGE_SIZE, &[bytes.start, bytes.end])?;
+        let mapped = window.pages();
+        if !Arc::ptr_eq(window.file(), &self.file)
+            || pages.is_empty()
+            || pages.start.0 < mapped.start.0
+            || pages.end.0 > mapped.end.0
+        {
+            return Err(Error::InvalidArgument { op, why: "pages outside the window" });
+        }
+        let guard = self.lock_range(pages, Fill::Owner, &[])?;
+        let at = (bytes.start - window.file_offset().0) as usize;
+        let collapsed = window.mapping().collapse(at, (bytes.end - bytes.start) as usize);
+        drop(guard);
+        // After the page locks: a punch takes the resize lock, then them.
+        self.file.keep_locked(pages)?;
+        collapsed
+    }
+
     /// Maps `len` bytes of the file at `offset` as the owner's window.
-    /// Both must be page-aligned and inside the file (`EINVAL`).
+    /// Both must be multiples of the file's page size (4 KiB, or 2 MiB on
+    /// huge pages) and inside the file (`EINVAL`). On huge pages the
+    /// window is 2 MiB-aligned, so that they can be mapped huge.
     pub fn map_window(&self, offset: FileOffset, len: u64) -> Result<OwnerWindow> {
         let op = "map owner window";
-        PrivateMemFile::check_guest_alignment(op, &[offset.0, len])?;
+        PrivateMemFile::check_alignment(op, self.file.kind.page_size(), &[offset.0, len])?;
         // No resize between the check and the window's count (set_len).
         let _resize = self.file.resize.lock(op)?;
         let inside = offset.0.checked_add(len).is_some_and(|end| end <= self.file.size());
@@ -709,13 +796,7 @@ impl Binding {
         }
         let len =
             usize::try_from(len).map_err(|_| Error::InvalidArgument { op, why: "too large" })?;
-        let map = Mapping::new(
-            self.file.fd.as_fd(),
-            offset.0,
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            op,
-        )?;
+        let map = self.file.map_aligned(offset.0, len, op)?;
         map.keep_private()?;
         Ok(OwnerWindow::new(map, offset.0, self.file.clone()))
     }

@@ -55,6 +55,80 @@ impl Mapping {
     /// Locks the pages of the mapping in RAM as they are faulted in
     /// (`mlock2(MLOCK_ONFAULT)`). The kernel charges the whole length to
     /// `RLIMIT_MEMLOCK`, so a file has one such mapping: its frame window.
+    /// As [`new`](Self::new), at an address that is a multiple of `align`
+    /// (a power of two), where `offset` is too: a file's 2 MiB pages can
+    /// then be mapped by PMDs (and KVM maps them huge). A reservation of
+    /// `len + align` bytes is mapped, the file placed at its first aligned
+    /// address and the rest unmapped. Asks for huge pages too
+    /// (`MADV_HUGEPAGE`: needed where the host's setting is `advise`).
+    pub(crate) fn new_aligned(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        prot: ProtFlags,
+        align: usize,
+        op: &'static str,
+    ) -> Result<Self> {
+        if align <= crate::PAGE_SIZE as usize {
+            return Self::new(fd, offset, len, prot, op);
+        }
+        let span = len
+            .checked_add(align)
+            .ok_or(Error::InvalidArgument { op, why: "mapping too large" })?;
+        // SAFETY: a new anonymous reservation, at an address the kernel
+        // picks: nothing else is there.
+        let reserved = unsafe {
+            mm::mmap_anonymous(std::ptr::null_mut(), span, ProtFlags::empty(), MapFlags::PRIVATE)
+        }
+        .map_err(|e| Error::os(op, e))?;
+        let base = reserved as usize;
+        let at = base.next_multiple_of(align);
+        // SAFETY: `[at, at + len)` lies inside the reservation made above,
+        // which no one else uses; MAP_FIXED replaces that part of it.
+        let placed = unsafe {
+            mm::mmap(at as *mut c_void, len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, offset)
+        };
+        // SAFETY (both): the slack before and after the file's mapping is
+        // the reservation's own, unused.
+        unsafe {
+            if at > base {
+                let _ = mm::munmap(reserved, at - base);
+            }
+            let tail = at + len;
+            if tail < base + span {
+                let _ = mm::munmap(tail as *mut c_void, base + span - tail);
+            }
+        }
+        let ptr = match placed {
+            Ok(ptr) => ptr,
+            Err(errno) => {
+                // SAFETY: the part of the reservation that held the file.
+                let _ = unsafe { mm::munmap(at as *mut c_void, len) };
+                return Err(Error::os(op, errno));
+            }
+        };
+        let map = Self { ptr: NonNull::new(ptr).ok_or(Error::os(op, rustix::io::Errno::NOMEM))?, len };
+        // SAFETY: the mapping just made, which this object owns.
+        unsafe { mm::madvise(map.ptr.as_ptr(), len, Advice::LinuxHugepage) }
+            .map_err(|errno| Error::Os { op: "MADV_HUGEPAGE", errno })?;
+        Ok(map)
+    }
+
+    /// Makes the 2 MiB pages of `[offset, offset + len)` huge again
+    /// (`MADV_COLLAPSE`: holes are filled with zero pages, small pages
+    /// copied into a new huge one, which this mapping maps by PMD).
+    pub(crate) fn collapse(&self, offset: usize, len: usize) -> Result<()> {
+        let at = self.span(offset, len)?;
+        // MADV_COLLAPSE (25) is not in rustix's `Advice`: the raw call.
+        // SAFETY: the range lies in this mapping; MADV_COLLAPSE keeps its
+        // content.
+        if unsafe { libc::madvise(at.cast(), len, 25) } == 0 {
+            return Ok(());
+        }
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        Err(Error::Os { op: "MADV_COLLAPSE", errno: rustix::io::Errno::from_raw_os_error(errno) })
+    }
+
     pub(crate) fn lock_in_ram(&self) -> Result<()> {
         // SAFETY: the range is exactly this mapping, owned by `self`.
         unsafe { mm::mlock_with(self.ptr.as_ptr(), self.len, MlockFlags::ONFAULT) }.map_err(
@@ -244,6 +318,35 @@ impl OwnerWindow {
     }
 
     /// The file the window maps.
+    /// Bytes of the window mapped by PMDs (2 MiB page table entries) now:
+    /// its `ShmemPmdMapped` (or `FilePmdMapped`) in `/proc/self/smaps`.
+    pub fn huge_mapped_bytes(&self) -> Result<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps")
+            .map_err(crate::error::Error::io("read /proc/self/smaps"))?;
+        let start = self.as_ptr() as u64;
+        let mut inside = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+            if let Some((a, b)) = range.filter(|_| !line.ends_with("kB")) {
+                let parse = |x| u64::from_str_radix(x, 16).ok();
+                if let (Some(a), Some(b)) = (parse(a), parse(b)) {
+                    inside = a >= start && b <= start + self.len() as u64;
+                    continue;
+                }
+            }
+            let field = line.strip_prefix("ShmemPmdMapped:").or(line.strip_prefix("FilePmdMapped:"));
+            if let Some(value) = field.filter(|_| inside) {
+                kib += value.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+        Ok(kib * 1024)
+    }
+
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
     pub(crate) fn file(&self) -> &Arc<PrivateMemFile> {
         &self.file
     }
