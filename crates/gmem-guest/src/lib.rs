@@ -21,6 +21,9 @@
 //!   requests; `convsmp`: one vCPU converts while another touches the page;
 //!   `convbench`: conversion round trips against bare exits (TSC cycles);
 //!   `convstorm`: every vCPU converts its own page back and forth.
+//! - `hugeconv`: converts one 4 KiB page in every 2 MiB of its RAM and
+//!   back, in user mode, and checks that no other page lost its content
+//!   (huge pages split and collapsed; [`huge_layout`]).
 //! - `memmap`: checks the 1.1 memory map and uses RAM in every region.
 //! - `hypercall`: conversions by `KVM_HC_MAP_GPA_RANGE`, KVM's encoding.
 //! - `stress`: the hostile soak guest of `gmem stress` (odd vCPUs in user
@@ -42,6 +45,9 @@ include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 
 #[path = "../guests/stress_layout.rs"]
 pub mod stress_layout;
+
+#[path = "../guests/huge_layout.rs"]
+pub mod huge_layout;
 
 /// Where the demo guest leaves its message for the host: GPA, bytes, and
 /// the sync stage at which it is there (a shared page, NUL-terminated).

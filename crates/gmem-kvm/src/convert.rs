@@ -121,6 +121,18 @@ impl PrivateMemory {
             region.shared.set(run.clone(), to_shared);
             changed += run.end - run.start;
         }
+        // Split huge pages left all private are made huge again later.
+        for (region, run) in changing.iter().filter(|(r, _)| crate::collapse::splits(r)) {
+            for start in crate::collapse::split_by(run) {
+                let range = start..start + gmem::HUGE_PAGE_SIZE / PAGE_SIZE;
+                if region.shared.first(range, true).is_none() {
+                    self.collapses.schedule(region.gpa_of(start).0);
+                }
+            }
+        }
+        if !self.collapses.is_idle() {
+            self.schedule_take_back();
+        }
         for (region, run) in changing {
             let gpa = region.gpa_of(run.start);
             self.notify(|l| l.converted(gpa, (run.end - run.start) * PAGE_SIZE, state));

@@ -134,6 +134,7 @@ impl PrivateMemory {
     pub fn serve_faults(&self) -> Result<(usize, Vec<FaultError>)> {
         self.readiness.clear();
         self.take_back_first_touches();
+        self.collapse_due();
         self.schedule_take_back();
         let mut faults = Vec::new();
         self.uffd.read_faults(&mut faults)?;
@@ -346,10 +347,13 @@ impl PrivateMemory {
             .any(|r| r.file_backing().is_some_and(|f| f.first_touch.kernel_serves()))
     }
 
-    /// Arms the take-back timer for the region due first, if any.
-    fn schedule_take_back(&self) {
+    /// Arms the timer for the first take-back or background collapse
+    /// due, if any.
+    pub(crate) fn schedule_take_back(&self) {
         self.readiness.arm(|| {
-            self.regions().iter().filter_map(|r| r.file_backing()?.first_touch.due_in()).min()
+            let regions = self.regions();
+            let take_backs = regions.iter().filter_map(|r| r.file_backing()?.first_touch.due_in());
+            take_backs.chain(self.collapses.due_in()).min()
         });
     }
 

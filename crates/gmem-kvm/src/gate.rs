@@ -122,6 +122,16 @@ impl ChangeGate {
         self.access.check_not_shared_here(op)
     }
 
+    /// This thread's turn to convert if no conversion runs now.
+    pub(crate) fn try_conversion_turn(&self) -> Option<ConversionTurn<'_>> {
+        let mut converting = self.converting.lock().unwrap_or_else(|p| p.into_inner());
+        if converting.is_some() {
+            return None;
+        }
+        *converting = Some(std::thread::current().id());
+        Some(ConversionTurn(self))
+    }
+
     /// This thread's turn to convert, once no other conversion runs;
     /// `EDEADLK` inside a conversion of its own (a listener converting).
     pub(crate) fn conversion_turn(&self) -> Result<ConversionTurn<'_>> {

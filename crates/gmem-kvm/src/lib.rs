@@ -60,6 +60,7 @@
 
 mod access;
 mod bits;
+pub mod collapse;
 pub mod convert;
 mod error;
 pub mod faults;

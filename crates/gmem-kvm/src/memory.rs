@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use arc_swap::ArcSwap;
 
-use gmem::{FileId, FileOffset, GuestOwner, PageRange, PAGE_SIZE};
+use gmem::{FileId, FileOffset, GuestOwner, PageKind, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
@@ -112,6 +112,8 @@ pub struct MemoryStats {
     /// Pages allocated in the regions' gmem files (each file counted once),
     /// by gmem or, after a hand-over, by the kernel.
     pub allocated_pages: u64,
+    /// Split 2 MiB pages made huge again ([`crate::collapse`]).
+    pub collapses: u64,
 }
 
 #[derive(Default)]
@@ -178,6 +180,8 @@ pub struct PrivateMemory {
     /// The VM whose memslots the regions are, kept until they are deleted.
     vm: OnceLock<Arc<VmFd>>,
     pub(crate) counters: Counters,
+    /// Split huge pages waiting to be made huge again.
+    pub(crate) collapses: crate::collapse::Collapses,
 }
 
 impl std::fmt::Debug for PrivateMemory {
@@ -300,6 +304,7 @@ impl PrivateMemory {
             lock_kvm_windows: AtomicBool::new(true),
             vm: OnceLock::new(),
             counters: Counters::default(),
+            collapses: Default::default(),
         }))
     }
 
@@ -354,6 +359,24 @@ impl PrivateMemory {
             return Err(Error::InvalidArgument(format!(
                 "region file offset {offset:#x}: must be page-aligned and not wrap"
             )));
+        }
+        match file.page_kind() {
+            PageKind::Small => {}
+            PageKind::HugeTlb => {
+                return Err(Error::Unsupported(
+                    "regions on hugetlbfs files: the host's view of shared pages would need \
+                     2 MiB userfaultfd minor faults, not done yet"
+                        .into(),
+                ))
+            }
+            PageKind::TransparentHuge => {
+                if [gpa.0, offset, size].iter().any(|v| v % HUGE_PAGE_SIZE != 0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "region on 2 MiB pages at {gpa}, file offset {offset:#x}, size {size:#x}: \
+                         each must be a multiple of 2 MiB"
+                    )));
+                }
+            }
         }
         self.reserve(slot, gpa, size, Some((file.id(), offset)))?;
         let region = self.file_region(&spec).and_then(|region| {
@@ -483,7 +506,12 @@ impl PrivateMemory {
         if self.lock_kvm_windows.load(Ordering::Relaxed) {
             let _ = window.lock_in_ram();
         }
-        self.uffd.register(window.as_ptr() as u64, size, Registration::MissingAndMinor)?;
+        // On huge pages the kernel's shmem faults serve KVM's window: they
+        // map 2 MiB pages by PMD, which KVM then maps huge (userfaultfd
+        // maps 4 KiB only). See `crate::collapse`.
+        if file.page_kind() == PageKind::Small {
+            self.uffd.register(window.as_ptr() as u64, size, Registration::MissingAndMinor)?;
+        }
         let host_view = binding.map_window(FileOffset(offset), size)?;
         self.host_uffd.register(host_view.as_ptr() as u64, size, Registration::MissingAndMinor)?;
         let backing = Backing::File(Box::new(FileBacking {
@@ -692,6 +720,16 @@ impl PrivateMemory {
         Ok(())
     }
 
+    /// Bytes of the regions' KVM windows mapped by 2 MiB page table
+    /// entries now (`/proc/self/smaps`), which KVM can map huge: 0 but on
+    /// regions on huge pages, less than their size where conversions split
+    /// pages (see [`crate::collapse`]).
+    pub fn huge_mapped_bytes(&self) -> Result<u64> {
+        let regions = self.regions();
+        let windows = regions.iter().filter_map(|r| r.file_backing()).map(|f| &f.window);
+        Ok(gmem::OwnerWindow::huge_mapped_bytes_of(windows)?)
+    }
+
     /// The memory's counters.
     pub fn stats(&self) -> MemoryStats {
         let c = &self.counters;
@@ -719,6 +757,7 @@ impl PrivateMemory {
             kernel_handovers: first_touches().map(|t| t.handovers.load(Ordering::Relaxed)).sum(),
             kernel_serving_regions: first_touches().filter(|t| t.kernel_serves()).count() as u64,
             allocated_pages: files.iter().map(|f| f.stats().allocated_pages).sum(),
+            collapses: self.collapses.done.load(Ordering::Relaxed),
         }
     }
 }

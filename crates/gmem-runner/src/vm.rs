@@ -270,12 +270,26 @@ impl Vm {
     /// [`RAM_FILE_SIZE`] bytes, each a new GUEST-sealed file of its own;
     /// returns the files in GPA order.
     pub fn add_ram(&self, ram_size: u64) -> Result<Vec<Arc<PrivateMemFile>>> {
+        self.add_ram_on(ram_size, None)
+    }
+
+    /// [`add_ram`](Self::add_ram), on 2 MiB pages of the kind `huge` says
+    /// where it says one (see [`gmem_kvm::collapse`]).
+    pub fn add_ram_on(
+        &self,
+        ram_size: u64,
+        huge: Option<&gmem::HugePages>,
+    ) -> Result<Vec<Arc<PrivateMemFile>>> {
         let mut files = Vec::new();
         for (gpa, size) in boot::ram_regions(ram_size) {
             let mut at = 0;
             while at < size {
                 let len = RAM_FILE_SIZE.min(size - at);
-                let file = Arc::new(PrivateMemFile::new_guest("gmem-guest-ram")?);
+                let name = "gmem-guest-ram";
+                let file = Arc::new(match huge {
+                    Some(huge) => PrivateMemFile::new_guest_huge(name, huge)?,
+                    None => PrivateMemFile::new_guest(name)?,
+                });
                 file.set_len(len)?;
                 self.add_private_memory(Gpa(gpa.0 + at), &file, FileOffset(0), len)?;
                 files.push(file);
@@ -478,6 +492,12 @@ impl Vm {
     /// The shared pages as a vm-memory view ([`PrivateMemory::shared`]).
     pub fn shared_memory(&self) -> SharedView {
         self.memory.shared()
+    }
+
+    /// KVM's statistics of this VM now (`pages_2m`: guest memory KVM maps
+    /// with 2 MiB pages).
+    pub fn kvm_statistics(&self) -> Result<gmem_kvm::VmStatistics> {
+        gmem_kvm::VmStatistics::read(&self.fd)
     }
 
     /// The VM's counters.

@@ -747,7 +747,7 @@ impl Binding {
     /// Makes the 2 MiB pages of `pages` huge again after 4 KiB punches
     /// split them (`MADV_COLLAPSE` through `window`, which then maps them by
     /// PMD; other mappings of the file fault them in again). Holes in the
-    /// range are allocated as zero pages. The pages are locked meanwhile
+    /// range are allocated first, as zero pages. The pages are locked meanwhile
     /// (invalidations wait), and stay locked in RAM through the frame
     /// window afterwards.
     ///
@@ -769,6 +769,9 @@ impl Binding {
         {
             return Err(Error::InvalidArgument { op, why: "pages outside the window" });
         }
+        // Holes are allocated first (the kernel refuses to fill them where
+        // a mapping of the file reports missing pages to a userfaultfd).
+        self.file.fallocate(Fallocate::AllocateKeepSize, FileOffset(bytes.start), bytes.end - bytes.start)?;
         let guard = self.lock_range(pages, Fill::Owner, &[])?;
         let at = (bytes.start - window.file_offset().0) as usize;
         let collapsed = window.mapping().collapse(at, (bytes.end - bytes.start) as usize);

@@ -321,21 +321,35 @@ impl OwnerWindow {
     /// Bytes of the window mapped by PMDs (2 MiB page table entries) now:
     /// its `ShmemPmdMapped` (or `FilePmdMapped`) in `/proc/self/smaps`.
     pub fn huge_mapped_bytes(&self) -> Result<u64> {
+        Self::huge_mapped_bytes_of([self])
+    }
+
+    /// [`huge_mapped_bytes`](Self::huge_mapped_bytes) of several windows,
+    /// summed, from one read of `/proc/self/smaps`.
+    pub fn huge_mapped_bytes_of<'a>(windows: impl IntoIterator<Item = &'a Self>) -> Result<u64> {
+        let spans: Vec<(u64, u64)> = windows
+            .into_iter()
+            .map(|w| (w.as_ptr() as u64, w.as_ptr() as u64 + w.len() as u64))
+            .collect();
+        if spans.is_empty() {
+            return Ok(0);
+        }
         let smaps = std::fs::read_to_string("/proc/self/smaps")
             .map_err(crate::error::Error::io("read /proc/self/smaps"))?;
-        let start = self.as_ptr() as u64;
         let mut inside = false;
         let mut kib = 0;
         for line in smaps.lines() {
+            // A mapping's header: `START-END PERMS ...`; its fields end in kB.
             let range = line.split(' ').next().and_then(|r| r.split_once('-'));
             if let Some((a, b)) = range.filter(|_| !line.ends_with("kB")) {
                 let parse = |x| u64::from_str_radix(x, 16).ok();
                 if let (Some(a), Some(b)) = (parse(a), parse(b)) {
-                    inside = a >= start && b <= start + self.len() as u64;
+                    inside = spans.iter().any(|&(start, end)| a >= start && b <= end);
                     continue;
                 }
             }
-            let field = line.strip_prefix("ShmemPmdMapped:").or(line.strip_prefix("FilePmdMapped:"));
+            let field =
+                line.strip_prefix("ShmemPmdMapped:").or_else(|| line.strip_prefix("FilePmdMapped:"));
             if let Some(value) = field.filter(|_| inside) {
                 kib += value.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
             }
