@@ -89,9 +89,32 @@ pub(crate) struct RunArgs {
     /// PATH:SIZE; created with SIZE bytes (default 8M) if missing.
     #[arg(long, value_name = "PATH[:SIZE]", value_parser = parse_disk)]
     pub(crate) disk: Option<(std::path::PathBuf, u64)>,
+    #[command(flatten)]
+    pub(crate) huge: HugePagesArg,
     /// Print one JSON object on stdout at the end (console still on stderr).
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `--huge-pages`: guest RAM on 2 MiB pages (user-space backend).
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct HugePagesArg {
+    /// Guest RAM on 2 MiB pages: DIR, a tmpfs mounted with huge=always or
+    /// huge=within_size (files are created there, unnamed); `memfd`, where
+    /// the host's shmem_enabled gives memfds huge pages; or `hugetlb`, the
+    /// host's reserved hugetlbfs pool. `gmem probe` lists what this host
+    /// offers. User-space backend only.
+    #[arg(long = "huge-pages", value_name = "DIR|memfd|hugetlb", value_parser = parse_huge_pages)]
+    pub(crate) huge_pages: Option<gmem::HugePages>,
+}
+
+fn parse_huge_pages(text: &str) -> Result<gmem::HugePages, String> {
+    match text {
+        "" => Err("--huge-pages takes DIR, memfd or hugetlb".into()),
+        "hugetlb" => Ok(gmem::HugePages::HugeTlb),
+        "memfd" => Ok(gmem::HugePages::Memfd),
+        dir => Ok(gmem::HugePages::Tmpfs(dir.into())),
+    }
 }
 
 /// `PATH` or `PATH:SIZE` (a whole number of 512-byte sectors, at most 1 TiB).

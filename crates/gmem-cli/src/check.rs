@@ -11,11 +11,13 @@ pub(crate) struct CheckArgs {
     /// {"checks": [{"name", "backend", "status", "errno", "detail"}]}.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    huge: crate::args::HugePagesArg,
 }
 
 /// Runs `gmem check`; exit status 0 only when no check fails.
 pub(crate) fn check(args: &CheckArgs) -> u8 {
-    let checks = check::run();
+    let checks = check::run(args.huge.huge_pages.as_ref());
     if args.json {
         let rows: Vec<_> = checks
             .iter()

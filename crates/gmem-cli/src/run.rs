@@ -299,6 +299,11 @@ fn report_json(
             "conversion_requests": stats.conversion_requests,
             "converted_pages": stats.memory.converted_pages,
             "host_denials": stats.memory.host_denials,
+            "huge_mapped_bytes": stats.huge_mapped_bytes,
+            "collapses": stats.memory.collapses,
+            "kvm_pages_4k": stats.kvm_pages.map(|p| p[0]),
+            "kvm_pages_2m": stats.kvm_pages.map(|p| p[1]),
+            "kvm_pages_1g": stats.kvm_pages.map(|p| p[2]),
         },
     })
 }
@@ -318,7 +323,15 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         .or_else(|e| fail(BAD_INPUT, e))?;
     let syncs = syncs_for(args, &needs);
     check_syncs(&syncs, args.mem).or_else(|e| fail(BAD_INPUT, e))?;
-    let (backend, reason) = choose_backend(args.backend).or_else(|e| fail(BAD_INPUT, e))?;
+    let huge = args.huge.huge_pages.as_ref();
+    let (backend, reason) = match (huge, args.backend) {
+        (Some(_), Backend::Native) => {
+            return fail(BAD_INPUT, "--huge-pages needs the user-space backend".to_string())
+        }
+        // Only gmem's backend has huge pages.
+        (Some(huge), _) => ("userspace", format!("{huge}")),
+        (None, asked) => choose_backend(asked).or_else(|e| fail(BAD_INPUT, e))?,
+    };
     if args.hypercall_exits {
         match gmem_runner::probe_hypercall_exits() {
             Ok(Ok(())) => {}
@@ -326,8 +339,10 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             Err(e) => return fail(BAD_INPUT, format!("--hypercall-exits: probing failed: {e}")),
         }
     }
-    match args.backend {
-        Backend::Auto => eprintln!("gmem run: backend {backend} (auto: `gmem probe` says why)"),
+    match (args.backend, huge) {
+        (Backend::Auto, None) => {
+            eprintln!("gmem run: backend {backend} (auto: `gmem probe` says why)")
+        }
         _ => eprintln!("gmem run: backend {backend} ({reason})"),
     }
     warn_if_too_big(args.mem);
@@ -336,7 +351,8 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     let vm = if backend == "native" {
         Vm::with_native_ram(args.mem)
     } else {
-        Vm::with_fault_around(args.fault_around).and_then(|vm| vm.add_ram(args.mem).map(|_| vm))
+        Vm::with_fault_around(args.fault_around)
+            .and_then(|vm| vm.add_ram_on(args.mem, huge).map(|_| vm))
     };
     let vm = vm.or_else(|e| fail(BAD_INPUT, format!("cannot create the VM: {e}")))?;
     if let Some((path, size)) = &args.disk {

@@ -22,6 +22,8 @@ pub(crate) struct StressArgs {
     /// kernel can) instead of gmem's user-space backend.
     #[arg(long)]
     native: bool,
+    #[command(flatten)]
+    huge: crate::args::HugePagesArg,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -47,7 +49,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Runs `gmem stress`; returns the exit status: 0 when every invariant
-/// held, 1 on a violation, 3 when the VM could not run.
+/// held, 1 on a violation, 2 for huge pages this host does not offer (as
+/// for other bad arguments), 3 when the VM could not run.
 pub(crate) fn stress(args: &StressArgs) -> u8 {
     let guest = gmem_guest::guest("stress").expect("the stress guest is built in");
     let config = StressConfig {
@@ -55,13 +58,26 @@ pub(crate) fn stress(args: &StressArgs) -> u8 {
         vcpus: args.vcpus,
         host_threads: args.threads,
         native: args.native,
+        huge: args.huge.huge_pages.clone(),
     };
+    if let Some(huge) = &config.huge {
+        // Bad arguments, as clap's: status 2.
+        if args.native {
+            eprintln!("gmem stress: --huge-pages needs the user-space backend");
+            return 2;
+        }
+        if let Err(why) = huge.offered() {
+            eprintln!("gmem stress: --huge-pages: {huge}: {why}");
+            return 2;
+        }
+    }
     eprintln!(
-        "gmem stress: {:.1} s, {} vCPU(s), {} host thread(s), {} backend",
+        "gmem stress: {:.1} s, {} vCPU(s), {} host thread(s), {} backend{}",
         args.duration.as_secs_f64(),
         args.vcpus,
         args.threads,
-        if args.native { "native" } else { "user-space" }
+        if args.native { "native" } else { "user-space" },
+        config.huge.as_ref().map(|h| format!(", {h}")).unwrap_or_default()
     );
     let report = match stress::run(guest, &config) {
         Ok(report) => report,
@@ -82,6 +98,7 @@ pub(crate) fn stress(args: &StressArgs) -> u8 {
                       "writes": report.host_writes, "punches": report.host_punches,
                       "conversions": report.host_conversions,
                       "invalid_refused": report.host_invalid, "denials": report.denials },
+            "collapses": report.collapses,
             "violations": report.violations,
         });
         println!("{out}");
@@ -101,6 +118,9 @@ pub(crate) fn stress(args: &StressArgs) -> u8 {
             report.host_invalid,
             report.denials
         );
+        if config.huge.is_some() {
+            println!("huge pages: {} split 2 MiB pages made huge again", report.collapses);
+        }
         println!("violations: {}", report.violations.len());
         for violation in &report.violations {
             println!("  {violation}");

@@ -789,3 +789,60 @@ fn hypercall_exits_run_or_are_refused_as_the_probe_says() {
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "it waited for --timeout");
     }
 }
+
+/// `gmem stress --huge-pages DIR` (a huge tmpfs of the test's own): the
+/// soak keeps every invariant while conversions split 2 MiB pages and
+/// background collapses make them huge again, host threads reading and
+/// punching throughout.
+#[test]
+fn stress_on_huge_pages_splits_and_collapses_with_no_violation() {
+    if !kvm() {
+        return;
+    }
+    let mount = gmem::TmpfsMount::huge(512 << 20).expect("mount a huge tmpfs (root)");
+    let dir = mount.path().to_str().unwrap();
+    let out = gmem_bounded(&["stress", "--duration", "4s", "--huge-pages", dir, "--json"]);
+    let report = json(&out);
+    assert_eq!(report["violations"], serde_json::json!([]), "{report}");
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(report["collapses"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["host"]["punches"].as_u64().unwrap() > 0, "{report}");
+}
+
+/// `gmem run --huge-pages DIR --json` reports KVM's 2 MiB mappings; what
+/// this host does not offer is a bad argument (status 2) with the reason.
+#[test]
+fn run_on_huge_pages_reports_kvm_mappings_and_refuses_what_is_not_offered() {
+    if !kvm() {
+        return;
+    }
+    let mount = gmem::TmpfsMount::huge(512 << 20).expect("mount a huge tmpfs (root)");
+    let dir = mount.path().to_str().unwrap();
+    let out = gmem(&["run", "--guest", "touch", "--huge-pages", dir, "--json"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let stats = &json(&out)["stats"];
+    assert!(stats["kvm_pages_2m"].as_u64().unwrap() >= 25, "{stats}");
+    assert!(stats["huge_mapped_bytes"].as_u64().unwrap() >= 50 << 20, "{stats}");
+    // And on 4 KiB pages, none.
+    let small = json(&gmem(&["run", "--guest", "touch", "--backend", "userspace", "--json"]));
+    assert_eq!(small["stats"]["huge_mapped_bytes"], 0, "{small}");
+
+    let plain = gmem::TmpfsMount::new(64 << 20, "huge=never").unwrap();
+    for (args, why) in [
+        (vec!["--huge-pages", "/proc"], "not on a tmpfs"),
+        (vec!["--huge-pages", plain.path().to_str().unwrap()], "huge=never"),
+        (vec!["--huge-pages", dir, "--backend", "native"], "needs the user-space backend"),
+    ] {
+        let out = gmem(&[&["run"][..], &args].concat());
+        assert_eq!(status(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{args:?}: {}", stderr(&out));
+    }
+    // hugetlbfs: refused with the reason where the host has no free pages.
+    if gmem::HugePages::HugeTlb.offered().is_err() {
+        let out = gmem(&["run", "--huge-pages", "hugetlb"]);
+        assert_eq!(status(&out), 2, "{}", stderr(&out));
+        assert!(stderr(&out).contains("not enough free huge pages"), "{}", stderr(&out));
+    }
+    let out = gmem(&["stress", "--duration", "1s", "--huge-pages", "/proc"]);
+    assert_eq!(status(&out), 2, "{}", stderr(&out));
+}

@@ -27,11 +27,14 @@ mod stress_layout;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use stress_layout::{Rng, HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
+use stress_layout::{window, Rng, HOST, PRIVATE_MARK, STOP, WINDOW};
 
 /// Top 16 bits of a token written while the page was shared.
 const SHARED_MARK: u64 = 0x5A4E;
-const MAX_VCPUS: usize = 64;
+const MAX_VCPUS: usize = stress_layout::MAX_VCPUS as usize;
+/// TSC cycles a vCPU waits after its whole window went private (tens of
+/// ms): long enough for a huge page's background collapse to come.
+const SETTLE_CYCLES: u64 = 100_000_000;
 
 /// Per page of every window: bit 0 = shared; the rest, the last token.
 static PAGES: [AtomicU64; MAX_VCPUS * WINDOW as usize] =
@@ -46,7 +49,7 @@ fn violation(vcpu: u32, what: &str, gpa: u64, seen: u64) -> u32 {
 
 fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     if boot.vcpu_count as usize > MAX_VCPUS
-        || WINDOWS + u64::from(boot.vcpu_count) * WINDOW * 4096 > boot.stacks_floor()
+        || window(u64::from(boot.vcpu_count)) > boot.stacks_floor()
     {
         rt::out().s("stress: too many vCPUs for the RAM\n");
         return 2;
@@ -61,7 +64,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     if vcpu % 2 == 1 {
         rt::enter_user_mode();
     }
-    let base = WINDOWS + u64::from(vcpu) * WINDOW * 4096;
+    let base = window(u64::from(vcpu));
     let slots = &PAGES[vcpu as usize * WINDOW as usize..][..WINDOW as usize];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(vcpu) + 1).wrapping_mul(rt::rdtsc() | 1));
     let (mut ops, mut conversions, mut invalid, mut checks, mut tokens) = (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -73,7 +76,12 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         ops += 1;
         match (r >> 16) % 8 {
             0 | 1 => {
-                let to_shared = (r >> 24) & 1 == 1;
+                // Now and then the whole window goes private and stays so
+                // for a while: on huge pages its 2 MiB page is uniform
+                // again, and is collapsed meanwhile.
+                let whole = (r >> 28) % 256 == 0;
+                let (first, count, gpa) = if whole { (0, WINDOW, base) } else { (first, count, gpa) };
+                let to_shared = !whole && (r >> 24) & 1 == 1;
                 let attrs = if to_shared { rt::SHARED } else { rt::PRIVATE };
                 let ret = rt::convert(gpa, count * 4096, attrs);
                 if ret != 0 {
@@ -90,6 +98,12 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
                         if !(seen == 0 || (to_shared && seen == HOST)) {
                             return violation(vcpu, "a converted page kept content", at, seen);
                         }
+                    }
+                }
+                if whole {
+                    let start = rt::rdtsc();
+                    while rt::rdtsc() - start < SETTLE_CYCLES && rt::read_u64(STOP) == 0 {
+                        core::hint::spin_loop();
                     }
                 }
             }

@@ -10,6 +10,19 @@ pub const STOP: u64 = 0xF0_0000;
 pub const WINDOWS: u64 = 0x100_0000;
 /// Pages per vCPU window.
 pub const WINDOW: u64 = 64;
+/// From one vCPU's window to the next: one window per 2 MiB page, so that
+/// on huge pages a vCPU's conversions split its own 2 MiB page only, and
+/// its window going all private makes that page uniform again.
+pub const WINDOW_STRIDE: u64 = 2 << 20;
+/// The most vCPUs the layout has windows for.
+pub const MAX_VCPUS: u64 = 64;
+/// The first page of vCPU `vcpu`'s window.
+pub const fn window(vcpu: u64) -> u64 {
+    WINDOWS + vcpu * WINDOW_STRIDE
+}
+/// Guest RAM that holds the windows of [`MAX_VCPUS`], the host's own
+/// range above them and the vCPU stacks.
+pub const RAM: u64 = window(MAX_VCPUS) + (16 << 20);
 /// What the host writes into shared pages (the guest accepts it).
 pub const HOST: u64 = 0x4848_4848_4848_4848;
 /// Top 16 bits of a token the guest writes into a private page: the host

@@ -509,11 +509,23 @@ impl PrivateMemory {
         // On huge pages the kernel's shmem faults serve KVM's window: they
         // map 2 MiB pages by PMD, which KVM then maps huge (userfaultfd
         // maps 4 KiB only). See `crate::collapse`.
-        if file.page_kind() == PageKind::Small {
+        let small = file.page_kind() == PageKind::Small;
+        if small {
             self.uffd.register(window.as_ptr() as u64, size, Registration::MissingAndMinor)?;
         }
+        // The host's view never allocates a page (a hole raises SIGBUS).
+        // On 4 KiB pages it maps only what gmem put there; on huge pages
+        // the kernel's collapses (khugepaged's too, which no process
+        // setting stops short of losing huge pages altogether) remove its
+        // mappings at any time, so the kernel maps pages in the file again
+        // on access: the gate is what keeps the host to shared pages there.
         let host_view = binding.map_window(FileOffset(offset), size)?;
-        self.host_uffd.register(host_view.as_ptr() as u64, size, Registration::MissingAndMinor)?;
+        if !small {
+            host_view.map_small_pages_only()?;
+        }
+        let host_faults =
+            if small { Registration::MissingAndMinor } else { Registration::MissingOnly };
+        self.host_uffd.register(host_view.as_ptr() as u64, size, host_faults)?;
         let backing = Backing::File(Box::new(FileBacking {
             file_offset: offset,
             file_id: file.id(),

@@ -75,13 +75,17 @@ pub(crate) enum Registration {
     MissingAndMinor,
     /// Minor faults only: the kernel allocates holes itself.
     MinorOnly,
+    /// Missing faults only: the kernel maps pages that are in the file
+    /// itself (a host view of a file on huge pages, whose mappings the
+    /// kernel's own collapses remove at any time).
+    MissingOnly,
 }
 
 impl Registration {
     fn other(self) -> Self {
         match self {
             Self::MissingAndMinor => Self::MinorOnly,
-            Self::MinorOnly => Self::MissingAndMinor,
+            Self::MinorOnly | Self::MissingOnly => Self::MissingAndMinor,
         }
     }
 }
@@ -203,6 +207,7 @@ impl Userfaultfd {
                 UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR
             }
             Registration::MinorOnly => UFFDIO_REGISTER_MODE_MINOR,
+            Registration::MissingOnly => UFFDIO_REGISTER_MODE_MISSING,
         };
         let mut reg = uffdio_register {
             range: uffdio_range { start: addr, len },
@@ -210,7 +215,7 @@ impl Userfaultfd {
             ioctls: 0,
         };
         self.ioctl(&mut reg, "UFFDIO_REGISTER")?;
-        if reg.ioctls & (1 << _UFFDIO_CONTINUE) == 0 {
+        if registration != Registration::MissingOnly && reg.ioctls & (1 << _UFFDIO_CONTINUE) == 0 {
             return Err(Error::Unsupported(
                 "userfaultfd: UFFDIO_CONTINUE not offered for shmem".into(),
             ));

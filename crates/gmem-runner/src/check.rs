@@ -70,9 +70,10 @@ pub struct Check {
     pub detail: String,
 }
 
-/// Runs every check. Never fails as a whole: what cannot run is reported
-/// as unsupported, with the reason.
-pub fn run() -> Vec<Check> {
+/// Runs every check, the guests' scenarios on 2 MiB pages where `huge`
+/// says (and then a check of the huge pages themselves). Never fails as a
+/// whole: what cannot run is reported as unsupported, with the reason.
+pub fn run(huge: Option<&gmem::HugePages>) -> Vec<Check> {
     let mut checks: Vec<Check> = gmem::seed::checks()
         .into_iter()
         .map(|seed| {
@@ -84,7 +85,8 @@ pub fn run() -> Vec<Check> {
             Check { name, backend: Backend::Userspace, status, errno: seed.errno, detail }
         })
         .collect();
-    checks.extend(scenario_rows());
+    checks.extend(scenario_rows(huge));
+    checks.extend(huge.map(huge_row));
     let why_not = match native::probe() {
         Ok(support) if support.guest_memfd => None,
         Ok(_) => Some("this kernel has no guest_memfd (KVM_CAP_GUEST_MEMFD)".to_string()),
@@ -119,18 +121,19 @@ pub fn run() -> Vec<Check> {
 /// The GUEST_ABI guests' scenarios: each must exit as it should on gmem's
 /// backend, and the native backend must match it exactly (outcome and
 /// every host action's result), or be unsupported with the reason.
-fn scenario_rows() -> Vec<Check> {
+fn scenario_rows(huge: Option<&gmem::HugePages>) -> Vec<Check> {
     let native = native::probe().map_err(|e| e.to_string()).and_then(|n| n.usable());
     let mut rows = Vec::new();
     for scenario in scenarios::scenarios() {
         let name = format!(
-            "guest {} ({} vCPUs, {} MiB{})",
+            "guest {} ({} vCPUs, {} MiB{}{})",
             scenario.guest,
             scenario.vcpus,
             scenario.ram >> 20,
-            if scenario.allocate_first { ", file allocated first" } else { "" }
+            if scenario.allocate_first { ", file allocated first" } else { "" },
+            if huge.is_some() { ", 2 MiB pages" } else { "" }
         );
-        let ours = scenarios::run(&scenario, false);
+        let ours = scenarios::run(&scenario, false, huge);
         let (status, detail) = match &ours {
             Ok((Outcome::Exit(code), _)) if *code == scenario.exit => {
                 (Status::Pass, format!("exit {code}"))
@@ -152,7 +155,7 @@ fn scenario_rows() -> Vec<Check> {
             (Ok(()), Err(_)) => {
                 (Status::Unsupported, "the user-space run failed: nothing to match".into())
             }
-            (Ok(()), Ok(ours)) => match scenarios::run(&scenario, true) {
+            (Ok(()), Ok(ours)) => match scenarios::run(&scenario, true, None) {
                 Ok(theirs) if theirs == *ours => (
                     Status::Pass,
                     format!(
@@ -177,6 +180,19 @@ fn scenario_rows() -> Vec<Check> {
     let name = "a memslot deleted while a vCPU uses it".to_string();
     rows.push(Check { name, backend: Backend::Userspace, status, errno: None, detail });
     rows
+}
+
+/// The `hugeconv` guest on `huge` pages: KVM maps them with 2 MiB pages,
+/// and its 4 KiB conversions were made huge again.
+fn huge_row(huge: &gmem::HugePages) -> Check {
+    let name = "huge pages: 2 MiB mappings, 4 KiB conversions split and collapse".to_string();
+    let (status, detail) = match scenarios::huge_pages(huge) {
+        Ok(seen) if seen.pages_2m > 0 && seen.collapses > 0 => (Status::Pass, seen.to_string()),
+        Ok(seen) => (Status::Fail, format!("{seen}: expected 2 MiB mappings and collapses")),
+        Err(e) if e.errno() == Errno::INVAL => (Status::Unsupported, e.to_string()),
+        Err(e) => (Status::Fail, format!("could not run: {e}")),
+    };
+    Check { name, backend: Backend::Userspace, status, errno: None, detail }
 }
 
 fn failed(name: &str, backend: Backend, error: gmem_kvm::Error) -> Check {

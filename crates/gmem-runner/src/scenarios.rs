@@ -6,6 +6,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use gmem::FileOffset;
 use gmem_kvm::Result;
 
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
@@ -75,6 +76,7 @@ pub fn scenarios() -> Vec<Scenario> {
         plain("convstorm", 4, 64 * MIB, 0),
         plain("smp", 4, 64 * MIB, 0),
         plain("memmap", 2, 3 * 1024 * MIB + 64 * MIB, 0),
+        plain("hugeconv", 1, 64 * MIB, 0),
     ]
 }
 
@@ -82,10 +84,25 @@ pub fn scenarios() -> Vec<Scenario> {
 /// with the bytes read, or the errno of a refusal.
 pub type ScenarioResult = (Outcome, Vec<String>);
 
-/// Runs `scenario` on the native backend (`native`) or on gmem's.
-pub fn run(scenario: &Scenario, native: bool) -> Result<ScenarioResult> {
-    let vm =
-        if native { Vm::with_native_ram(scenario.ram)? } else { Vm::with_ram(scenario.ram)?.0 };
+/// Runs `scenario` on the native backend (`native`) or on gmem's, there
+/// on 2 MiB pages where `huge` says.
+pub fn run(
+    scenario: &Scenario,
+    native: bool,
+    huge: Option<&gmem::HugePages>,
+) -> Result<ScenarioResult> {
+    let vm = if native {
+        Vm::with_native_ram(scenario.ram)?
+    } else {
+        let vm = Vm::new()?;
+        let files = vm.add_ram_on(scenario.ram, huge)?;
+        if scenario.allocate_first {
+            for file in files {
+                file.fallocate(gmem::Fallocate::AllocateKeepSize, FileOffset(0), file.size())?;
+            }
+        }
+        vm
+    };
     let guest = gmem_guest_image(scenario.guest)?;
     let image = GuestImage::parse(guest, scenario.ram)?;
     vm.load(&image, scenario.ram, scenario.vcpus)?;
@@ -110,6 +127,60 @@ pub fn run(scenario: &Scenario, native: bool) -> Result<ScenarioResult> {
         RunConfig { timeout: Some(Duration::from_secs(60)), ..RunConfig::new(scenario.vcpus) };
     let report = vm.run(&image, scenario.ram, &config, &on_sync)?;
     Ok((report.outcome, seen.into_inner().unwrap_or_else(|p| p.into_inner())))
+}
+
+/// What the `hugeconv` guest's run on huge pages showed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugePagesSeen {
+    /// KVM's 2 MiB mappings at the end (`pages_2m`).
+    pub pages_2m: u64,
+    /// Split 2 MiB pages made huge again.
+    pub collapses: u64,
+    /// 4 KiB conversions the guest made.
+    pub conversions: u64,
+}
+
+impl std::fmt::Display for HugePagesSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} conversions, {} collapses, KVM maps {} 2 MiB pages",
+            self.conversions, self.collapses, self.pages_2m
+        )
+    }
+}
+
+/// Runs the `hugeconv` guest on 64 MiB of `huge` pages, waiting at its
+/// last sync until its split pages are huge again (10 s at most); an
+/// error unless it exits 0.
+pub fn huge_pages(huge: &gmem::HugePages) -> Result<HugePagesSeen> {
+    use gmem_guest::huge_layout::PRIVATE_AGAIN;
+    const RAM: u64 = 64 << 20;
+    let vm = Vm::new()?;
+    vm.add_ram_on(RAM, Some(huge))?;
+    let image = GuestImage::parse(gmem_guest_image("hugeconv")?, RAM)?;
+    vm.load(&image, RAM, 1)?;
+    let on_sync = |vm: &Vm, stage: u64| {
+        if stage == PRIVATE_AGAIN {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let split = |vm: &Vm| vm.memory().stats().conversions / 2;
+            while vm.memory().stats().collapses < split(vm) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    let config = RunConfig { timeout: Some(Duration::from_secs(60)), ..RunConfig::new(1) };
+    let report = vm.run(&image, RAM, &config, &on_sync)?;
+    if report.outcome != Outcome::Exit(0) {
+        let console = String::from_utf8_lossy(&report.console).into_owned();
+        return Err(gmem_kvm::Error::Unsupported(format!("{:?}: {console}", report.outcome)));
+    }
+    let stats = vm.memory().stats();
+    Ok(HugePagesSeen {
+        pages_2m: vm.kvm_statistics()?.get("pages_2m").unwrap_or(0),
+        collapses: stats.collapses,
+        conversions: stats.conversions,
+    })
 }
 
 /// gmem's answer to a memslot deleted while a vCPU uses it: the `punch`

@@ -16,17 +16,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gmem_guest::stress_layout::{Rng, HOST, PRIVATE_MARK, STOP, WINDOW, WINDOWS};
+use gmem_guest::stress_layout::{window, Rng, HOST, MAX_VCPUS, PRIVATE_MARK, STOP, WINDOW};
 use gmem_kvm::{Errno, PageState, PrivateMemory};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Gpa, GuestImage, Outcome, RunConfig, Vm};
 
 /// The host's own range: 64 pages only host threads convert.
-const HOST_RANGE: u64 = 0x300_0000;
+const HOST_RANGE: u64 = window(MAX_VCPUS);
 const HOST_PAGES: u64 = 64;
 /// Guest RAM: room for the windows, the host range and 64 vCPU stacks.
-pub const RAM: u64 = 64 << 20;
+pub const RAM: u64 = gmem_guest::stress_layout::RAM;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -40,6 +40,10 @@ pub struct StressConfig {
     /// Run on the native backend (the kernel's guest_memfd) instead of
     /// gmem's user-space one.
     pub native: bool,
+    /// Guest RAM on 2 MiB pages of this kind (user-space backend): the
+    /// guest's conversions split them and background collapses make them
+    /// huge again while host threads read and punch.
+    pub huge: Option<gmem::HugePages>,
 }
 
 /// Counts of a stress run.
@@ -64,6 +68,8 @@ pub struct StressReport {
     pub denials: u64,
     /// What went wrong; empty when every invariant held.
     pub violations: Vec<String>,
+    /// Split 2 MiB pages made huge again (on huge pages).
+    pub collapses: u64,
 }
 
 /// Counts of the process's resources: descriptors, threads, mappings of
@@ -135,7 +141,8 @@ impl Host<'_> {
         let mut host_shared = [false; HOST_PAGES as usize];
         while !self.stop.load(Ordering::Relaxed) {
             let r = rng.next_word();
-            let page = WINDOWS + (r % window_pages) * 4096;
+            let (vcpu, slot) = ((r % window_pages) / WINDOW, r % WINDOW);
+            let page = window(vcpu) + slot * 4096;
             match (r >> 32) % 8 {
                 0 | 1 => {
                     let mut buf = [0u8; 8];
@@ -168,8 +175,7 @@ impl Host<'_> {
                 }
                 5 => {
                     let pages = 1 + (r >> 8) % 4;
-                    let end = WINDOWS + window_pages * 4096;
-                    let len = (pages * 4096).min(end - page);
+                    let len = pages.min(WINDOW - slot) * 4096;
                     if let Err(e) = self.memory.punch(Gpa(page), len) {
                         self.violation(format!("host punch at {page:#x}+{len:#x}: {e}"));
                     }
@@ -216,7 +222,7 @@ impl Host<'_> {
             0 => self.memory.convert(Gpa(HOST_RANGE + 8), 4096, PageState::Shared).map(drop),
             1 => self.memory.convert(Gpa(RAM), 4096, PageState::Private).map(drop),
             2 => self.memory.read(Gpa(u64::MAX - 3), &mut [0; 8]),
-            _ => self.memory.punch(Gpa(WINDOWS + 1), 4096),
+            _ => self.memory.punch(Gpa(window(0) + 1), 4096),
         };
         match result {
             Err(e) if e.errno() == Errno::INVAL => {}
@@ -257,7 +263,13 @@ pub fn run(guest: &[u8], config: &StressConfig) -> gmem_kvm::Result<StressReport
 }
 
 fn stress_vm(guest: &[u8], config: &StressConfig) -> gmem_kvm::Result<StressReport> {
-    let vm = if config.native { Vm::with_native_ram(RAM)? } else { Vm::with_ram(RAM)?.0 };
+    let vm = if config.native {
+        Vm::with_native_ram(RAM)?
+    } else {
+        let vm = Vm::new()?;
+        vm.add_ram_on(RAM, config.huge.as_ref())?;
+        vm
+    };
     let image = GuestImage::parse(guest, RAM)?;
     vm.load(&image, RAM, config.vcpus)?;
     let stop = AtomicBool::new(false);
@@ -299,6 +311,7 @@ fn stress_vm(guest: &[u8], config: &StressConfig) -> gmem_kvm::Result<StressRepo
         host_invalid: host.counters.invalid.load(Ordering::Relaxed),
         denials: host.counters.denials.load(Ordering::Relaxed),
         violations: host.violations.into_inner().unwrap_or_else(|p| p.into_inner()),
+        collapses: vm.memory().stats().collapses,
         ..StressReport::default()
     };
     let console = String::from_utf8_lossy(&outcome.console).into_owned();

@@ -69,6 +69,11 @@ pub struct VmStats {
     pub memory: MemoryStats,
     /// Conversion requests the guest made (port 0xF0), refused ones too.
     pub conversion_requests: u64,
+    /// Bytes of private memory mapped by 2 MiB entries in the KVM windows.
+    pub huge_mapped_bytes: u64,
+    /// KVM's mappings of guest memory by size (`pages_4k`, `pages_2m`,
+    /// `pages_1g`), where KVM reports them.
+    pub kvm_pages: Option<[u64; 3]>,
 }
 
 /// The most RAM one file backs. The kernel allocates a shmem file's pages
@@ -502,9 +507,15 @@ impl Vm {
 
     /// The VM's counters.
     pub fn stats(&self) -> VmStats {
+        let kvm = self.kvm_statistics().ok();
+        let kvm_pages = kvm.and_then(|k| {
+            Some([k.get("pages_4k")?, k.get("pages_2m")?, k.get("pages_1g").unwrap_or(0)])
+        });
         VmStats {
             memory: self.memory.stats(),
             conversion_requests: self.conversion_requests.load(Ordering::Relaxed),
+            huge_mapped_bytes: self.memory.huge_mapped_bytes().unwrap_or(0),
+            kvm_pages,
         }
     }
 

@@ -357,6 +357,14 @@ impl OwnerWindow {
         Ok(kib * 1024)
     }
 
+    /// Maps the window's pages 4 KiB at a time only (`MADV_NOHUGEPAGE`): a
+    /// view that must not map a whole 2 MiB page for one of its pages.
+    pub fn map_small_pages_only(&self) -> Result<()> {
+        // SAFETY: advice on the window's own mapping; no content changes.
+        unsafe { mm::madvise(self.map.addr().cast(), self.len(), Advice::LinuxNoHugepage) }
+            .map_err(|errno| Error::Os { op: "MADV_NOHUGEPAGE", errno })
+    }
+
     pub(crate) fn mapping(&self) -> &Mapping {
         &self.map
     }
