@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use gmem_runner::bench::{
-    conversion_rate, conversions, first_touch, host_read_rate, median, metadata_bytes_per_page,
-    populate, punch, tlb_read_ns, touched_pages, virtio_blk, Backing,
+    conversion_rate, conversions, first_touch, host_read_rate, huge_conversions, median,
+    metadata_bytes_per_page, populate, punch, tlb_read_ns, touched_pages, virtio_blk, Backing,
 };
 use serde_json::json;
 
@@ -34,6 +34,11 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Huge pages for the huge-page rows [default: a tmpfs of its own,
+    /// mounted with huge=always in a temporary directory, where it runs as
+    /// root; the rows are left out otherwise].
+    #[command(flatten)]
+    huge: crate::args::HugePagesArg,
     /// Also draw the ratios into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<std::path::PathBuf>,
@@ -119,7 +124,8 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
         .and_then(|()| conversion_figures(reps, native, &mut figures))
         .and_then(|()| virtio_figures(reps, &mut figures))
         .and_then(|()| host_access_figures(reps, &mut figures))
-        .and_then(|()| metadata_figures(&mut figures));
+        .and_then(|()| metadata_figures(&mut figures))
+        .and_then(|()| huge_figures(args, mib, reps, &mut figures));
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
@@ -216,7 +222,8 @@ fn first_touch_figures(
         progress(&format!("first touch of {mib} MiB, round {rep}/{reps}"));
         for (backing, samples) in backings.iter().zip(&mut samples) {
             let (time, _, _) =
-                first_touch(touch, mib, *backing, 1).map_err(|e| format!("{backing:?}: {e}"))?;
+                first_touch(touch, mib, backing.clone(), 1)
+                    .map_err(|e| format!("{backing:?}: {e}"))?;
             samples.push(time);
         }
     }
@@ -270,14 +277,15 @@ fn size_figures(
         (vec![vec![]; backings.len()], vec![vec![]; backings.len()], vec![]);
     for rep in 1..=reps {
         progress(&format!("first touch on {vcpus} vCPUs, and sparse, round {rep}/{reps}"));
-        for (i, &backing) in backings.iter().enumerate() {
-            if backing != Backing::Memfd {
-                let (time, _, _) =
-                    first_touch(touch, mib, backing, vcpus).map_err(|e| format!("smp: {e}"))?;
+        for (i, backing) in backings.iter().enumerate() {
+            if *backing != Backing::Memfd {
+                let (time, _, _) = first_touch(touch, mib, backing.clone(), vcpus)
+                    .map_err(|e| format!("smp: {e}"))?;
                 smp[i].push(time);
             }
             let (time, console, allocated) =
-                first_touch(sparse, sparse_mib, backing, 1).map_err(|e| format!("sparse: {e}"))?;
+                first_touch(sparse, sparse_mib, backing.clone(), 1)
+                    .map_err(|e| format!("sparse: {e}"))?;
             sparse_times[i].push(time);
             if let (Backing::Gmem { .. }, Some(allocated)) = (backing, allocated) {
                 let touched = touched_pages(&console).ok_or_else(|| {
@@ -337,7 +345,7 @@ fn tlb_figures(mib: u64, reps: u64, figures: &mut Vec<Figure>) -> Result<(), Str
     let mut samples = [vec![], vec![]];
     for rep in 1..=reps {
         progress(&format!("random reads over {mib} MiB, round {rep}/{reps}"));
-        for (backing, samples) in [Backing::Anonymous, gmem].into_iter().zip(&mut samples) {
+        for (backing, samples) in [Backing::Anonymous, gmem.clone()].into_iter().zip(&mut samples) {
             samples.push(tlb_read_ns(tlb, mib, backing).map_err(|e| format!("tlb: {e}"))?);
         }
     }
@@ -490,3 +498,111 @@ fn metadata_figures(figures: &mut Vec<Figure>) -> Result<(), String> {
     figures.push(Figure::cost("metadata-bytes-per-page", bytes, "B/page", bound).target(1.0));
     Ok(())
 }
+
+/// Guest RAM of the huge-page rows that the issue sizes at 1 GiB (64 MiB
+/// for `--quick`).
+fn huge_ram_mib(args: &BenchArgs) -> u64 {
+    if args.quick {
+        64
+    } else {
+        1024
+    }
+}
+
+/// The huge pages to measure on: `--huge-pages`, or a tmpfs of our own
+/// (root); `Err` says why the rows are left out.
+fn huge_pages_for(args: &BenchArgs) -> Result<(gmem::HugePages, Option<gmem::TmpfsMount>), String> {
+    if let Some(huge) = &args.huge.huge_pages {
+        huge.offered().map_err(|why| format!("--huge-pages {huge}: {why}"))?;
+        return Ok((huge.clone(), None));
+    }
+    if !rustix::process::geteuid().is_root() {
+        return Err("not root: no tmpfs of its own can be mounted (give --huge-pages DIR)".into());
+    }
+    let size = (2 * huge_ram_mib(args) + 256) << 20;
+    let mount = gmem::TmpfsMount::huge(size).map_err(|e| format!("mounting a tmpfs: {e}"))?;
+    Ok((mount.huge_pages(), Some(mount)))
+}
+
+/// Guests on 2 MiB pages: first touch against anonymous memory with
+/// transparent huge pages, random reads against 4 KiB gmem pages, the
+/// memory and the time of 4 KiB conversions inside huge pages, and how
+/// soon and at what cost split pages are huge again.
+fn huge_figures(
+    args: &BenchArgs,
+    mib: u64,
+    reps: u64,
+    figures: &mut Vec<Figure>,
+) -> Result<(), String> {
+    let (huge, _mount) = match huge_pages_for(args) {
+        Ok(huge) => huge,
+        Err(why) => {
+            eprintln!("gmem bench: the huge-page rows are left out: {why}");
+            return Ok(());
+        }
+    };
+    let on_huge = Backing::GmemHuge(huge);
+    let small = Backing::Gmem { fault_around: DEFAULT_FAULT_AROUND_PAGES };
+    let guest = |name| gmem_guest::guest(name).expect("built in");
+    let big = huge_ram_mib(args);
+    let (mut touch, mut tlb, mut conv) = ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
+    let (mut after_convert, mut huge_again, mut collapse_cost) = (vec![], vec![], vec![]);
+    for rep in 1..=reps {
+        progress(&format!("huge pages, round {rep}/{reps}"));
+        for (backing, samples) in [&on_huge, &Backing::AnonymousHuge].into_iter().zip(&mut touch) {
+            let (time, _, _) = first_touch(guest("touch"), mib, backing.clone(), 1)
+                .map_err(|e| format!("first touch on huge pages: {e}"))?;
+            samples.push(mib as f64 / time.as_secs_f64());
+        }
+        for (backing, samples) in [&on_huge, &small].into_iter().zip(&mut tlb) {
+            let ns = tlb_read_ns(guest("tlb"), big, backing.clone())
+                .map_err(|e| format!("tlb on huge pages: {e}"))?;
+            samples.push(ns);
+        }
+        let ram = (big + 8) << 20;
+        for (backing, samples) in [&on_huge, &small].into_iter().zip(&mut conv) {
+            let seen = huge_conversions(guest("hugeconv"), backing, ram)
+                .map_err(|e| format!("conversions on huge pages: {e}"))?;
+            samples.push(seen.convert_4k.as_secs_f64() * 1e6);
+            if matches!(backing, Backing::GmemHuge(_)) {
+                after_convert.push(seen.allocated_converted as f64 / seen.allocated_touched as f64);
+                huge_again.extend(seen.huge_again_after.map(|d| d.as_secs_f64() * 1e3));
+                collapse_cost.extend(seen.collapse_cost.map(|d| d.as_secs_f64() * 1e6));
+            }
+        }
+    }
+    let [gmem, anonymous] = &mut touch;
+    let baseline = (middle(anonymous), "anonymous THP");
+    figures.push(Figure::rate("first-touch-huge", middle(gmem), "MiB/s", baseline).target(1.0));
+    let [on_huge, on_small] = &mut tlb;
+    let baseline = (middle(on_small), "gmem 4 KiB pages");
+    figures.push(Figure::cost("tlb-huge", middle(on_huge), "ns", baseline).target(1.2));
+    let bound = (1.01, "bound: 1.01x before");
+    figures.push(Figure::cost("memory-after-convert", middle(&mut after_convert), "x", bound).target(1.0));
+    let [on_huge, on_small] = &mut conv;
+    let baseline = (middle(on_small), "on 4 KiB pages");
+    figures.push(Figure::cost("convert-4k-huge", middle(on_huge), "us", baseline).target(0.5));
+    if huge_again.is_empty() || collapse_cost.is_empty() {
+        return Err("split 2 MiB pages were not made huge again within 10 s".into());
+    }
+    let delay = gmem_kvm::collapse::COLLAPSE_AFTER.as_secs_f64() * 1e3;
+    figures.push(Figure::cost("collapse", middle(&mut huge_again), "ms", (delay, "the delay asked")));
+    let copy = (middle(&mut copy_2m_micros()), "2 MiB memcpy");
+    figures.push(Figure::cost("collapse-cost", middle(&mut collapse_cost), "us", copy));
+    Ok(())
+}
+
+/// Microseconds of copying 2 MiB between two buffers already touched: 21 samples.
+fn copy_2m_micros() -> Vec<f64> {
+    let src = vec![1u8; 2 << 20];
+    let mut dst = vec![0u8; 2 << 20];
+    (0..21)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect()
+}
+

@@ -150,6 +150,9 @@ fn rows(
                 }
             ),
         ),
+        ("huge pages: memfd (--huge-pages memfd)", offered(&gmem::HugePages::Memfd)),
+        ("huge pages: hugetlbfs (--huge-pages hugetlb)", offered(&gmem::HugePages::HugeTlb)),
+        ("huge pages: tmpfs (--huge-pages DIR)", huge_tmpfs()),
         (
             "--backend auto",
             match auto {
@@ -158,6 +161,30 @@ fn rows(
             },
         ),
     ]
+}
+
+/// Whether these huge pages are offered here, and why not.
+fn offered(huge: &gmem::HugePages) -> String {
+    match (huge.offered(), huge) {
+        (Ok(what), gmem::HugePages::HugeTlb) => {
+            format!("{what}; files only: regions on hugetlbfs are not offered yet")
+        }
+        (Ok(what), _) => format!("yes ({what})"),
+        (Err(why), _) => format!("no: {why}"),
+    }
+}
+
+/// The huge-page tmpfs mounts there are, or how to make one.
+fn huge_tmpfs() -> String {
+    let mounts = gmem::huge_tmpfs_mounts();
+    if mounts.is_empty() {
+        return "none mounted; as root: mount -t tmpfs -o huge=always,size=SIZE gmem DIR \
+                (`gmem bench` mounts its own)"
+            .into();
+    }
+    let list: Vec<String> =
+        mounts.iter().map(|(dir, option)| format!("{} (huge={option})", dir.display())).collect();
+    list.join(", ")
 }
 
 fn report_json(host: &HostReport, auto: &Auto, hypercall: &Result<(), String>) -> Value {
@@ -187,7 +214,19 @@ fn report_json(host: &HostReport, auto: &Auto, hypercall: &Result<(), String>) -
             "usable": host.userspace_usable().is_ok(),
         },
         "memlock": { "soft": host.memlock.0, "hard": host.memlock.1, "root": host.root, "cap_ipc_lock": host.ipc_lock },
+        "huge_pages": {
+            "memfd": huge_json(&gmem::HugePages::Memfd),
+            "hugetlb": huge_json(&gmem::HugePages::HugeTlb),
+            "tmpfs_mounts": gmem::huge_tmpfs_mounts().iter()
+                .map(|(dir, option)| json!({ "path": dir, "huge": option }))
+                .collect::<Vec<_>>(),
+        },
         "auto_backend": auto.as_ref().ok().map(|c| c.backend),
         "auto_reason": match auto { Ok(c) => c.reason.clone(), Err(why) => why.clone() },
     })
+}
+
+fn huge_json(huge: &gmem::HugePages) -> Value {
+    let offered = huge.offered();
+    json!({ "offered": offered.is_ok(), "detail": offered.unwrap_or_else(|why| why) })
 }

@@ -48,6 +48,8 @@ pub(crate) struct Collapses {
     due: Mutex<Vec<(u64, Instant)>>,
     /// 2 MiB ranges made huge again.
     pub(crate) done: AtomicU64,
+    /// Nanoseconds spent making them huge.
+    pub(crate) nanos: AtomicU64,
 }
 
 impl Collapses {
@@ -175,9 +177,11 @@ impl PrivateMemory {
         if mixed || (shared && !shared_too) {
             return Ok(false);
         }
+        let start = Instant::now();
         f.binding.collapse(&f.window, f.file_pages(&pages))?;
         // The host's view of the old small pages is gone.
         f.host_mapped.set(pages, false);
+        self.collapses.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.collapses.done.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }

@@ -114,6 +114,8 @@ pub struct MemoryStats {
     pub allocated_pages: u64,
     /// Split 2 MiB pages made huge again ([`crate::collapse`]).
     pub collapses: u64,
+    /// Nanoseconds those collapses took.
+    pub collapse_nanos: u64,
 }
 
 #[derive(Default)]
@@ -770,6 +772,7 @@ impl PrivateMemory {
             kernel_serving_regions: first_touches().filter(|t| t.kernel_serves()).count() as u64,
             allocated_pages: files.iter().map(|f| f.stats().allocated_pages).sum(),
             collapses: self.collapses.done.load(Ordering::Relaxed),
+            collapse_nanos: self.collapses.nanos.load(Ordering::Relaxed),
         }
     }
 }

@@ -13,15 +13,20 @@ use gmem_kvm::{Error, Result};
 const TOUCH_BASE: u64 = 4 << 20;
 
 /// Where the `touch` guest's memory comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backing {
     /// gmem's user-space backend, serving this many pages per fault.
     Gmem {
         /// Fault-around in pages.
         fault_around: u64,
     },
+    /// gmem's user-space backend on 2 MiB pages of this kind.
+    GmemHuge(gmem::HugePages),
     /// Plain anonymous KVM memory (the baseline).
     Anonymous,
+    /// Plain anonymous KVM memory with transparent huge pages
+    /// (`MADV_HUGEPAGE`).
+    AnonymousHuge,
     /// A plain memfd mapped as the memslot: the kernel's shmem faults, no
     /// userfaultfd, nothing locked (the floor of memfd-backed memory).
     Memfd,
@@ -30,18 +35,24 @@ pub enum Backing {
 }
 
 /// A VM with `ram` bytes of RAM on `backing`.
-fn vm_on(backing: Backing, ram: u64) -> Result<Vm> {
+fn vm_on(backing: &Backing, ram: u64) -> Result<Vm> {
     match backing {
         Backing::Gmem { fault_around } => {
-            let vm = Vm::with_fault_around(fault_around)?;
+            let vm = Vm::with_fault_around(*fault_around)?;
             vm.add_ram(ram)?;
             Ok(vm)
         }
-        Backing::Anonymous | Backing::Memfd => {
+        Backing::GmemHuge(huge) => {
+            let vm = Vm::new()?;
+            vm.add_ram_on(ram, Some(huge))?;
+            Ok(vm)
+        }
+        Backing::Anonymous | Backing::AnonymousHuge | Backing::Memfd => {
             let vm = Vm::new()?;
             for (gpa, size) in crate::boot::ram_regions(ram) {
                 match backing {
                     Backing::Memfd => vm.add_memfd_memory(gpa, size)?,
+                    Backing::AnonymousHuge => vm.add_anonymous_memory_huge(gpa, size)?,
                     _ => vm.add_anonymous_memory(gpa, size)?,
                 };
             }
@@ -63,8 +74,8 @@ pub fn first_touch(
 ) -> Result<(Duration, String, Option<u64>)> {
     let ram = TOUCH_BASE + (mib << 20) + (2 << 20) + u64::from(vcpus) * crate::boot::STACK_SIZE;
     let ram = ram.div_ceil(2 << 20) * (2 << 20);
-    let vm = vm_on(backing, ram)?;
-    let on_gmem = matches!(backing, Backing::Gmem { .. });
+    let vm = vm_on(&backing, ram)?;
+    let on_gmem = matches!(backing, Backing::Gmem { .. } | Backing::GmemHuge(_));
     let allocated = || on_gmem.then(|| vm.memory().stats().allocated_pages);
     let mut at_launch = None;
     let (console, time) = run_with(&vm, touch_guest, ram, vcpus, &mut || at_launch = allocated())?;
@@ -114,6 +125,74 @@ fn run_with(
     }
 }
 
+/// What the `hugeconv` guest's run showed: its RAM converts one 4 KiB page
+/// in every 2 MiB to shared and back (see `gmem_guest::huge_layout`).
+#[derive(Clone, Copy, Debug)]
+pub struct HugeConversions {
+    /// Pages allocated in the files once everything was touched.
+    pub allocated_touched: u64,
+    /// The same once one page per 2 MiB was converted to shared.
+    pub allocated_converted: u64,
+    /// One 4 KiB conversion to shared, by the guest's TSC.
+    pub convert_4k: Duration,
+    /// From the guest's last conversion back to private until every split
+    /// 2 MiB page was huge again (`None`: not within 10 s, or not on huge
+    /// pages).
+    pub huge_again_after: Option<Duration>,
+    /// Time spent per collapse of a 2 MiB page.
+    pub collapse_cost: Option<Duration>,
+}
+
+/// Runs the `hugeconv` guest on `ram` bytes of `backing`.
+pub fn huge_conversions(
+    hugeconv_guest: &[u8],
+    backing: &Backing,
+    ram: u64,
+) -> Result<HugeConversions> {
+    use gmem_guest::huge_layout::{PRIVATE_AGAIN, SHARED, TOUCHED};
+    let vm = vm_on(backing, ram)?;
+    let huge = matches!(backing, Backing::GmemHuge(_));
+    let allocated = std::sync::Mutex::new([0u64; 2]);
+    let waited = std::sync::Mutex::new(None);
+    let image = GuestImage::parse(hugeconv_guest, ram)?;
+    vm.load(&image, ram, 1)?;
+    let on_sync = |vm: &Vm, stage: u64| {
+        let stats = vm.memory().stats();
+        let mut allocated = allocated.lock().unwrap_or_else(|p| p.into_inner());
+        match stage {
+            TOUCHED => allocated[0] = stats.allocated_pages,
+            SHARED => allocated[1] = stats.allocated_pages,
+            PRIVATE_AGAIN if huge => {
+                let start = Instant::now();
+                let split = stats.conversions / 2;
+                while vm.memory().stats().collapses < split && start.elapsed().as_secs() < 10 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                if vm.memory().stats().collapses >= split {
+                    *waited.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
+                }
+            }
+            _ => {}
+        }
+    };
+    let config = RunConfig { timeout: Some(Duration::from_secs(600)), ..RunConfig::new(1) };
+    let report = vm.run(&image, ram, &config, &on_sync)?;
+    let console = String::from_utf8_lossy(&report.console).replace('\0', "");
+    if report.outcome != Outcome::Exit(0) {
+        return Err(Error::Unsupported(format!("hugeconv: {:?}: {console}", report.outcome)));
+    }
+    let stats = vm.memory().stats();
+    let [allocated_touched, allocated_converted] = allocated.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok(HugeConversions {
+        allocated_touched,
+        allocated_converted,
+        convert_4k: Duration::from_secs_f64(per_unit(&console, "convert=")?),
+        huge_again_after: waited.into_inner().unwrap_or_else(|p| p.into_inner()),
+        collapse_cost: (stats.collapses > 0)
+            .then(|| Duration::from_nanos(stats.collapse_nanos / stats.collapses)),
+    })
+}
+
 /// Round trips of the `convbench` guest (request -> guest resumed), per
 /// request, timed by the guest's TSC around the `out` instruction.
 #[derive(Clone, Copy, Debug)]
@@ -130,7 +209,7 @@ pub struct ConversionTimes {
 /// per-request times.
 pub fn conversions(convbench_guest: &[u8], backing: Backing) -> Result<ConversionTimes> {
     const RAM: u64 = 32 << 20;
-    let vm = vm_on(backing, RAM)?;
+    let vm = vm_on(&backing, RAM)?;
     let (console, _) = run_to_success(&vm, convbench_guest, RAM, 1)?;
     let time = |key: &str| per_unit(&console, key).map(Duration::from_secs_f64);
     Ok(ConversionTimes {
@@ -199,7 +278,7 @@ pub fn metadata_bytes_per_page(ram: u64) -> Result<f64> {
 pub fn populate(mib: u64, backing: Backing) -> Result<(Duration, Duration)> {
     let len = mib << 20;
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let vm = vm_on(backing, len + (2 << 20))?;
+    let vm = vm_on(&backing, len + (2 << 20))?;
     let start = Instant::now();
     vm.populate(Gpa(0), &data)?;
     let gmem = start.elapsed();

@@ -37,6 +37,12 @@ impl Map {
         MmapRegion::new(len).map(Self).map_err(errno)
     }
 
+    /// Asks for transparent huge pages (`MADV_HUGEPAGE`).
+    pub(crate) fn advise_huge(&self) -> Result<(), Errno> {
+        // SAFETY: advice on this mapping, which no Rust reference points into.
+        unsafe { rustix::mm::madvise(self.at(0).cast(), self.0.size(), rustix::mm::Advice::LinuxHugepage) }
+    }
+
     /// The address of byte `offset`.
     pub(crate) fn at(&self, offset: usize) -> *mut u8 {
         self.0.as_ptr().wrapping_add(offset)

@@ -346,6 +346,17 @@ impl Vm {
         self.add_plain_slot(gpa, size, Map::anonymous(len).map_err(Error::os("mmap anonymous"))?)
     }
 
+    /// [`add_anonymous_memory`](Self::add_anonymous_memory) with
+    /// transparent huge pages (`MADV_HUGEPAGE`): the baseline of guests
+    /// on huge pages.
+    pub fn add_anonymous_memory_huge(&self, gpa: Gpa, size: u64) -> Result<u32> {
+        let len =
+            usize::try_from(size).map_err(|_| Error::InvalidArgument("size too large".into()))?;
+        let map = Map::anonymous(len).map_err(Error::os("mmap anonymous"))?;
+        map.advise_huge().map_err(Error::os("MADV_HUGEPAGE"))?;
+        self.add_plain_slot(gpa, size, map)
+    }
+
     /// Adds a plain memfd at `gpa`, mapped shared: not private, not served
     /// by gmem, every page allocated by the kernel's shmem fault. The floor
     /// of any memory a memfd backs (a benchmark baseline).

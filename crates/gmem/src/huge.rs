@@ -131,7 +131,7 @@ impl HugePages {
                 let meminfo = std::fs::read_to_string("/proc/meminfo")
                     .map_err(|e| format!("/proc/meminfo: {e}"))?;
                 let field = |name: &str| {
-                    meminfo.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                    meminfo.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse::<u64>().ok())
                 };
                 match (field("HugePages_Free:"), field("Hugepagesize:")) {
                     (Some(free), Some(2048)) if free > 0 => Ok(format!("{free} free 2 MiB pages")),
@@ -192,6 +192,22 @@ impl Drop for TmpfsMount {
         let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// The tmpfs mounts of this process's mount namespace that give files
+/// 2 MiB pages (`huge=always`, `within_size` or `advise`), with the option.
+pub fn huge_tmpfs_mounts() -> Vec<(PathBuf, String)> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    mountinfo
+        .lines()
+        .filter_map(MountInfo::parse)
+        .filter(|m| m.fs_type == "tmpfs")
+        .filter_map(|m| {
+            let option = m.options.split(',').find_map(|o| o.strip_prefix("huge="))?;
+            matches!(option, "always" | "within_size" | "advise")
+                .then(|| (m.point.clone(), option.to_string()))
+        })
+        .collect()
 }
 
 fn memfd(name: &str, extra: MemfdFlags) -> Result<OwnedFd> {

@@ -67,7 +67,7 @@ mod types;
 
 pub use error::{Errno, Error, Result};
 pub use file::{Binding, Fallocate, FileId, GuestOwner, PageGuard, PrivateMemFile, Stats};
-pub use huge::{HugePages, PageKind, TmpfsMount, HUGE_PAGE_SIZE};
+pub use huge::{huge_tmpfs_mounts, HugePages, PageKind, TmpfsMount, HUGE_PAGE_SIZE};
 pub use mapping::{HostMapping, OwnerWindow};
 pub use seals::Seals;
 pub use types::{FileOffset, PageIndex, PageRange, PAGE_SIZE};
