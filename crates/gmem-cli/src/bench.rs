@@ -221,9 +221,8 @@ fn first_touch_figures(
     for rep in 1..=reps {
         progress(&format!("first touch of {mib} MiB, round {rep}/{reps}"));
         for (backing, samples) in backings.iter().zip(&mut samples) {
-            let (time, _, _) =
-                first_touch(touch, mib, backing.clone(), 1)
-                    .map_err(|e| format!("{backing:?}: {e}"))?;
+            let (time, _, _) = first_touch(touch, mib, backing.clone(), 1)
+                .map_err(|e| format!("{backing:?}: {e}"))?;
             samples.push(time);
         }
     }
@@ -283,9 +282,8 @@ fn size_figures(
                     .map_err(|e| format!("smp: {e}"))?;
                 smp[i].push(time);
             }
-            let (time, console, allocated) =
-                first_touch(sparse, sparse_mib, backing.clone(), 1)
-                    .map_err(|e| format!("sparse: {e}"))?;
+            let (time, console, allocated) = first_touch(sparse, sparse_mib, backing.clone(), 1)
+                .map_err(|e| format!("sparse: {e}"))?;
             sparse_times[i].push(time);
             if let (Backing::Gmem { .. }, Some(allocated)) = (backing, allocated) {
                 let touched = touched_pages(&console).ok_or_else(|| {
@@ -578,7 +576,9 @@ fn huge_figures(
     let baseline = (middle(on_small), "gmem 4 KiB pages");
     figures.push(Figure::cost("tlb-huge", middle(on_huge), "ns", baseline).target(1.2));
     let bound = (1.01, "bound: 1.01x before");
-    figures.push(Figure::cost("memory-after-convert", middle(&mut after_convert), "x", bound).target(1.0));
+    figures.push(
+        Figure::cost("memory-after-convert", middle(&mut after_convert), "x", bound).target(1.0),
+    );
     let [on_huge, on_small] = &mut conv;
     let baseline = (middle(on_small), "on 4 KiB pages");
     figures.push(Figure::cost("convert-4k-huge", middle(on_huge), "us", baseline).target(0.5));
@@ -586,7 +586,12 @@ fn huge_figures(
         return Err("split 2 MiB pages were not made huge again within 10 s".into());
     }
     let delay = gmem_kvm::collapse::COLLAPSE_AFTER.as_secs_f64() * 1e3;
-    figures.push(Figure::cost("collapse", middle(&mut huge_again), "ms", (delay, "the delay asked")));
+    figures.push(Figure::cost(
+        "collapse",
+        middle(&mut huge_again),
+        "ms",
+        (delay, "the delay asked"),
+    ));
     let copy = (middle(&mut copy_2m_micros()), "2 MiB memcpy");
     figures.push(Figure::cost("collapse-cost", middle(&mut collapse_cost), "us", copy));
     Ok(())
@@ -605,4 +610,3 @@ fn copy_2m_micros() -> Vec<f64> {
         })
         .collect()
 }
-

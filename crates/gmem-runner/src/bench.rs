@@ -182,7 +182,8 @@ pub fn huge_conversions(
         return Err(Error::Unsupported(format!("hugeconv: {:?}: {console}", report.outcome)));
     }
     let stats = vm.memory().stats();
-    let [allocated_touched, allocated_converted] = allocated.into_inner().unwrap_or_else(|p| p.into_inner());
+    let [allocated_touched, allocated_converted] =
+        allocated.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok(HugeConversions {
         allocated_touched,
         allocated_converted,

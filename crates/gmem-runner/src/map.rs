@@ -40,7 +40,9 @@ impl Map {
     /// Asks for transparent huge pages (`MADV_HUGEPAGE`).
     pub(crate) fn advise_huge(&self) -> Result<(), Errno> {
         // SAFETY: advice on this mapping, which no Rust reference points into.
-        unsafe { rustix::mm::madvise(self.at(0).cast(), self.0.size(), rustix::mm::Advice::LinuxHugepage) }
+        unsafe {
+            rustix::mm::madvise(self.at(0).cast(), self.0.size(), rustix::mm::Advice::LinuxHugepage)
+        }
     }
 
     /// The address of byte `offset`.

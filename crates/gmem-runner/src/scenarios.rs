@@ -164,7 +164,8 @@ pub fn huge_pages(huge: &gmem::HugePages) -> Result<HugePagesSeen> {
         if stage == PRIVATE_AGAIN {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             let split = |vm: &Vm| vm.memory().stats().conversions / 2;
-            while vm.memory().stats().collapses < split(vm) && std::time::Instant::now() < deadline {
+            while vm.memory().stats().collapses < split(vm) && std::time::Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }

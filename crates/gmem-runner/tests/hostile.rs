@@ -113,7 +113,9 @@ fn a_file_under_a_live_region_cannot_shrink() {
     assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     let stats = vm.stats().memory;
     assert_eq!(stats.fenced_pages, 0, "{stats:?}");
-    assert!(stats.pages_served >= (RAM - (4 << 20)) / 4096, "{stats:?}");
+    // Every page it touched is there, whoever served it (gmem, or the
+    // kernel where the faults looked scattered on a busy machine).
+    assert!(stats.allocated_pages >= (RAM - (4 << 20)) / 4096, "{stats:?}");
 }
 
 /// A panic in a sync handler stops the VM with an error; `run` returns.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::{config, console, kvm, launch, RAM};
 use gmem::{Errno, FileOffset, HugePages, PrivateMemFile, TmpfsMount, HUGE_PAGE_SIZE, PAGE_SIZE};
 use gmem_guest::huge_layout::{BASE, CONVERTED_OFFSET, PRIVATE_AGAIN, SHARED, TOUCHED};
-use gmem_runner::{Gpa, Outcome, Vm};
 use gmem_kvm::PageState;
+use gmem_runner::{Gpa, Outcome, Vm};
 use vm_memory::Bytes;
 
 /// A huge-page tmpfs for one test; KVM tests need root, which mounting
@@ -126,7 +126,9 @@ fn the_vmm_collapses_uniform_ranges_on_request() {
     assert_eq!(memory.collapse(range, HUGE_PAGE_SIZE).unwrap(), 0, "mixed: left split");
     // All shared: collapsed, and the host's view is made anew.
     memory.convert(range, PAGE_SIZE, PageState::Shared).unwrap();
-    memory.convert(Gpa(range.0 + 2 * PAGE_SIZE), HUGE_PAGE_SIZE - 2 * PAGE_SIZE, PageState::Shared).unwrap();
+    memory
+        .convert(Gpa(range.0 + 2 * PAGE_SIZE), HUGE_PAGE_SIZE - 2 * PAGE_SIZE, PageState::Shared)
+        .unwrap();
     assert_eq!(memory.collapse(range, HUGE_PAGE_SIZE).unwrap(), 1);
     assert_eq!(memory.huge_mapped_bytes().unwrap(), full);
     let mut back = [0u8; 6];
@@ -151,7 +153,8 @@ fn regions_on_huge_pages_take_whole_huge_pages() {
     }
     let mount = huge_tmpfs();
     let vm = Vm::new().unwrap();
-    let file = std::sync::Arc::new(PrivateMemFile::new_guest_huge("r", &mount.huge_pages()).unwrap());
+    let file =
+        std::sync::Arc::new(PrivateMemFile::new_guest_huge("r", &mount.huge_pages()).unwrap());
     file.set_len(8 << 20).unwrap();
     let refused = |gpa: u64, offset: u64, size: u64| {
         vm.add_private_memory(Gpa(gpa), &file, FileOffset(offset), size).unwrap_err().errno()
@@ -165,7 +168,8 @@ fn regions_on_huge_pages_take_whole_huge_pages() {
     if let Ok(tlb) = PrivateMemFile::new_guest_huge("tlb", &HugePages::HugeTlb) {
         if tlb.set_len(2 << 20).is_ok() {
             let tlb = std::sync::Arc::new(tlb);
-            let err = vm.add_private_memory(Gpa(16 << 20), &tlb, FileOffset(0), 2 << 20).unwrap_err();
+            let err =
+                vm.add_private_memory(Gpa(16 << 20), &tlb, FileOffset(0), 2 << 20).unwrap_err();
             assert_eq!(err.errno(), Errno::OPNOTSUPP, "{err}");
         }
     }

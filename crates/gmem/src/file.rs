@@ -397,7 +397,9 @@ impl PrivateMemFile {
             .map_err(|_| Error::InvalidArgument { op: "ftruncate", why: "size too large" })?;
         let map = self.map_aligned(0, len, "map frame window").map_err(|e| match e.errno() {
             // hugetlbfs reserves the pages of a shared mapping when it is made.
-            Errno::NOMEM if self.kind == PageKind::HugeTlb => Error::NoFreeHugePages { bytes: size },
+            Errno::NOMEM if self.kind == PageKind::HugeTlb => {
+                Error::NoFreeHugePages { bytes: size }
+            }
             _ => e,
         })?;
         map.lock_in_ram()?;
@@ -771,7 +773,11 @@ impl Binding {
         }
         // Holes are allocated first (the kernel refuses to fill them where
         // a mapping of the file reports missing pages to a userfaultfd).
-        self.file.fallocate(Fallocate::AllocateKeepSize, FileOffset(bytes.start), bytes.end - bytes.start)?;
+        self.file.fallocate(
+            Fallocate::AllocateKeepSize,
+            FileOffset(bytes.start),
+            bytes.end - bytes.start,
+        )?;
         let guard = self.lock_range(pages, Fill::Owner, &[])?;
         let at = (bytes.start - window.file_offset().0) as usize;
         let collapsed = window.mapping().collapse(at, (bytes.end - bytes.start) as usize);

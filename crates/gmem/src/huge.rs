@@ -108,14 +108,15 @@ impl HugePages {
                 Ok((fd, PageKind::TransparentHuge, true))
             }
             HugePages::HugeTlb => {
-                let fd = memfd(name, MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB).map_err(|e| {
-                    match e.errno() {
+                let fd =
+                    memfd(name, MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB).map_err(|e| match e
+                        .errno()
+                    {
                         Errno::INVAL | Errno::NOENT | Errno::NOSYS => {
                             unavailable(self, format!("memfd_create(MFD_HUGETLB): {}", e.errno()))
                         }
                         _ => e,
-                    }
-                })?;
+                    })?;
                 Ok((fd, PageKind::HugeTlb, true))
             }
         }
@@ -131,7 +132,9 @@ impl HugePages {
                 let meminfo = std::fs::read_to_string("/proc/meminfo")
                     .map_err(|e| format!("/proc/meminfo: {e}"))?;
                 let field = |name: &str| {
-                    meminfo.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse::<u64>().ok())
+                    meminfo.lines().find_map(|l| {
+                        l.strip_prefix(name)?.split_whitespace().next()?.parse::<u64>().ok()
+                    })
                 };
                 match (field("HugePages_Free:"), field("Hugepagesize:")) {
                     (Some(free), Some(2048)) if free > 0 => Ok(format!("{free} free 2 MiB pages")),
@@ -157,7 +160,8 @@ impl TmpfsMount {
     pub fn new(size: u64, options: &str) -> Result<Self> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let name = format!("gmem-tmpfs-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name =
+            format!("gmem-tmpfs-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(name);
         std::fs::create_dir(&dir).map_err(Error::io("create the mount directory"))?;
         let data = std::ffi::CString::new(format!("size={size},mode=0700,{options}"))
@@ -217,7 +221,8 @@ fn memfd(name: &str, extra: MemfdFlags) -> Result<OwnedFd> {
 
 /// The host's `shmem_enabled` where it gives memfds huge pages.
 fn memfd_thp_setting() -> std::result::Result<String, String> {
-    let setting = std::fs::read_to_string(SHMEM_ENABLED).map_err(|e| format!("{SHMEM_ENABLED}: {e}"))?;
+    let setting =
+        std::fs::read_to_string(SHMEM_ENABLED).map_err(|e| format!("{SHMEM_ENABLED}: {e}"))?;
     let chosen = bracketed(&setting).ok_or_else(|| format!("{SHMEM_ENABLED}: {setting:?}"))?;
     match chosen {
         "always" | "within_size" | "advise" | "force" => Ok(chosen.to_string()),
@@ -288,9 +293,9 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()
-        });
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
         match (bytes[i], octal) {
             (b'\\', Some(byte)) => {
                 out.push(byte);

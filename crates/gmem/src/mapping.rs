@@ -88,16 +88,14 @@ impl Mapping {
         let placed = unsafe {
             mm::mmap(at as *mut c_void, len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, offset)
         };
-        // SAFETY (both): the slack before and after the file's mapping is
-        // the reservation's own, unused.
-        unsafe {
-            if at > base {
-                let _ = mm::munmap(reserved, at - base);
-            }
-            let tail = at + len;
-            if tail < base + span {
-                let _ = mm::munmap(tail as *mut c_void, base + span - tail);
-            }
+        let tail = at + len;
+        if at > base {
+            // SAFETY: the reservation's slack before the file's mapping, unused.
+            let _ = unsafe { mm::munmap(reserved, at - base) };
+        }
+        if tail < base + span {
+            // SAFETY: the reservation's slack after the file's mapping, unused.
+            let _ = unsafe { mm::munmap(tail as *mut c_void, base + span - tail) };
         }
         let ptr = match placed {
             Ok(ptr) => ptr,
@@ -107,7 +105,8 @@ impl Mapping {
                 return Err(Error::os(op, errno));
             }
         };
-        let map = Self { ptr: NonNull::new(ptr).ok_or(Error::os(op, rustix::io::Errno::NOMEM))?, len };
+        let map =
+            Self { ptr: NonNull::new(ptr).ok_or(Error::os(op, rustix::io::Errno::NOMEM))?, len };
         // SAFETY: the mapping just made, which this object owns.
         unsafe { mm::madvise(map.ptr.as_ptr(), len, Advice::LinuxHugepage) }
             .map_err(|errno| Error::Os { op: "MADV_HUGEPAGE", errno })?;
@@ -348,8 +347,9 @@ impl OwnerWindow {
                     continue;
                 }
             }
-            let field =
-                line.strip_prefix("ShmemPmdMapped:").or_else(|| line.strip_prefix("FilePmdMapped:"));
+            let field = line
+                .strip_prefix("ShmemPmdMapped:")
+                .or_else(|| line.strip_prefix("FilePmdMapped:"));
             if let Some(value) = field.filter(|_| inside) {
                 kib += value.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
             }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::{errno, Recorder};
 use gmem::{
-    Errno, Fallocate, FileOffset, HugePages, PageIndex, PageKind, PageRange, PrivateMemFile,
-    Seals, TmpfsMount, HUGE_PAGE_SIZE, PAGE_SIZE,
+    Errno, Fallocate, FileOffset, HugePages, PageIndex, PageKind, PageRange, PrivateMemFile, Seals,
+    TmpfsMount, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 
 /// A huge-page tmpfs, or `None` (said loudly) where this process may not
@@ -50,7 +50,9 @@ fn a_4k_punch_splits_one_huge_page_and_collapse_makes_it_huge_again() {
     let touch = |offset: u64| {
         // SAFETY: inside the owner's live window; a volatile read of a page
         // the file holds.
-        unsafe { std::ptr::read_volatile(window.as_ptr().add(offset as usize) as *const u64) }
+        let at = window.as_ptr().wrapping_add(offset as usize) as *const u64;
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(at) }
     };
     assert_eq!(touch(0), SMALL_PAGES);
     assert_eq!(touch(HUGE_PAGE_SIZE), 2 * SMALL_PAGES);
