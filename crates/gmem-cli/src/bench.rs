@@ -545,8 +545,17 @@ fn huge_figures(
     let big = huge_ram_mib(args);
     let (mut touch, mut tlb, mut conv) = ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
     let (mut after_convert, mut huge_again, mut collapse_cost) = (vec![], vec![], vec![]);
-    for rep in 1..=reps {
+    // Round 0 warms up and is not counted: memory this machine has not
+    // used for a while costs milliseconds per 2 MiB on its first use here
+    // (a VM's RAM, backed lazily by its own host), whoever touches it.
+    for rep in 0..=reps {
         progress(&format!("huge pages, round {rep}/{reps}"));
+        if rep == 1 {
+            touch.iter_mut().chain(&mut tlb).chain(&mut conv).for_each(Vec::clear);
+            after_convert.clear();
+            huge_again.clear();
+            collapse_cost.clear();
+        }
         for (backing, samples) in [&on_huge, &Backing::AnonymousHuge].into_iter().zip(&mut touch) {
             let (time, _, _) = first_touch(guest("touch"), mib, backing.clone(), 1)
                 .map_err(|e| format!("first touch on huge pages: {e}"))?;

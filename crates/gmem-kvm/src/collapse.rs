@@ -138,9 +138,8 @@ impl PrivateMemory {
         let _exclusive = self.gate.exclusive("collapse", span)?;
         let mut collapsed = 0;
         for (region, pages) in &covering {
-            for start in (pages.start..pages.end).step_by(SMALL_PAGES as usize) {
-                collapsed += u64::from(self.collapse_range(region, start, true)?);
-            }
+            let starts = (pages.start..pages.end).step_by(SMALL_PAGES as usize);
+            collapsed += self.collapse_uniform(region, starts, true)?;
         }
         Ok(collapsed)
     }
@@ -158,32 +157,58 @@ impl PrivateMemory {
             due.into_iter().for_each(|gpa| self.collapses.schedule(gpa));
             return;
         };
-        for gpa in due {
-            if let Some(region) = self.region_of(Gpa(gpa)) {
-                let start = (gpa - region.gpa.0) / PAGE_SIZE;
-                let _ = self.collapse_range(&region, start, false);
-            }
+        let mut due = due;
+        due.sort_unstable();
+        let mut rest = &due[..];
+        while let Some(&first) = rest.first() {
+            let Some(region) = self.region_of(Gpa(first)) else {
+                rest = &rest[1..];
+                continue;
+            };
+            let inside = rest.iter().take_while(|&&gpa| region.contains(Gpa(gpa))).count();
+            let starts = rest[..inside].iter().map(|&gpa| (gpa - region.gpa.0) / PAGE_SIZE);
+            let _ = self.collapse_uniform(&region, starts, false);
+            rest = &rest[inside..];
         }
     }
 
-    /// Collapses the 2 MiB range at region page `start` if it is uniform
-    /// (all private, or with `shared_too` all shared: the caller then
-    /// holds the range exclusively). Called with the conversion turn.
-    fn collapse_range(&self, region: &PrivateRegion, start: u64, shared_too: bool) -> Result<bool> {
-        let Backing::File(f) = &region.backing else { return Ok(false) };
-        let pages = start..start + SMALL_PAGES;
-        let shared = region.shared.first(pages.clone(), true).is_some();
-        let mixed = shared && region.shared.first(pages.clone(), false).is_some();
-        if mixed || (shared && !shared_too) {
-            return Ok(false);
+    /// Collapses those of the 2 MiB ranges at region pages `starts`
+    /// (ascending) that are uniform: all private, or with `shared_too` all
+    /// shared (the caller then holds them exclusively). Consecutive ones
+    /// go in one `MADV_COLLAPSE`, which drains every CPU's page lists once
+    /// per call. Called with the conversion turn; returns how many.
+    fn collapse_uniform(
+        &self,
+        region: &PrivateRegion,
+        starts: impl Iterator<Item = u64>,
+        shared_too: bool,
+    ) -> Result<u64> {
+        let Backing::File(f) = &region.backing else { return Ok(0) };
+        let uniform = |start: u64| {
+            let pages = start..start + SMALL_PAGES;
+            let shared = region.shared.first(pages.clone(), true).is_some();
+            let mixed = shared && region.shared.first(pages, false).is_some();
+            !mixed && (shared_too || !shared)
+        };
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for start in starts.filter(|&start| uniform(start)) {
+            match runs.last_mut() {
+                Some(run) if run.end == start => run.end += SMALL_PAGES,
+                _ => runs.push(start..start + SMALL_PAGES),
+            }
         }
-        let start = Instant::now();
-        f.binding.collapse(&f.window, f.file_pages(&pages))?;
-        // The host's view of the old small pages is gone.
-        f.host_mapped.set(pages, false);
-        self.collapses.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        self.collapses.done.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        let mut collapsed = 0;
+        for pages in runs {
+            let began = Instant::now();
+            f.binding.collapse(&f.window, f.file_pages(&pages))?;
+            // The host's view of the old small pages is gone.
+            f.host_mapped.set(pages.clone(), false);
+            let count = (pages.end - pages.start) / SMALL_PAGES;
+            self.collapses.nanos.fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.collapses.done.fetch_add(count, Ordering::Relaxed);
+            collapsed += count;
+        }
+        Ok(collapsed)
     }
 }
 
