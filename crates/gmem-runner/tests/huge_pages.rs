@@ -29,6 +29,16 @@ fn converted_ranges() -> u64 {
     (stacks / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE - BASE) / HUGE_PAGE_SIZE
 }
 
+/// A VM whose RAM is on `mount`'s huge pages, after the `touch` guest
+/// touched all of it.
+fn touched_on(mount: &TmpfsMount) -> Vm {
+    let vm = Vm::new().unwrap();
+    vm.add_ram_on(RAM, Some(&mount.huge_pages())).unwrap();
+    let report = launch(&vm, "touch", RAM, &config(1), || {}, &|_, _| {});
+    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    vm
+}
+
 /// Waits (at most 10 s) until `done` holds.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -113,10 +123,7 @@ fn the_vmm_collapses_uniform_ranges_on_request() {
         return;
     }
     let mount = huge_tmpfs();
-    let vm = Vm::new().unwrap();
-    vm.add_ram_on(RAM, Some(&mount.huge_pages())).unwrap();
-    let report = launch(&vm, "touch", RAM, &config(1), || {}, &|_, _| {});
-    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    let vm = touched_on(&mount);
     let memory = vm.memory();
     let range = Gpa(8 << 20);
     let full = memory.huge_mapped_bytes().unwrap();
@@ -186,10 +193,7 @@ fn a_collapse_by_the_kernel_leaves_shared_pages_readable() {
         return;
     }
     let mount = huge_tmpfs();
-    let vm = Vm::new().unwrap();
-    vm.add_ram_on(RAM, Some(&mount.huge_pages())).unwrap();
-    let report = launch(&vm, "touch", RAM, &config(1), || {}, &|_, _| {});
-    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    let vm = touched_on(&mount);
     let memory = vm.memory();
     let page = Gpa((8 << 20) + PAGE_SIZE);
     memory.convert(page, PAGE_SIZE, PageState::Shared).unwrap();

@@ -16,6 +16,11 @@
 //! | `put_unlock_pfn`              | dropping the [`PageGuard`]              |
 //! | `invalidate_page_range`       | [`GuestOwner::invalidate_page_range`]   |
 //!
+//! A file may also live on 2 MiB pages ([`PrivateMemFile::new_huge`]:
+//! a huge-page tmpfs, memfd THP, hugetlbfs; see [`HugePages`]), where a
+//! 4 KiB punch splits one huge page and [`Binding::collapse`] makes it
+//! huge again.
+//!
 //! ## Example: seal, bind, get-and-lock, punch, invalidation
 //!
 //! ```
