@@ -73,7 +73,8 @@ pub enum MemlockPolicy {
     KvmWindows,
     /// The files' frame windows only: RAM is charged once. First touches
     /// are allocated in the frame window and mapped into KVM's (slower),
-    /// and never handed to the kernel.
+    /// and never handed to the kernel. Regions on huge pages lock KVM's
+    /// window all the same: the kernel allocates their pages there.
     FilesOnly,
 }
 
@@ -505,7 +506,13 @@ impl PrivateMemory {
         // second charge (the frame window has the first), they are
         // allocated in the frame window and mapped here too: slower, and no
         // first touch is handed to the kernel.
-        if self.lock_kvm_windows.load(Ordering::Relaxed) {
+        //
+        // On huge pages the kernel allocates every page through KVM's
+        // window, so it is locked whatever the policy (or the region is
+        // refused): its pages would otherwise be locked by no mapping.
+        if file.page_kind() != PageKind::Small {
+            window.lock_in_ram()?;
+        } else if self.lock_kvm_windows.load(Ordering::Relaxed) {
             let _ = window.lock_in_ram();
         }
         // On huge pages the kernel's shmem faults serve KVM's window: they

@@ -214,3 +214,27 @@ fn a_collapse_by_the_kernel_leaves_shared_pages_readable() {
     let neighbour = Gpa(page.0 + PAGE_SIZE);
     assert_eq!(memory.read(neighbour, &mut back).unwrap_err().errno(), Errno::PERM);
 }
+
+/// Under `MemlockPolicy::FilesOnly` a region on huge pages still locks
+/// KVM's window, where the kernel allocates its pages: they never reach
+/// swap. (It was left unlocked before: pages locked by no mapping.)
+#[test]
+fn huge_pages_are_locked_in_ram_whatever_the_policy() {
+    if !kvm() {
+        return;
+    }
+    let mount = huge_tmpfs();
+    let vm = Vm::new().unwrap();
+    vm.memory().set_memlock_policy(gmem_kvm::MemlockPolicy::FilesOnly);
+    vm.add_ram_on(RAM, Some(&mount.huge_pages())).unwrap();
+    let report = launch(&vm, "touch", RAM, &config(1), || {}, &|_, _| {});
+    assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    for region in vm.memory().regions().iter() {
+        let entry = common::smaps_entry(region.userspace_addr());
+        let flags = entry.iter().find(|l| l.starts_with("VmFlags")).unwrap();
+        assert!(flags.contains(" lf"), "KVM's window is not locked: {flags}");
+        let locked = entry.iter().find(|l| l.starts_with("Locked:")).unwrap();
+        let kib: u64 = locked.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(kib >= (RAM - (8 << 20)) >> 10, "{locked}");
+    }
+}
