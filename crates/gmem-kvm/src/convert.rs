@@ -131,7 +131,7 @@ impl PrivateMemory {
             }
         }
         if !self.collapses.is_idle() {
-            self.schedule_take_back();
+            self.schedule_timer();
         }
         for (region, run) in changing {
             let gpa = region.gpa_of(run.start);

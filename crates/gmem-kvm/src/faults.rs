@@ -135,7 +135,7 @@ impl PrivateMemory {
         self.readiness.clear();
         self.take_back_first_touches();
         self.collapse_due();
-        self.schedule_take_back();
+        self.schedule_timer();
         let mut faults = Vec::new();
         self.uffd.read_faults(&mut faults)?;
         let mut failed = Vec::new();
@@ -334,7 +334,7 @@ impl PrivateMemory {
             };
             if scattered >= threshold {
                 f.first_touch.hand_over(&self.uffd, &f.window);
-                self.schedule_take_back();
+                self.schedule_timer();
             }
         }
         Ok(())
@@ -349,7 +349,7 @@ impl PrivateMemory {
 
     /// Arms the timer for the first take-back or background collapse
     /// due, if any.
-    pub(crate) fn schedule_take_back(&self) {
+    pub(crate) fn schedule_timer(&self) {
         self.readiness.arm(|| {
             let regions = self.regions();
             let take_backs = regions.iter().filter_map(|r| r.file_backing()?.first_touch.due_in());
