@@ -109,12 +109,10 @@ impl PrivateMemory {
                     // discarded: the invalidation waits for our hold to end.
                     let _locked = f.binding.get_and_lock_range_or_again(f.file_pages(&pages))?;
                     // On huge pages, the kernel maps what is in the file.
-                    let mapped_on_access = f.binding.file().page_kind() != gmem::PageKind::Small;
+                    if f.binding.file().page_kind() != gmem::PageKind::Small {
+                        f.host_mapped.set(pages.clone(), true);
+                    }
                     for run in f.host_mapped.runs(pages, false) {
-                        if mapped_on_access {
-                            f.host_mapped.set(run, true);
-                            continue;
-                        }
                         let addr = f.host_view.as_ptr() as u64 + run.start * gmem::PAGE_SIZE;
                         self.host_uffd
                             .continue_range(addr, (run.end - run.start) * gmem::PAGE_SIZE)?;

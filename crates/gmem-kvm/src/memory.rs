@@ -510,7 +510,8 @@ impl PrivateMemory {
         // On huge pages the kernel allocates every page through KVM's
         // window, so it is locked whatever the policy (or the region is
         // refused): its pages would otherwise be locked by no mapping.
-        if file.page_kind() != PageKind::Small {
+        let small = file.page_kind() == PageKind::Small;
+        if !small {
             window.lock_in_ram()?;
         } else if self.lock_kvm_windows.load(Ordering::Relaxed) {
             let _ = window.lock_in_ram();
@@ -518,7 +519,6 @@ impl PrivateMemory {
         // On huge pages the kernel's shmem faults serve KVM's window: they
         // map 2 MiB pages by PMD, which KVM then maps huge (userfaultfd
         // maps 4 KiB only). See `crate::collapse`.
-        let small = file.page_kind() == PageKind::Small;
         if small {
             self.uffd.register(window.as_ptr() as u64, size, Registration::MissingAndMinor)?;
         }

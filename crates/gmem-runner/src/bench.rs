@@ -141,6 +141,12 @@ pub struct HugeConversions {
     pub huge_again_after: Option<Duration>,
     /// Time spent per collapse of a 2 MiB page.
     pub collapse_cost: Option<Duration>,
+    /// The guest's 4 KiB conversions (both ways).
+    pub conversions: u64,
+    /// Split 2 MiB pages made huge again.
+    pub collapses: u64,
+    /// KVM's 2 MiB mappings at the end (`pages_2m`), where KVM says.
+    pub kvm_pages_2m: Option<u64>,
 }
 
 /// Runs the `hugeconv` guest on `ram` bytes of `backing`.
@@ -191,6 +197,9 @@ pub fn huge_conversions(
         huge_again_after: waited.into_inner().unwrap_or_else(|p| p.into_inner()),
         collapse_cost: (stats.collapses > 0)
             .then(|| Duration::from_nanos(stats.collapse_nanos / stats.collapses)),
+        conversions: stats.conversions,
+        collapses: stats.collapses,
+        kvm_pages_2m: vm.kvm_statistics()?.get("pages_2m"),
     })
 }
 

@@ -129,61 +129,6 @@ pub fn run(
     Ok((report.outcome, seen.into_inner().unwrap_or_else(|p| p.into_inner())))
 }
 
-/// What the `hugeconv` guest's run on huge pages showed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HugePagesSeen {
-    /// KVM's 2 MiB mappings at the end (`pages_2m`).
-    pub pages_2m: u64,
-    /// Split 2 MiB pages made huge again.
-    pub collapses: u64,
-    /// 4 KiB conversions the guest made.
-    pub conversions: u64,
-}
-
-impl std::fmt::Display for HugePagesSeen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} conversions, {} collapses, KVM maps {} 2 MiB pages",
-            self.conversions, self.collapses, self.pages_2m
-        )
-    }
-}
-
-/// Runs the `hugeconv` guest on 64 MiB of `huge` pages, waiting at its
-/// last sync until its split pages are huge again (10 s at most); an
-/// error unless it exits 0.
-pub fn huge_pages(huge: &gmem::HugePages) -> Result<HugePagesSeen> {
-    use gmem_guest::huge_layout::PRIVATE_AGAIN;
-    const RAM: u64 = 64 << 20;
-    let vm = Vm::new()?;
-    vm.add_ram_on(RAM, Some(huge))?;
-    let image = GuestImage::parse(gmem_guest_image("hugeconv")?, RAM)?;
-    vm.load(&image, RAM, 1)?;
-    let on_sync = |vm: &Vm, stage: u64| {
-        if stage == PRIVATE_AGAIN {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            let split = |vm: &Vm| vm.memory().stats().conversions / 2;
-            while vm.memory().stats().collapses < split(vm) && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    };
-    let config = RunConfig { timeout: Some(Duration::from_secs(60)), ..RunConfig::new(1) };
-    let report = vm.run(&image, RAM, &config, &on_sync)?;
-    if report.outcome != Outcome::Exit(0) {
-        let console = String::from_utf8_lossy(&report.console).into_owned();
-        return Err(gmem_kvm::Error::Unsupported(format!("{:?}: {console}", report.outcome)));
-    }
-    let stats = vm.memory().stats();
-    Ok(HugePagesSeen {
-        pages_2m: vm.kvm_statistics()?.get("pages_2m").unwrap_or(0),
-        collapses: stats.collapses,
-        conversions: stats.conversions,
-    })
-}
-
 /// gmem's answer to a memslot deleted while a vCPU uses it: the `punch`
 /// guest runs with RAM in two memslots of one file ([0, 4 MiB) and the
 /// rest, which holds its pages at 6 MiB and its stack); at its sync point

@@ -52,9 +52,6 @@ impl Mapping {
         Ok(Self { ptr, len })
     }
 
-    /// Locks the pages of the mapping in RAM as they are faulted in
-    /// (`mlock2(MLOCK_ONFAULT)`). The kernel charges the whole length to
-    /// `RLIMIT_MEMLOCK`, so a file has one such mapping: its frame window.
     /// As [`new`](Self::new), at an address that is a multiple of `align`
     /// (a power of two), where `offset` is too: a file's 2 MiB pages can
     /// then be mapped by PMDs (and KVM maps them huge). A reservation of
@@ -128,6 +125,9 @@ impl Mapping {
         Err(Error::Os { op: "MADV_COLLAPSE", errno: rustix::io::Errno::from_raw_os_error(errno) })
     }
 
+    /// Locks the pages of the mapping in RAM as they are faulted in
+    /// (`mlock2(MLOCK_ONFAULT)`). The kernel charges the whole length to
+    /// `RLIMIT_MEMLOCK`, so a file has one such mapping: its frame window.
     pub(crate) fn lock_in_ram(&self) -> Result<()> {
         // SAFETY: the range is exactly this mapping, owned by `self`.
         unsafe { mm::mlock_with(self.ptr.as_ptr(), self.len, MlockFlags::ONFAULT) }.map_err(
@@ -316,7 +316,6 @@ impl OwnerWindow {
         self.locked.load(Ordering::Acquire)
     }
 
-    /// The file the window maps.
     /// Bytes of the window mapped by PMDs (2 MiB page table entries) now:
     /// its `ShmemPmdMapped` (or `FilePmdMapped`) in `/proc/self/smaps`.
     pub fn huge_mapped_bytes(&self) -> Result<u64> {
@@ -369,6 +368,7 @@ impl OwnerWindow {
         &self.map
     }
 
+    /// The file the window maps.
     pub(crate) fn file(&self) -> &Arc<PrivateMemFile> {
         &self.file
     }
