@@ -6,7 +6,8 @@
 //! number) makes it check that run's data first. Then it writes a pattern
 //! for this run with several request sizes (each copied from private memory
 //! through the bounce buffer), writes the header, flushes, reads everything
-//! back into private memory and checks it. Exit 0 on success.
+//! back into private memory and checks it (after sync stage 1, where a
+//! snapshot may be taken). Exit 0 on success.
 #![no_std]
 #![no_main]
 
@@ -97,6 +98,9 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         rt::out().s("disk: writing failed\n");
         return 3;
     }
+    // Where a snapshot may be taken: the data is on the disk, the read
+    // back still to come.
+    rt::sync(1);
     if requests(&mut |sector, size| read_check(&mut d, run, sector, size)) != 0 {
         rt::out().s("disk: what was written did not read back\n");
         return 4;

@@ -338,6 +338,20 @@ extern "C" fn rust_eh_personality() {}
 /// is a bare store and add: on hosts that emulate guest code, every extra
 /// instruction there counts.
 pub fn touch_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
+    share_words(boot, vcpu, stride, |gpa| write_u64(gpa, gpa))
+}
+
+/// How many words of this vCPU's share (as [`touch_share`] wrote them: each
+/// holds its own GPA) hold something else.
+pub fn check_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
+    let mut wrong = 0;
+    share_words(boot, vcpu, stride, |gpa| wrong += u64::from(read_u64(gpa) != gpa));
+    wrong
+}
+
+/// Calls `word` for every `stride`-th GPA of this vCPU's share of RAM (see
+/// [`touch_share`]); returns how many.
+fn share_words(boot: &BootInfo, vcpu: u32, stride: u64, mut word: impl FnMut(u64)) -> u64 {
     const BASE: u64 = 0x40_0000;
     let range = |i: u32| {
         let (start, size) = boot.region(i);
@@ -356,7 +370,7 @@ pub fn touch_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
             let (mut gpa, end) = (lo + (a - linear), lo + (b - linear));
             touched += (end - gpa).div_ceil(stride);
             while gpa < end {
-                write_u64(gpa, gpa);
+                word(gpa);
                 gpa += stride;
             }
         }

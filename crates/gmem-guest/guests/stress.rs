@@ -19,6 +19,9 @@
 //! checks. vCPU 0 exits 0 once all are done. A violation prints what was
 //! seen and exits 1 at once. Odd-numbered vCPUs do all this in user mode,
 //! through the doorbell (GUEST_ABI 1.2); even ones at CPL 0, through ports.
+//! vCPU 0 syncs at stage 1 after [`SYNC_OPS`] operations and at stage 2
+//! after twice that: where `gmem run` may take a snapshot, and stop the
+//! soak by writing the STOP word (the built-in host side of stage 2).
 #![no_std]
 #![no_main]
 
@@ -35,6 +38,8 @@ const MAX_VCPUS: usize = stress_layout::MAX_VCPUS as usize;
 /// TSC cycles a vCPU waits after its whole window went private (tens of
 /// ms): long enough for a huge page's background collapse to come.
 const SETTLE_CYCLES: u64 = 100_000_000;
+/// vCPU 0's operations before each of its two sync stages.
+const SYNC_OPS: u64 = 400;
 
 /// Per page of every window: bit 0 = shared; the rest, the last token.
 static PAGES: [AtomicU64; MAX_VCPUS * WINDOW as usize] =
@@ -74,6 +79,9 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         let count = (1 + (r >> 8) % 8).min(WINDOW - first);
         let gpa = base + first * 4096;
         ops += 1;
+        if vcpu == 0 && ops % SYNC_OPS == 0 && ops <= 2 * SYNC_OPS {
+            rt::sync(ops / SYNC_OPS);
+        }
         match (r >> 16) % 8 {
             0 | 1 => {
                 // Now and then the whole window goes private and stays so

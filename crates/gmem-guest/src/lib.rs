@@ -93,6 +93,9 @@ pub fn needs(name: &str) -> Needs {
         // Punches 3 of its 16 pages: it exits with 3.
         "punch" => Needs { host_side: &["1:punch:0x600000:0x3000"], ..NOTHING },
         "user" => Needs { host_side: &["1:read:0x600000:10"], ..NOTHING },
+        // Ends the soak at vCPU 0's stage 2 (the STOP word of
+        // stress_layout, in a page it shared).
+        "stress" => Needs { host_side: &["2:write:0xf00000:01"], ..NOTHING },
         "convsmp" => Needs { min_vcpus: 2, ..NOTHING },
         "disk" | "diskbench" => Needs { disk: true, ..NOTHING },
         "hypercall" => Needs { hypercall_exits: true, ..NOTHING },
@@ -117,5 +120,11 @@ mod tests {
     fn the_demo_s_host_side_reads_its_message() {
         let (gpa, len, stage) = super::DEMO_MESSAGE;
         assert_eq!(super::needs("demo").host_side, [format!("{stage}:read:{gpa:#x}:{len}")]);
+    }
+
+    #[test]
+    fn the_stress_host_side_writes_its_stop_word_at_stage_2() {
+        let stop = super::stress_layout::STOP;
+        assert_eq!(super::needs("stress").host_side, [format!("2:write:{stop:#x}:01")]);
     }
 }

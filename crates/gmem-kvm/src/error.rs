@@ -61,6 +61,31 @@ pub enum Error {
     /// The host cannot do it (`EOPNOTSUPP`), e.g. native guest_memfd that does not serve guests.
     #[error("{0}")]
     Unsupported(String),
+    /// Busy: e.g. restoring a snapshot into memory that already holds pages (`EBUSY`).
+    #[error("{0}")]
+    Busy(String),
+    /// A snapshot that is not one, or was altered or cut short: a bad
+    /// magic or version, a failed check of its header, index or state, a
+    /// length that does not match (`EBADMSG`).
+    #[error("bad snapshot: {0}")]
+    BadSnapshot(String),
+    /// The snapshot was sealed under another key (or its identity was
+    /// altered, which derives another key) (`EKEYREJECTED`).
+    #[error("snapshot key rejected: the snapshot was sealed under another key")]
+    WrongKey,
+    /// A snapshot page failed its check when read (`EBADMSG`): altered,
+    /// moved, or from another snapshot. The guest never sees it.
+    #[error("snapshot page for {gpa} failed its check: {why}")]
+    SnapshotPage {
+        /// The page's guest address.
+        gpa: crate::Gpa,
+        /// What failed.
+        why: &'static str,
+    },
+    /// A snapshot that does not fit this memory: another region layout,
+    /// or a diff on another base (`EINVAL`).
+    #[error("snapshot does not fit: {0}")]
+    SnapshotMismatch(String),
     /// A guest page fault that could not be served.
     #[error(transparent)]
     Fault(Box<crate::faults::FaultError>),
@@ -80,6 +105,10 @@ impl Error {
             Error::BadImage(_) => Errno::NOEXEC,
             Error::Unsupported(_) => Errno::OPNOTSUPP,
             Error::Fault(fault) => fault.errno(),
+            Error::Busy(_) => Errno::BUSY,
+            Error::BadSnapshot(_) | Error::SnapshotPage { .. } => Errno::BADMSG,
+            Error::WrongKey => Errno::from_raw_os_error(libc::EKEYREJECTED),
+            Error::SnapshotMismatch(_) => Errno::INVAL,
         }
     }
 

@@ -332,7 +332,9 @@ impl PrivateMemory {
             } else {
                 SCATTERED_FAULTS
             };
-            if scattered >= threshold {
+            // A hole there may still be a page of the snapshot restored,
+            // which the kernel would allocate zero-filled.
+            if scattered >= threshold && !self.has_pending(&region) {
                 f.first_touch.hand_over(&self.uffd, &f.window);
                 self.schedule_timer();
             }
@@ -382,6 +384,9 @@ impl PrivateMemory {
         let in_file = file_pages.saturating_sub(f.file_offset / PAGE_SIZE);
         let end = (start + len).min(region.pages()).min(in_file.max(needed + 1));
         let batch = start..end;
+        // Pages of a snapshot restored lazily are written into the file
+        // first; then they are mapped like any page in the file.
+        self.fetch(region, batch.clone(), false)?;
         // Where KVM's window is locked in RAM, holes are allocated through
         // it, each page mapped once; otherwise in the locked frame window
         // (get-and-lock), then mapped here too.

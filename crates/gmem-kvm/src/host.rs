@@ -105,6 +105,9 @@ impl PrivateMemory {
             Backing::GuestMemfd(n) => Ok(n.map.addr().wrapping_add(offset as usize)),
             Backing::File(f) => {
                 if len != 0 && f.host_mapped.first(pages.clone(), false).is_some() {
+                    // A shared page still in the snapshot restored is
+                    // fetched first (EAGAIN, as below, while punched).
+                    self.fetch(region, pages.clone(), true)?;
                     // EAGAIN rather than a wait while part of it is being
                     // discarded: the invalidation waits for our hold to end.
                     let _locked = f.binding.get_and_lock_range_or_again(f.file_pages(&pages))?;

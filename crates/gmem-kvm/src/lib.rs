@@ -75,6 +75,7 @@ pub mod native;
 pub mod probe;
 mod region;
 pub mod shared;
+pub mod snapshot;
 mod uffd;
 
 pub use convert::ConversionRequest;
@@ -87,6 +88,9 @@ pub use memory::{
 };
 pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 pub use shared::{DeviceMemory, PinnedRange, SharedView};
+pub use snapshot::{
+    Prefetch, RestoreMode, SnapshotFile, SnapshotId, SnapshotInfo, SnapshotKey,
+};
 
 /// A guest physical address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -185,6 +185,8 @@ pub struct PrivateMemory {
     pub(crate) counters: Counters,
     /// Split huge pages waiting to be made huge again.
     pub(crate) collapses: crate::collapse::Collapses,
+    /// Dirty tracking, diff bases and lazy restores ([`crate::snapshot`]).
+    pub(crate) snapshots: crate::snapshot::SnapshotState,
 }
 
 impl std::fmt::Debug for PrivateMemory {
@@ -243,6 +245,7 @@ impl GuestOwner for PrivateMemory {
             // serving off.
             f.mapped.set(run.clone(), false);
             f.host_mapped.set(run.clone(), false);
+            region.mark_changed(run.clone());
         }
         // Told with no lock of the memory's held but the access lock (a
         // listener may read elsewhere, take a view, convert, add a
@@ -308,6 +311,7 @@ impl PrivateMemory {
             vm: OnceLock::new(),
             counters: Counters::default(),
             collapses: Default::default(),
+            snapshots: Default::default(),
         }))
     }
 
@@ -385,7 +389,7 @@ impl PrivateMemory {
         let region = self.file_region(&spec).and_then(|region| {
             let kvm_region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags: self.memslot_flags(),
                 guest_phys_addr: gpa.0,
                 memory_size: size,
                 userspace_addr: region.userspace_addr(),
@@ -579,6 +583,11 @@ impl PrivateMemory {
         Ok(served)
     }
 
+    /// The VM whose memslots the regions are, once a region was added.
+    pub(crate) fn vm(&self) -> Option<&Arc<VmFd>> {
+        self.vm.get()
+    }
+
     /// Deletes `region`'s memslot: KVM stops using its window.
     fn delete_memslot(&self, region: &PrivateRegion) -> Result<()> {
         let Some(vm) = self.vm.get() else { return Ok(()) };
@@ -715,6 +724,9 @@ impl PrivateMemory {
     /// (told here: host accesses waited out, listeners told). The caller
     /// holds no host access.
     pub(crate) fn discard(&self, region: &PrivateRegion, run: std::ops::Range<u64>) -> Result<()> {
+        // Never fetched from a snapshot afterwards, and part of the next diff.
+        self.forget_pending(region, run.clone());
+        region.mark_changed(run.clone());
         match &region.backing {
             Backing::File(f) => {
                 let bytes = f.file_pages(&run).bytes();

@@ -144,6 +144,10 @@ pub struct PrivateRegion {
     pub(crate) size: u64,
     /// Pages that are shared (clear: private).
     pub(crate) shared: PageBits,
+    /// Pages changed since the last snapshot (punched, converted, or
+    /// written by the guest as KVM's dirty log said): see
+    /// [`crate::snapshot`].
+    changed: PageBits,
     pub(crate) backing: Backing,
 }
 
@@ -162,7 +166,15 @@ impl PrivateRegion {
     /// A region of `size` bytes at `gpa` in memslot `slot`, every page
     /// private.
     pub(crate) fn new(slot: u32, gpa: Gpa, size: u64, backing: Backing) -> Arc<Self> {
-        Arc::new(Self { slot, gpa, size, shared: PageBits::new(size / PAGE_SIZE), backing })
+        let pages = size / PAGE_SIZE;
+        Arc::new(Self {
+            slot,
+            gpa,
+            size,
+            shared: PageBits::new(pages),
+            changed: PageBits::new(pages),
+            backing,
+        })
     }
 
     /// The KVM memslot id.
@@ -232,6 +244,26 @@ impl PrivateRegion {
         }
     }
 
+    /// Records that region pages `pages` changed since the last snapshot.
+    pub(crate) fn mark_changed(&self, pages: Range<u64>) {
+        self.changed.set(pages, true);
+    }
+
+    /// Runs of pages changed since the last snapshot.
+    pub(crate) fn changed_runs(&self) -> Vec<Range<u64>> {
+        self.changed.runs(0..self.pages(), true)
+    }
+
+    /// How many pages changed since the last snapshot.
+    pub(crate) fn changed_count(&self) -> u64 {
+        self.changed_runs().iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// Forgets the changes: a snapshot holds them now.
+    pub(crate) fn clear_changed(&self) {
+        self.changed.set(0..self.pages(), false);
+    }
+
     pub(crate) fn pages(&self) -> u64 {
         self.size / PAGE_SIZE
     }
@@ -251,6 +283,7 @@ impl PrivateRegion {
     /// bitmaps of a gmem file).
     pub(crate) fn metadata_bytes(&self) -> usize {
         self.shared.heap_bytes()
+            + self.changed.heap_bytes()
             + self.file_backing().map_or(0, |f| f.mapped.heap_bytes() + f.host_mapped.heap_bytes())
     }
 }

@@ -25,12 +25,14 @@ pub mod kick;
 mod map;
 pub mod scenarios;
 pub mod selftests;
+pub mod snapshot;
 pub mod stress;
 mod vcpu;
 mod vm;
 
 pub use gmem_boot::{self as boot, abi, GuestImage};
 pub use gmem_kvm::Gpa;
+pub use snapshot::VmState;
 pub use vm::{
     probe_hypercall_exits, Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats,
     RAM_FILE_SIZE,

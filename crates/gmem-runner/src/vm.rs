@@ -17,6 +17,7 @@ use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 use crate::boot::{self, GuestImage};
 use crate::kick::{self, Kicker};
 use crate::map::Map;
+use crate::snapshot::{VcpuState, VmState};
 use crate::Gpa;
 
 /// How a run ended.
@@ -28,6 +29,9 @@ pub enum Outcome {
     Timeout,
     /// The VM stopped on an error (unknown port, triple fault, ...).
     Error(String),
+    /// The VM was paused ([`Vm::pause`]): its vCPUs' state is kept for
+    /// [`Vm::save_snapshot`].
+    Paused,
 }
 
 /// What [`Vm::run`] needs besides the VM.
@@ -197,6 +201,8 @@ pub struct Vm {
     anonymous: Mutex<Vec<AnonymousSlot>>,
     /// virtio-mmio devices, device n at `gmem_virtio::device_gpa(n)`.
     devices: Mutex<Vec<Arc<Mutex<Disk>>>>,
+    /// The state a paused run left, to save; or a restored one, to resume.
+    saved: Mutex<Option<VmState>>,
 }
 
 /// A virtio-blk disk behind the virtio-mmio transport.
@@ -258,6 +264,7 @@ impl Vm {
             sync_lock: Mutex::new(()),
             anonymous: Mutex::new(Vec::new()),
             devices: Mutex::new(Vec::new()),
+            saved: Mutex::new(None),
         })
     }
 
@@ -541,6 +548,121 @@ impl Vm {
         config: &RunConfig,
         on_sync: SyncHandler<'_>,
     ) -> Result<RunReport> {
+        self.run_vcpus(ram_size, config, on_sync, |i, vcpu| {
+            boot::init_vcpu(&self.kvm, vcpu, image.entry, i, ram_size)
+        })
+    }
+
+    /// Resumes the guest of the snapshot restored
+    /// ([`restore_snapshot`](Self::restore_snapshot)) where it was paused,
+    /// as [`run`](Self::run) runs one: `EINVAL` without a restored
+    /// snapshot, or for another number of vCPUs than it had.
+    pub fn resume(&self, config: &RunConfig, on_sync: SyncHandler<'_>) -> Result<RunReport> {
+        let state = self.saved().take().ok_or_else(|| {
+            Error::InvalidArgument("no snapshot was restored into this VM".into())
+        })?;
+        if state.vcpus() != config.vcpus {
+            return Err(Error::SnapshotMismatch(format!(
+                "the snapshot has {} vCPU(s), not {}",
+                state.vcpus(),
+                config.vcpus
+            )));
+        }
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        self.run_vcpus(state.ram_size, config, on_sync, |i, vcpu| {
+            vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+            state.vcpus[i as usize].apply(vcpu)
+        })
+    }
+
+    /// Stops the VM for a snapshot: from a sync handler (or any thread),
+    /// every vCPU leaves `KVM_RUN` and the run ends with
+    /// [`Outcome::Paused`], its vCPUs' state kept for
+    /// [`save_snapshot`](Self::save_snapshot).
+    pub fn pause(&self) {
+        self.control.stop(Outcome::Paused);
+    }
+
+    fn saved(&self) -> MutexGuard<'_, Option<VmState>> {
+        self.saved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn disks(&self) -> Vec<Arc<Mutex<Disk>>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Writes a snapshot of the paused VM (after a run ended with
+    /// [`Outcome::Paused`]) to `out`, sealed under `key`: guest memory
+    /// ([`PrivateMemory::save_snapshot`], or with `diff` the pages changed
+    /// since the snapshot restored, [`PrivateMemory::save_diff_snapshot`]),
+    /// its vCPUs and its devices. `EINVAL` unless paused. The VM keeps its
+    /// state: a failed save may be tried again.
+    pub fn save_snapshot(
+        &self,
+        out: &mut dyn std::io::Write,
+        key: &gmem_kvm::SnapshotKey,
+        diff: bool,
+    ) -> Result<gmem_kvm::SnapshotInfo> {
+        let state = self.saved().as_ref().map(VmState::encode).ok_or_else(|| {
+            Error::InvalidArgument("the VM is not paused: nothing to save".into())
+        })?;
+        match diff {
+            false => self.memory.save_snapshot(out, key, &state),
+            true => self.memory.save_diff_snapshot(out, key, &state),
+        }
+    }
+
+    /// Restores `chain` (a full snapshot, then diffs on it) into this VM,
+    /// which must be fresh: RAM of the snapshot's size added
+    /// ([`add_ram`](Self::add_ram), not loaded) and the same devices
+    /// attached (their backing files are the VMM's: a disk must hold what
+    /// it held at the save). Restores memory as `mode` says
+    /// ([`PrivateMemory::restore_snapshot`]) and the devices' state, and
+    /// keeps the vCPUs' for [`resume`](Self::resume). With `track_dirty`,
+    /// KVM logs guest writes from here, for a diff of this run.
+    pub fn restore_snapshot(
+        &self,
+        chain: Vec<gmem_kvm::SnapshotFile>,
+        mode: gmem_kvm::RestoreMode,
+        track_dirty: bool,
+    ) -> Result<()> {
+        let last = chain.last().ok_or_else(|| Error::InvalidArgument("no snapshot".into()))?;
+        let state = VmState::decode(last.vmm_state())?;
+        let disks = self.disks();
+        if state.devices() != disks.len() {
+            return Err(Error::SnapshotMismatch(format!(
+                "the snapshot has {} device(s), this VM {}",
+                state.devices(),
+                disks.len()
+            )));
+        }
+        if track_dirty {
+            self.memory.track_dirty_pages()?;
+        }
+        self.memory.restore_snapshot(chain, mode)?;
+        for (disk, saved) in disks.iter().zip(&state.devices) {
+            disk.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(saved)
+                .map_err(|why| Error::BadSnapshot(format!("a device's state: {why}")))?;
+        }
+        *self.saved() = Some(state);
+        Ok(())
+    }
+
+    /// Runs `config.vcpus` vCPUs, each set up by `setup` (its index, the
+    /// new vCPU), until the guest exits, the VM fails, is paused or the
+    /// timeout passes.
+    fn run_vcpus(
+        &self,
+        ram_size: u64,
+        config: &RunConfig,
+        on_sync: SyncHandler<'_>,
+        setup: impl Fn(u32, &VcpuFd) -> Result<()>,
+    ) -> Result<RunReport> {
         boot::check_machine(ram_size, config.vcpus)?;
         if self.has_run.load(Ordering::SeqCst) {
             return Err(Error::NotPermitted("a VM runs once; create a new one".into()));
@@ -555,7 +677,7 @@ impl Vm {
             .map(|i| {
                 let vcpu =
                     self.fd.create_vcpu(u64::from(i)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-                boot::init_vcpu(&self.kvm, &vcpu, image.entry, i, ram_size)?;
+                setup(i, &vcpu)?;
                 Ok(vcpu)
             })
             .collect::<Result<_>>()?;
@@ -612,8 +734,21 @@ impl Vm {
                     .wait_until(Duration::from_millis(5), || running.load(Ordering::SeqCst) == 0);
             }
         });
+        let mut outcome =
+            self.control.outcome().clone().unwrap_or(Outcome::Error("stopped".into()));
+        if outcome == Outcome::Paused {
+            let vcpus = vcpus.iter_mut().map(VcpuState::capture).collect::<Result<Vec<_>>>();
+            let devices = self.disks();
+            let devices =
+                devices.iter().map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).save_state());
+            match vcpus {
+                Ok(vcpus) => {
+                    *self.saved() = Some(VmState { ram_size, vcpus, devices: devices.collect() })
+                }
+                Err(e) => outcome = Outcome::Error(format!("reading the paused vCPUs: {e}")),
+            }
+        }
         drop(vcpus);
-        let outcome = self.control.outcome().clone().unwrap_or(Outcome::Error("stopped".into()));
         Ok(RunReport { outcome, console: console.into_inner().unwrap_or_else(|p| p.into_inner()) })
     }
 }

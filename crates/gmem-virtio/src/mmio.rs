@@ -23,6 +23,9 @@ pub trait Device {
 /// Queue size the transport offers.
 pub const QUEUE_SIZE: u16 = 64;
 
+/// Bytes of [`VirtioMmio::save_state`]'s state.
+const STATE_BYTES: usize = 58;
+
 /// One virtio-mmio device: registers, its queue, and the device.
 #[derive(Debug)]
 pub struct VirtioMmio<D> {
@@ -157,6 +160,61 @@ impl<D: Device> VirtioMmio<D> {
             Ok(()) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
             Err(why) => self.needs_reset(why),
         }
+    }
+
+    /// The transport's state and its queue's, for a snapshot: what a
+    /// device of the same kind needs to go on where this one stopped
+    /// ([`restore_state`](Self::restore_state)). The device's own backing
+    /// (the disk file) is the VMM's to keep.
+    pub fn save_state(&self) -> Vec<u8> {
+        let q = self.queue.state();
+        let mut out = Vec::with_capacity(STATE_BYTES);
+        for word in [self.status, self.device_features_sel, self.driver_features_sel] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(&self.interrupt_status.to_le_bytes());
+        out.extend_from_slice(&self.driver_features.to_le_bytes());
+        for half in [q.max_size, q.next_avail, q.next_used, q.size] {
+            out.extend_from_slice(&half.to_le_bytes());
+        }
+        out.extend_from_slice(&[u8::from(q.event_idx_enabled), u8::from(q.ready)]);
+        for address in [q.desc_table, q.avail_ring, q.used_ring] {
+            out.extend_from_slice(&address.to_le_bytes());
+        }
+        out
+    }
+
+    /// Goes on from a state [`save_state`](Self::save_state) returned;
+    /// an error (and no change) for one that is malformed or that the
+    /// queue refuses (a size that is no power of two, say).
+    pub fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.len() != STATE_BYTES {
+            return Err(format!("device state of {} bytes, not {STATE_BYTES}", state.len()));
+        }
+        let u16_at = |at: usize| u16::from_le_bytes([state[at], state[at + 1]]);
+        let u32_at = |at: usize| u32::from_le_bytes(state[at..at + 4].try_into().expect("4"));
+        let u64_at = |at: usize| u64::from_le_bytes(state[at..at + 8].try_into().expect("8"));
+        let queue_state = virtio_queue::QueueState {
+            max_size: u16_at(24),
+            next_avail: u16_at(26),
+            next_used: u16_at(28),
+            size: u16_at(30),
+            event_idx_enabled: state[32] != 0,
+            ready: state[33] != 0,
+            desc_table: u64_at(34),
+            avail_ring: u64_at(42),
+            used_ring: u64_at(50),
+        };
+        if queue_state.max_size != QUEUE_SIZE {
+            return Err(format!("a queue of {} entries, not {QUEUE_SIZE}", queue_state.max_size));
+        }
+        self.queue = Queue::try_from(queue_state).map_err(|e| format!("the queue: {e}"))?;
+        (self.status, self.device_features_sel, self.driver_features_sel) =
+            (u32_at(0), u32_at(4), u32_at(8));
+        self.interrupt_status = u32_at(12);
+        self.driver_features = u64_at(16);
+        self.reset_reason = None;
+        Ok(())
     }
 
     fn needs_reset(&mut self, why: String) {

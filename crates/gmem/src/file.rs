@@ -701,6 +701,36 @@ impl Binding {
         self.lock_range(pages, fill, &[(offset.0 - pages.start.offset().0, data)]).map(drop)
     }
 
+    /// Locks a run of pages as they are: holes stay holes, nothing is
+    /// locked in RAM yet. For an owner that writes the pages' content
+    /// itself ([`PageGuard::write`], a snapshot restore) and then calls
+    /// [`PageGuard::fill`], or only reads them ([`PageGuard::read`] reads
+    /// a hole as zero). Waits as get-and-lock does, or with
+    /// `again_if_invalidating` fails with `EAGAIN` while part of the run
+    /// is being invalidated.
+    pub fn lock_range_unfilled(
+        &self,
+        pages: PageRange,
+        again_if_invalidating: bool,
+    ) -> Result<PageGuard<'_>> {
+        if pages.is_empty() {
+            return Err(Error::InvalidArgument { op: "lock", why: "empty page range" });
+        }
+        let token = self.file.pages.lock(pages, again_if_invalidating)?;
+        let guard = PageGuard { binding: self, pages, token };
+        let size = self.file.size();
+        if pages.end.0 > size / PAGE_SIZE {
+            return Err(Error::PastEof { page: PageIndex(pages.end.0.saturating_sub(1)), size });
+        }
+        Ok(guard)
+    }
+
+    /// Allocated runs of pages inside `pages` (`SEEK_DATA`/`SEEK_HOLE`),
+    /// in order: what a snapshot of the file must hold.
+    pub fn allocated_runs(&self, pages: PageRange) -> Result<Vec<PageRange>> {
+        self.file.allocated_runs(pages)
+    }
+
     /// As [`get_and_lock_range`](Self::get_and_lock_range), but fails with
     /// `EAGAIN` instead of waiting while part of the run is being
     /// invalidated: for a caller that may hold up the invalidation itself
@@ -857,12 +887,12 @@ impl PageGuard<'_> {
     /// get-and-lock would have).
     pub fn frames(&self) -> Result<Vec<u64>> {
         use std::os::unix::fs::FileExt;
+        self.fill()?;
         let inode = self.binding.file.inode();
         // Locked pages lie inside the file, so the window exists.
         let window =
             inode.window.as_ref().ok_or(Error::PastEof { page: self.pages.start, size: 0 })?;
         let bytes = self.pages.bytes();
-        window.fault_in(bytes.start as usize, (bytes.end - bytes.start) as usize)?;
         let pagemap =
             std::fs::File::open("/proc/self/pagemap").map_err(Error::io("open pagemap"))?;
         let first = (window.addr() as u64 + bytes.start) / PAGE_SIZE;
@@ -874,6 +904,18 @@ impl PageGuard<'_> {
                 u64::from_le_bytes(entry.try_into().expect("8-byte entry")) & ((1 << 55) - 1)
             })
             .collect())
+    }
+
+    /// Allocates the locked pages that are holes (zero-filled) and locks
+    /// every one in RAM, through the frame window: what get-and-lock does,
+    /// after the owner wrote their content
+    /// ([`Binding::lock_range_unfilled`]).
+    pub fn fill(&self) -> Result<()> {
+        let inode = self.binding.file.inode();
+        let window =
+            inode.window.as_ref().ok_or(Error::PastEof { page: self.pages.start, size: 0 })?;
+        let bytes = self.pages.bytes();
+        window.fault_in(bytes.start as usize, (bytes.end - bytes.start) as usize)
     }
 
     fn span(&self, offset: u64, len: usize) -> Result<usize> {

@@ -1,0 +1,500 @@
+//! Restoring a snapshot: checked whole before anything is restored, then
+//! fetched page by page on first touch (or all at once), each page under
+//! its page lock and fetched once.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use gmem::PAGE_SIZE;
+
+use super::format::{Entry, Header, Sealer, SnapshotId, SnapshotKey, RECORD_BYTES, TAG_BYTES};
+use crate::bits::PageBits;
+use crate::error::{Error, Result};
+use crate::memory::PrivateMemory;
+use crate::region::{PageState, PrivateRegion};
+use crate::Gpa;
+
+/// Pages fetched under one lock.
+const FETCH_PAGES: u64 = 64;
+
+/// How [`PrivateMemory::restore_snapshot`] restores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// The guest may run at once; each page is fetched on first touch
+    /// (or by [`PrivateMemory::start_prefetch`]).
+    Lazy,
+    /// Every page is fetched and checked before the call returns.
+    Eager,
+}
+
+/// A snapshot file, checked: its key, header, index, VMM state, length
+/// and end tag. Its pages are checked as they are read.
+pub struct SnapshotFile {
+    file: File,
+    header: Header,
+    entries: Vec<Entry>,
+    sealer: Sealer,
+    vmm_state: Vec<u8>,
+}
+
+impl std::fmt::Debug for SnapshotFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotFile")
+            .field("id", &self.header.id)
+            .field("base", &self.header.base)
+            .field("pages", &self.header.records)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotFile {
+    /// Opens and checks the snapshot in `file` (a regular file: pages are
+    /// read from it at their offsets as the guest needs them).
+    /// [`Error::WrongKey`] for another key; [`Error::BadSnapshot`] for
+    /// anything that is not a whole, unaltered snapshot (no page is read
+    /// before that is known); `EINVAL` for a FIFO, device or directory.
+    pub fn open(file: File, key: &SnapshotKey) -> Result<Self> {
+        let meta = file.metadata().map_err(Error::io("stat the snapshot"))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidArgument(
+                "a snapshot is read from a regular file (not a FIFO, device or directory)".into(),
+            ));
+        }
+        let read = |offset: u64, len: u64, what: &str| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; len as usize];
+            match file.read_exact_at(&mut buf, offset) {
+                Ok(()) => Ok(buf),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(
+                    Error::BadSnapshot(format!("cut short in its {what} ({} bytes)", meta.len())),
+                ),
+                Err(e) => Err(Error::io("read the snapshot")(e)),
+            }
+        };
+        let fixed = read(0, Header::FIXED as u64, "header")?;
+        let head = read(0, Header::length(&fixed)? as u64, "header")?;
+        let header = Header::decode(&head)?;
+        let sealer = Sealer::new(key, header.id);
+        sealer.check_key(&header.key_check)?;
+        let total = header.total_len();
+        if meta.len() != total {
+            let how = if meta.len() < total { "cut short" } else { "longer than it says" };
+            return Err(Error::BadSnapshot(format!(
+                "{how}: {} bytes where the header says {total}",
+                meta.len()
+            )));
+        }
+        let tag = TAG_BYTES as u64;
+        let mut index = read(header.index_offset(), header.index_len() + tag, "index")?;
+        let index_tag = index.split_off(header.index_len() as usize);
+        if !sealer.open_index(&head, &mut index, &index_tag) {
+            return Err(Error::BadSnapshot("its header or index was altered".into()));
+        }
+        let entries = Entry::decode_all(&header, &index)?;
+        let mut vmm_state = read(header.state_offset(), header.state_len + tag, "VMM state")?;
+        let state_tag = vmm_state.split_off(header.state_len as usize);
+        if !sealer.open_state(&head, &mut vmm_state, &state_tag) {
+            return Err(Error::BadSnapshot("its VMM state was altered".into()));
+        }
+        let end = read(header.record_offset(header.records), tag, "end")?;
+        if !sealer.check_end(header.records, &end) {
+            return Err(Error::BadSnapshot("its end tag was altered".into()));
+        }
+        Ok(Self { file, header, entries, sealer, vmm_state })
+    }
+
+    /// Its identity.
+    pub fn id(&self) -> SnapshotId {
+        self.header.id
+    }
+
+    /// Its base's identity, for a diff.
+    pub fn base(&self) -> Option<SnapshotId> {
+        self.header.base
+    }
+
+    /// The VMM state saved with it.
+    pub fn vmm_state(&self) -> &[u8] {
+        &self.vmm_state
+    }
+
+    /// The region layout of the memory it was taken of: GPA and size.
+    pub fn regions(&self) -> Vec<(Gpa, u64)> {
+        self.header.regions.iter().map(|&(gpa, size)| (Gpa(gpa), size)).collect()
+    }
+
+    /// Pages whose content it holds.
+    pub fn pages(&self) -> u64 {
+        self.header.records
+    }
+
+    /// Reads and opens `count` records from `record` on, the pages from
+    /// `gpa` on in `state`, into `out` (`count` pages).
+    fn read_pages(
+        &self,
+        record: u64,
+        gpa: u64,
+        state: PageState,
+        count: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let mut sealed = vec![0u8; (count * RECORD_BYTES) as usize];
+        let offset = self.header.record_offset(record);
+        self.file.read_exact_at(&mut sealed, offset).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::SnapshotPage { gpa: Gpa(gpa), why: "the file was cut short" }
+            }
+            _ => Error::io("read the snapshot")(e),
+        })?;
+        for (i, record_bytes) in sealed.chunks_exact_mut(RECORD_BYTES as usize).enumerate() {
+            let at = gpa + i as u64 * PAGE_SIZE;
+            let (page, tag) = record_bytes.split_at_mut(PAGE_SIZE as usize);
+            if !self.sealer.open_page(record + i as u64, at, state, page, tag) {
+                let why = "altered, moved, or from another snapshot or key";
+                return Err(Error::SnapshotPage { gpa: Gpa(at), why });
+            }
+            out[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize].copy_from_slice(page);
+        }
+        Ok(())
+    }
+
+    /// The data entries of region `[gpa, gpa + size)` as extents.
+    fn extents_in(&self, gpa: u64, size: u64) -> Vec<Extent> {
+        let mut record = 0;
+        let mut extents = Vec::new();
+        for entry in &self.entries {
+            if entry.data && entry.gpa >= gpa && entry.gpa < gpa + size {
+                let page = (entry.gpa - gpa) / PAGE_SIZE;
+                extents.push(Extent { page, pages: entry.pages, record, state: entry.state });
+            }
+            record += if entry.data { entry.pages } else { 0 };
+        }
+        extents
+    }
+}
+
+/// Data pages of one region in a snapshot: region pages from `page`, in
+/// records from `record`.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    page: u64,
+    pages: u64,
+    record: u64,
+    state: PageState,
+}
+
+/// A region's pages still in the snapshot.
+struct LazyRegion {
+    gpa: u64,
+    pending: PageBits,
+    extents: Vec<Extent>,
+}
+
+/// The snapshot a memory was restored from, and what is still to fetch.
+pub(crate) struct Lazy {
+    source: SnapshotFile,
+    regions: Vec<LazyRegion>,
+}
+
+impl Lazy {
+    fn region(&self, region: &PrivateRegion) -> Option<&LazyRegion> {
+        self.regions.iter().find(|r| r.gpa == region.gpa.0)
+    }
+}
+
+impl PrivateMemory {
+    /// Restores `chain` (a full snapshot, then diffs each on the one
+    /// before) into this memory, which must be fresh: its regions added
+    /// with the snapshot's layout (`EINVAL`, [`Error::SnapshotMismatch`],
+    /// otherwise, and for a diff on another base), no page allocated, no
+    /// snapshot restored before (`EBUSY`). Page states are set at once;
+    /// the pages come lazily or eagerly as `mode` says (regions on huge
+    /// pages eagerly: KVM's window there is served by the kernel). Diffs
+    /// are applied eagerly. Ends the launch ([`finish_launch`](Self::finish_launch)).
+    ///
+    /// Nothing runs on bad data: a page that fails its check when fetched
+    /// is never mapped ([`Error::SnapshotPage`] names its GPA: the fault
+    /// fails, or this call where the page is fetched here).
+    pub fn restore_snapshot(&self, chain: Vec<SnapshotFile>, mode: RestoreMode) -> Result<()> {
+        let mut regions: Vec<Arc<PrivateRegion>> = self.regions().to_vec();
+        regions.sort_by_key(|r| r.gpa.0);
+        if regions.iter().any(|r| r.file_backing().is_none()) {
+            return Err(Error::Unsupported("restoring native (guest_memfd) regions".into()));
+        }
+        let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa.0, r.size)).collect();
+        let mut chain = chain.into_iter();
+        let Some(full) = chain.next() else {
+            return Err(Error::InvalidArgument("no snapshot to restore".into()));
+        };
+        let diffs: Vec<SnapshotFile> = chain.collect();
+        let mut expected = None;
+        for snapshot in std::iter::once(&full).chain(&diffs) {
+            if snapshot.base() != expected {
+                return Err(Error::SnapshotMismatch(match (snapshot.base(), expected) {
+                    (Some(base), None) => format!(
+                        "snapshot {} is a diff on {base}: restore its base first",
+                        snapshot.id()
+                    ),
+                    (base, Some(wanted)) => format!(
+                        "snapshot {} is {}, not a diff on {wanted}",
+                        snapshot.id(),
+                        base.map_or("a full snapshot".into(), |b| format!("a diff on {b}"))
+                    ),
+                    (None, None) => unreachable!("the base matched"),
+                }));
+            }
+            if snapshot.header.regions != layout {
+                return Err(Error::SnapshotMismatch(format!(
+                    "snapshot {} was taken of regions {}; this memory has {}",
+                    snapshot.id(),
+                    describe(&snapshot.header.regions),
+                    describe(&layout)
+                )));
+            }
+            expected = Some(snapshot.id());
+        }
+        self.check_launching()?;
+        for region in &regions {
+            let f = region.file_backing().expect("file regions");
+            if !f.binding.allocated_runs(f.file_pages(&(0..region.pages())))?.is_empty() {
+                return Err(Error::Busy(format!(
+                    "the region at {} holds pages: restore into fresh memory",
+                    region.gpa
+                )));
+            }
+        }
+        let lazy = Lazy {
+            regions: regions
+                .iter()
+                .map(|r| {
+                    let extents = full.extents_in(r.gpa.0, r.size);
+                    let pending = PageBits::new(r.pages());
+                    extents.iter().for_each(|e| pending.set(e.page..e.page + e.pages, true));
+                    LazyRegion { gpa: r.gpa.0, pending, extents }
+                })
+                .collect(),
+            source: full,
+        };
+        if self.snapshots.restored.set(lazy).is_err() {
+            return Err(Error::Busy("a snapshot was restored into this memory already".into()));
+        }
+        let restored = self.snapshots.restored.get().expect("just set");
+        set_states(&regions, &restored.source.entries);
+        for diff in &diffs {
+            self.apply_diff(&regions, diff)?;
+        }
+        self.finish_launch();
+        // The memory is the chain's last snapshot now: diffs start here.
+        regions.iter().for_each(|r| r.clear_changed());
+        *self.snapshots.base() = Some(expected.expect("a chain of at least one"));
+        for region in &regions {
+            if mode == RestoreMode::Eager || region.file().is_some_and(|f| f.page_kind() != gmem::PageKind::Small) {
+                self.fetch(region, 0..region.pages(), false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a diff's entries: states, then its pages written (taking
+    /// them from the base's pending ones) and its holes punched.
+    fn apply_diff(&self, regions: &[Arc<PrivateRegion>], diff: &SnapshotFile) -> Result<()> {
+        set_states(regions, &diff.entries);
+        let mut record = 0;
+        for entry in &diff.entries {
+            let region = regions
+                .iter()
+                .find(|r| r.contains(Gpa(entry.gpa)))
+                .expect("the layout matched");
+            let pages = region.pages_of(Gpa(entry.gpa), entry.pages * PAGE_SIZE);
+            if !entry.data {
+                self.discard(region, pages)?;
+                continue;
+            }
+            let mut at = pages.start;
+            while at < pages.end {
+                let run = at..pages.end.min(at + FETCH_PAGES);
+                let count = run.end - run.start;
+                let mut plain = vec![0u8; (count * PAGE_SIZE) as usize];
+                let gpa = region.gpa_of(run.start).0;
+                diff.read_pages(record + (run.start - pages.start), gpa, entry.state, count, &mut plain)?;
+                self.write_pages(region, run.clone(), &plain, false)?;
+                at = run.end;
+            }
+            record += entry.pages;
+        }
+        Ok(())
+    }
+
+    /// Writes `plain` as region pages `run` under their page locks, takes
+    /// them from the pending ones, and locks them in RAM.
+    fn write_pages(
+        &self,
+        region: &PrivateRegion,
+        run: Range<u64>,
+        plain: &[u8],
+        again_if_invalidating: bool,
+    ) -> Result<()> {
+        let f = region.file_backing().expect("file regions");
+        let guard = f.binding.lock_range_unfilled(f.file_pages(&run), again_if_invalidating)?;
+        if let Some(lazy) = self.snapshots.restored.get().and_then(|l| l.region(region)) {
+            lazy.pending.set(run.clone(), false);
+        }
+        guard.write(0, plain)?;
+        guard.fill()?;
+        Ok(())
+    }
+
+    /// Fetches the pending pages of region pages `pages` from the snapshot
+    /// restored, if any: each run read, opened and checked, then written
+    /// under its page lock, which makes sure no page is fetched twice. With
+    /// `again_if_invalidating`, `EAGAIN` instead of waiting for a punch.
+    pub(crate) fn fetch(
+        &self,
+        region: &PrivateRegion,
+        pages: Range<u64>,
+        again_if_invalidating: bool,
+    ) -> Result<()> {
+        let Some(restored) = self.snapshots.restored.get() else { return Ok(()) };
+        let Some(lazy) = restored.region(region) else { return Ok(()) };
+        let f = region.file_backing().expect("restored regions are file regions");
+        let mut at = pages.start;
+        while let Some(start) = lazy.pending.first(at..pages.end, true) {
+            let limit = pages.end.min(start + FETCH_PAGES);
+            let end = lazy.pending.first(start..limit, false).unwrap_or(limit);
+            let run = start..end;
+            let guard = f.binding.lock_range_unfilled(f.file_pages(&run), again_if_invalidating)?;
+            if lazy.pending.first(run.clone(), false).is_some() {
+                // Part of it was fetched or discarded meanwhile: look again.
+                drop(guard);
+                at = start;
+                continue;
+            }
+            let mut plain = vec![0u8; ((end - start) * PAGE_SIZE) as usize];
+            let first = lazy.extents.partition_point(|e| e.page + e.pages <= start);
+            let mut page = start;
+            for extent in &lazy.extents[first..] {
+                if page >= end {
+                    break;
+                }
+                let upto = end.min(extent.page + extent.pages);
+                let into = &mut plain[((page - start) * PAGE_SIZE) as usize..][..((upto - page) * PAGE_SIZE) as usize];
+                let record = extent.record + (page - extent.page);
+                restored.source.read_pages(record, region.gpa_of(page).0, extent.state, upto - page, into)?;
+                page = upto;
+            }
+            guard.write(0, &plain)?;
+            lazy.pending.set(run.clone(), false);
+            guard.fill()?;
+            drop(guard);
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Fetches every pending page.
+    pub(crate) fn fetch_all(&self) -> Result<()> {
+        for region in self.regions().iter() {
+            self.fetch(region, 0..region.pages(), false)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets region pages `pages` of the snapshot (they are discarded).
+    pub(crate) fn forget_pending(&self, region: &PrivateRegion, pages: Range<u64>) {
+        if let Some(lazy) = self.snapshots.restored.get().and_then(|l| l.region(region)) {
+            lazy.pending.set(pages, false);
+        }
+    }
+
+    /// Whether `region` has pages still to fetch from a snapshot.
+    pub(crate) fn has_pending(&self, region: &PrivateRegion) -> bool {
+        let lazy = self.snapshots.restored.get().and_then(|l| l.region(region));
+        lazy.is_some_and(|l| l.pending.first(0..region.pages(), true).is_some())
+    }
+
+    /// Pages still to fetch from the snapshot this memory was restored
+    /// from (0 after an eager restore, or once all were fetched).
+    pub fn pending_snapshot_pages(&self) -> u64 {
+        let Some(restored) = self.snapshots.restored.get() else { return 0 };
+        self.regions()
+            .iter()
+            .filter_map(|r| Some((r.pages(), restored.region(r)?)))
+            .map(|(pages, l)| l.pending.runs(0..pages, true).iter().map(|r| r.end - r.start).sum::<u64>())
+            .sum()
+    }
+
+    /// Starts a thread that fetches every page still in the snapshot
+    /// (after a lazy restore), a chunk at a time and each page once,
+    /// while the guest runs; it ends when none is left or the returned
+    /// handle is dropped. `on_error` gets a page that failed its check
+    /// (the VM should stop: the guest would fault on it).
+    pub fn start_prefetch(
+        self: &Arc<Self>,
+        on_error: impl Fn(Error) + Send + 'static,
+    ) -> Result<Prefetch> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (memory, stopped) = (self.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("gmem-prefetch".into())
+            .spawn(move || {
+                for region in memory.regions().iter() {
+                    let mut at = 0;
+                    while at < region.pages() && !stopped.load(Ordering::Relaxed) {
+                        let chunk = at..region.pages().min(at + 4 * FETCH_PAGES);
+                        match memory.fetch(region, chunk.clone(), true) {
+                            // Being punched: those pages need no fetch.
+                            Ok(()) => at = chunk.end,
+                            Err(e) if e.errno() == crate::Errno::AGAIN => at = chunk.end,
+                            Err(e) => return on_error(e),
+                        }
+                    }
+                }
+            })
+            .map_err(Error::io("spawn the prefetch thread"))?;
+        Ok(Prefetch { stop, thread: Some(thread) })
+    }
+}
+
+/// Sets the states of `entries`' pages.
+fn set_states(regions: &[Arc<PrivateRegion>], entries: &[Entry]) {
+    for entry in entries {
+        if let Some(region) = regions.iter().find(|r| r.contains(Gpa(entry.gpa))) {
+            let pages = region.pages_of(Gpa(entry.gpa), entry.pages * PAGE_SIZE);
+            region.shared.set(pages, entry.state == PageState::Shared);
+        }
+    }
+}
+
+fn describe(regions: &[(u64, u64)]) -> String {
+    let parts: Vec<String> =
+        regions.iter().map(|(gpa, size)| format!("{gpa:#x}+{size:#x}")).collect();
+    parts.join(", ")
+}
+
+/// The prefetch thread of [`PrivateMemory::start_prefetch`]: stopped and
+/// joined on drop.
+#[derive(Debug)]
+pub struct Prefetch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prefetch {
+    /// Waits until every page is fetched (or the thread met an error).
+    pub fn wait(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Saving a snapshot: the index first (the memory is paused, so what is
+//! allocated is known), then the pages, read under their page locks and
+//! sealed on a thread of their own while the caller's thread writes.
+
+use std::io::Write;
+use std::ops::Range;
+use std::sync::Arc;
+
+use gmem::PAGE_SIZE;
+
+use super::format::{Entry, Header, Sealer, SnapshotId, SnapshotKey, MAX_STATE, RECORD_BYTES};
+use crate::error::{Error, Result};
+use crate::memory::PrivateMemory;
+use crate::region::{PageState, PrivateRegion};
+
+/// Pages read and sealed at a time.
+const CHUNK_PAGES: u64 = 64;
+
+/// What a save wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot's identity.
+    pub id: SnapshotId,
+    /// Its base's, for a diff.
+    pub base: Option<SnapshotId>,
+    /// Pages whose content it holds.
+    pub pages: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+impl PrivateMemory {
+    /// Writes a full snapshot of this memory to `out`, sealed under `key`,
+    /// with `vmm_state` (at most 64 MiB; sealed too) for the VMM to get
+    /// back at restore. The VM must be paused (no vCPU in `KVM_RUN`):
+    /// the pages are read as they are. Pages still to be fetched from a
+    /// snapshot this memory was restored from are fetched first.
+    ///
+    /// Conversions wait meanwhile (`EDEADLK` from inside a listener or
+    /// while this thread holds a host access); `EOPNOTSUPP` for native
+    /// regions; `out`'s errno where it fails, after which what was written
+    /// is no snapshot (its end tag is missing) and the memory is
+    /// unchanged. Afterwards this snapshot is the base of the next diff.
+    pub fn save_snapshot(
+        &self,
+        out: &mut dyn Write,
+        key: &SnapshotKey,
+        vmm_state: &[u8],
+    ) -> Result<SnapshotInfo> {
+        self.save(out, key, vmm_state, false)
+    }
+
+    /// Writes a diff snapshot: the pages changed since the last snapshot
+    /// saved or restored (its base), and every shared page. Needs
+    /// [`track_dirty_pages`](Self::track_dirty_pages) on since that base
+    /// (`EINVAL` otherwise). Errors as [`save_snapshot`](Self::save_snapshot);
+    /// a failed diff leaves the changes recorded for the next one.
+    pub fn save_diff_snapshot(
+        &self,
+        out: &mut dyn Write,
+        key: &SnapshotKey,
+        vmm_state: &[u8],
+    ) -> Result<SnapshotInfo> {
+        self.save(out, key, vmm_state, true)
+    }
+
+    fn save(
+        &self,
+        out: &mut dyn Write,
+        key: &SnapshotKey,
+        vmm_state: &[u8],
+        diff: bool,
+    ) -> Result<SnapshotInfo> {
+        if vmm_state.len() as u64 > MAX_STATE {
+            return Err(Error::InvalidArgument(format!(
+                "VMM state of {} bytes: at most {MAX_STATE}",
+                vmm_state.len()
+            )));
+        }
+        self.gate.check_not_shared_here("save a snapshot")?;
+        let _no_conversions = self.gate.conversion_turn()?;
+        let regions = self.regions();
+        let mut regions: Vec<Arc<PrivateRegion>> = regions.to_vec();
+        regions.sort_by_key(|r| r.gpa.0);
+        if regions.is_empty() || regions.iter().any(|r| r.file_backing().is_none()) {
+            return Err(Error::Unsupported(
+                "snapshots of memory without regions, or with native (guest_memfd) regions".into(),
+            ));
+        }
+        let base = *self.snapshots.base();
+        let id = match (diff, base) {
+            (false, _) => SnapshotId::new(0)?,
+            (true, Some(base)) if self.tracks_dirty_pages() => SnapshotId::new(base.generation + 1)?,
+            (true, _) => {
+                return Err(Error::InvalidArgument(
+                    "a diff snapshot needs dirty tracking on since a snapshot saved or restored"
+                        .into(),
+                ))
+            }
+        };
+        if !diff {
+            self.fetch_all()?;
+        }
+        self.harvest_dirty_log()?;
+        let mut entries = Vec::new();
+        for region in &regions {
+            entries.extend(self.entries_of(region, diff)?);
+        }
+        let records: u64 = entries.iter().filter(|e| e.data).map(|e| e.pages).sum();
+        let sealer = Sealer::new(key, id);
+        let header = Header {
+            id,
+            base: if diff { base } else { None },
+            regions: regions.iter().map(|r| (r.gpa.0, r.size)).collect(),
+            entries: entries.len() as u64,
+            records,
+            state_len: vmm_state.len() as u64,
+            key_check: sealer.key_check(),
+        };
+        let head = header.encode();
+        let mut index = Entry::encode_all(&entries);
+        let index_tag = sealer.seal_index(&head, &mut index);
+        let mut state = vmm_state.to_vec();
+        let state_tag = sealer.seal_state(&head, &mut state);
+        let io = || Error::io("write the snapshot");
+        for part in [&head[..], &index, &index_tag, &state, &state_tag] {
+            out.write_all(part).map_err(io())?;
+        }
+        self.write_records(out, &sealer, &regions, &entries)?;
+        out.write_all(&sealer.end_tag(records)).map_err(io())?;
+        out.flush().map_err(io())?;
+        // Saved whole: the changes it holds are the next diff's no more.
+        for region in &regions {
+            region.clear_changed();
+        }
+        *self.snapshots.base() = Some(id);
+        Ok(SnapshotInfo {
+            id,
+            base: header.base,
+            pages: records,
+            bytes: header.total_len(),
+        })
+    }
+
+    /// The index entries of `region`: for a full snapshot its allocated
+    /// pages and its shared holes; for a diff its changed pages (data where
+    /// allocated, holes elsewhere) and its allocated shared pages.
+    fn entries_of(&self, region: &PrivateRegion, diff: bool) -> Result<Vec<Entry>> {
+        let f = region.file_backing().expect("checked: file regions only");
+        let all = 0..region.pages();
+        let allocated: Vec<Range<u64>> = f
+            .binding
+            .allocated_runs(f.file_pages(&all))?
+            .into_iter()
+            .filter_map(|run| f.region_pages(run, region.pages()))
+            .collect();
+        let mut data = PageSet::default();
+        let mut holes = PageSet::default();
+        let shared = region.shared.runs(all.clone(), true);
+        if diff {
+            let changed = region.changed_runs();
+            data.extend(intersect(&changed, &allocated));
+            holes.extend(subtract(&changed, &allocated));
+            data.extend(intersect(&shared, &allocated));
+        } else {
+            data.extend(allocated.iter().cloned());
+            holes.extend(subtract(&shared, &allocated));
+        }
+        let mut entries = Vec::new();
+        for (runs, is_data) in [(data.runs(), true), (holes.runs(), false)] {
+            for run in runs {
+                // Split by state.
+                for (state, value) in [(PageState::Shared, true), (PageState::Private, false)] {
+                    for part in region.shared.runs(run.clone(), value) {
+                        entries.push(Entry {
+                            gpa: region.gpa_of(part.start).0,
+                            pages: part.end - part.start,
+                            state,
+                            data: is_data,
+                        });
+                    }
+                }
+            }
+        }
+        entries.sort_by_key(|e| e.gpa);
+        Ok(entries)
+    }
+
+    /// Reads, seals and writes the data pages of `entries`, in order: a
+    /// thread reads and seals chunks while this one writes the last.
+    fn write_records(
+        &self,
+        out: &mut dyn Write,
+        sealer: &Sealer,
+        regions: &[Arc<PrivateRegion>],
+        entries: &[Entry],
+    ) -> Result<()> {
+        let (chunks, written) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(4);
+        std::thread::scope(|scope| {
+            let sealing = scope.spawn(move || {
+                let mut record = 0;
+                for entry in entries.iter().filter(|e| e.data) {
+                    let region = regions
+                        .iter()
+                        .find(|r| r.contains(crate::Gpa(entry.gpa)))
+                        .expect("entries lie in the regions");
+                    let first = (entry.gpa - region.gpa.0) / PAGE_SIZE;
+                    let mut page = first;
+                    while page < first + entry.pages {
+                        let len = CHUNK_PAGES.min(first + entry.pages - page);
+                        let chunk = seal_chunk(region, page..page + len, entry.state, sealer, record);
+                        let failed = chunk.is_err();
+                        if chunks.send(chunk).is_err() || failed {
+                            return;
+                        }
+                        record += len;
+                        page += len;
+                    }
+                }
+            });
+            let mut result = Ok(());
+            for chunk in written.iter() {
+                result = chunk.and_then(|bytes| {
+                    out.write_all(&bytes).map_err(Error::io("write the snapshot"))
+                });
+                if result.is_err() {
+                    break;
+                }
+            }
+            // Dropping the receiver ends the sealing thread's sends.
+            drop(written);
+            let _ = sealing.join();
+            result
+        })
+    }
+}
+
+/// Reads region pages `pages` (under their page locks: a hole reads
+/// zero) and seals them as records from `record` on.
+fn seal_chunk(
+    region: &PrivateRegion,
+    pages: Range<u64>,
+    state: PageState,
+    sealer: &Sealer,
+    record: u64,
+) -> Result<Vec<u8>> {
+    let f = region.file_backing().expect("file regions only");
+    let count = (pages.end - pages.start) as usize;
+    let mut plain = vec![0u8; count * PAGE_SIZE as usize];
+    {
+        let guard = f.binding.lock_range_unfilled(f.file_pages(&pages), false)?;
+        guard.read(0, &mut plain)?;
+    }
+    let mut sealed = Vec::with_capacity(count * RECORD_BYTES as usize);
+    for (i, page) in plain.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
+        let gpa = region.gpa_of(pages.start + i as u64).0;
+        let tag = sealer.seal_page(record + i as u64, gpa, state, page);
+        sealed.extend_from_slice(page);
+        sealed.extend_from_slice(&tag);
+    }
+    Ok(sealed)
+}
+
+/// A set of page runs, merged.
+#[derive(Default)]
+struct PageSet(Vec<Range<u64>>);
+
+impl PageSet {
+    fn extend(&mut self, runs: impl IntoIterator<Item = Range<u64>>) {
+        self.0.extend(runs.into_iter().filter(|r| !r.is_empty()));
+    }
+
+    fn runs(mut self) -> Vec<Range<u64>> {
+        self.0.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for run in self.0 {
+            match merged.last_mut() {
+                Some(last) if run.start <= last.end => last.end = last.end.max(run.end),
+                _ => merged.push(run),
+            }
+        }
+        merged
+    }
+}
+
+/// The parts of `a`'s runs inside `b`'s (both ascending, disjoint).
+fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (start, end) = (a[i].start.max(b[j].start), a[i].end.min(b[j].end));
+        if start < end {
+            out.push(start..end);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// The parts of `a`'s runs outside `b`'s (both ascending, disjoint).
+fn subtract(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (mut j, mut out) = (0, Vec::new());
+    for x in a {
+        while j < b.len() && b[j].end <= x.start {
+            j += 1;
+        }
+        let mut at = x.start;
+        for y in b[j..].iter().take_while(|y| y.start < x.end) {
+            if y.start > at {
+                out.push(at..y.start);
+            }
+            at = at.max(y.end);
+        }
+        if at < x.end {
+            out.push(at..x.end);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_runs_intersect_subtract_and_merge() {
+        let a = [0..10, 20..30];
+        let b = [5..25];
+        assert_eq!(intersect(&a, &b), [5..10, 20..25]);
+        assert_eq!(subtract(&a, &b), [0..5, 25..30]);
+        assert_eq!(subtract(&a, &[]), a);
+        let mut set = PageSet::default();
+        set.extend([8..12, 0..4, 3..8, 20..20]);
+        assert_eq!(set.runs(), [0..12]);
+    }
+}
