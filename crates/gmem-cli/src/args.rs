@@ -59,9 +59,10 @@ pub(crate) struct RunArgs {
     /// built-in guest gets its own host side (demo, convert, punch, user).
     #[arg(long)]
     pub(crate) guest: Option<String>,
-    /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    pub(crate) mem: u64,
+    /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G)
+    /// [default: 64M; a restored snapshot's own].
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) mem: Option<u64>,
     /// Number of vCPUs, one thread each [default: 1; 2 for convsmp].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
     pub(crate) vcpus: Option<u32>,
@@ -91,6 +92,32 @@ pub(crate) struct RunArgs {
     pub(crate) disk: Option<(std::path::PathBuf, u64)>,
     #[command(flatten)]
     pub(crate) huge: HugePagesArg,
+    /// At sync stage N, after that stage's --sync actions, save a snapshot
+    /// of the VM to PATH (sealed with --key-file; written whole or not at
+    /// all) and stop: exit status 0, JSON reason "saved". If it cannot be
+    /// saved, the guest runs on to its end and the exit status is 4.
+    #[arg(long = "save-at", value_name = "N:PATH", value_parser = parse_save_at)]
+    pub(crate) save_at: Option<(u64, std::path::PathBuf)>,
+    /// With --save-at on a restored VM: save only what changed since BASE,
+    /// the last snapshot given to --restore (a diff, restored on top of it).
+    #[arg(long = "save-diff", value_name = "BASE", requires = "save_at", requires = "restore")]
+    pub(crate) save_diff: Option<std::path::PathBuf>,
+    /// The key snapshots are sealed with: a file of exactly 32 bytes.
+    #[arg(long = "key-file", value_name = "KEY")]
+    pub(crate) key_file: Option<std::path::PathBuf>,
+    /// Resume the VM of a snapshot instead of booting a guest: a full
+    /// snapshot, then diffs on it in order (repeatable). Memory comes
+    /// lazily, as the guest touches it. --sync gives the host side of the
+    /// stages still to come; --disk the same disk file again.
+    #[arg(long = "restore", value_name = "PATH", conflicts_with = "guest")]
+    pub(crate) restore: Vec<std::path::PathBuf>,
+    /// With --restore: read and check all of memory before the guest runs.
+    #[arg(long = "restore-eager", requires = "restore")]
+    pub(crate) restore_eager: bool,
+    /// With --restore: fetch the memory the guest has not touched yet in
+    /// the background while it runs.
+    #[arg(long, requires = "restore", conflicts_with = "restore_eager")]
+    pub(crate) prefetch: bool,
     /// Print one JSON object on stdout at the end (console still on stderr).
     #[arg(long)]
     pub(crate) json: bool,
@@ -115,6 +142,16 @@ fn parse_huge_pages(text: &str) -> Result<gmem::HugePages, String> {
         "memfd" => Ok(gmem::HugePages::Memfd),
         dir => Ok(gmem::HugePages::Tmpfs(dir.into())),
     }
+}
+
+/// `N:PATH`: a sync stage and where to save a snapshot.
+fn parse_save_at(text: &str) -> Result<(u64, std::path::PathBuf), String> {
+    let (stage, path) = text.split_once(':').ok_or(format!("'{text}': expected N:PATH"))?;
+    let stage = parse_number(stage).map_err(|e| format!("'{text}': stage: {e}"))?;
+    if path.is_empty() {
+        return Err(format!("'{text}': expected N:PATH"));
+    }
+    Ok((stage, path.into()))
 }
 
 /// `PATH` or `PATH:SIZE` (a whole number of 512-byte sectors, at most 1 TiB).

@@ -10,6 +10,7 @@ mod check;
 mod plot;
 mod probe;
 mod run;
+mod snapshot;
 mod stress;
 
 use std::process::ExitCode;

@@ -1,6 +1,7 @@
 //! `gmem run`: boot a guest on private memory and report per GUEST_ABI 1.2.
 
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -14,8 +15,12 @@ use crate::args::{parse_sync, Action, Backend, RunArgs, SyncSpec};
 const BAD_INPUT: u8 = 2;
 /// Exit status for a VM error.
 const VM_ERROR: u8 = 3;
+/// Exit status when `--save-at` could not save: the guest ran on to its end.
+const SAVE_FAILED: u8 = 4;
 /// Exit status on timeout.
 const TIMEOUT: u8 = 124;
+/// `--mem`'s default.
+const DEFAULT_MEM: u64 = 64 << 20;
 
 /// What one sync action did.
 struct SyncRecord {
@@ -181,13 +186,13 @@ fn run_action(vm: &Vm, sync: &SyncSpec) -> SyncRecord {
 
 /// The sync actions to run: the user's, or without any, a built-in
 /// guest's own host side (those of its actions that lie in RAM).
-fn syncs_for(args: &RunArgs, needs: &gmem_guest::Needs) -> Vec<SyncSpec> {
+fn syncs_for(args: &RunArgs, needs: &gmem_guest::Needs, mem: u64) -> Vec<SyncSpec> {
     if !args.syncs.is_empty() {
         return args.syncs.clone();
     }
     let in_ram = |sync: &SyncSpec| {
         let (gpa, len) = sync.action.range();
-        boot::in_ram(args.mem, gpa, len)
+        boot::in_ram(mem, gpa, len)
     };
     needs.host_side.iter().filter_map(|text| parse_sync(text).ok()).filter(in_ram).collect()
 }
@@ -255,7 +260,8 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
             eprintln!("gmem run: {message}");
             if args.json {
                 let stats = gmem_runner::VmStats::default();
-                println!("{}", report_json(None, "error", Some(&message), None, b"", &[], &stats));
+                let json = report_json(None, "error", Some(&message), None, b"", &[], &stats, None);
+                println!("{json}");
             }
             status
         }
@@ -271,6 +277,7 @@ fn report_json(
     console: &[u8],
     records: &[SyncRecord],
     stats: &gmem_runner::VmStats,
+    snapshot: Option<serde_json::Value>,
 ) -> serde_json::Value {
     let syncs: Vec<_> = records
         .iter()
@@ -304,25 +311,102 @@ fn report_json(
             "kvm_pages_4k": stats.kvm_pages.map(|p| p[0]),
             "kvm_pages_2m": stats.kvm_pages.map(|p| p[1]),
             "kvm_pages_1g": stats.kvm_pages.map(|p| p[2]),
+            "pending_snapshot_pages": stats.pending_snapshot_pages,
         },
+        "snapshot": snapshot,
     })
 }
 
-fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
-    let guest = guest_image(args.guest.as_deref(), args.mem).or_else(|e| fail(BAD_INPUT, e))?;
-    let needs = guest.built_in.map(gmem_guest::needs).unwrap_or(gmem_guest::needs(""));
-    let (vcpus, timeout) = match guest.built_in {
-        Some(name) => check_needs(args, name, &needs).or_else(|e| fail(BAD_INPUT, e))?,
-        None => (args.vcpus.unwrap_or(1), args.timeout.unwrap_or(DEFAULT_TIMEOUT)),
-    };
-    if let Err(e) = boot::check_machine(args.mem, vcpus) {
-        return fail(BAD_INPUT, e);
+/// What the VM starts from: a guest image booted, or snapshots restored.
+enum Start {
+    Boot(GuestImage),
+    Restore(Vec<gmem_kvm::SnapshotFile>),
+}
+
+/// What `--save-at` asks for.
+struct Save {
+    stage: u64,
+    path: std::path::PathBuf,
+    diff: bool,
+}
+
+/// The snapshot key, where snapshots are asked for (status 2 without one).
+fn snapshot_key(args: &RunArgs) -> Result<Option<gmem_kvm::SnapshotKey>, Failure> {
+    let wanted = args.save_at.is_some() || !args.restore.is_empty();
+    match (&args.key_file, wanted) {
+        (Some(path), true) => crate::snapshot::read_key(path).map(Some).or_else(|e| fail(BAD_INPUT, e)),
+        (None, true) => fail(BAD_INPUT, "--save-at and --restore need --key-file KEY"),
+        (Some(_), false) => fail(BAD_INPUT, "--key-file is for --save-at and --restore"),
+        (None, false) => Ok(None),
     }
-    let image = GuestImage::parse(&guest.bytes, args.mem)
-        .and_then(|image| boot::check_layout(&image, args.mem, vcpus).map(|()| image))
-        .or_else(|e| fail(BAD_INPUT, e))?;
-    let syncs = syncs_for(args, &needs);
-    check_syncs(&syncs, args.mem).or_else(|e| fail(BAD_INPUT, e))?;
+}
+
+fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
+    let key = snapshot_key(args)?;
+    let (start, mem, vcpus, timeout, syncs) = match (&key, args.restore.is_empty()) {
+        (Some(key), false) => {
+            let chain =
+                crate::snapshot::open_chain(&args.restore, key).or_else(|e| fail(BAD_INPUT, e))?;
+            let last = chain.last().expect("clap: --restore has a value");
+            let state = gmem_runner::VmState::decode(last.vmm_state())
+                .or_else(|e| fail(BAD_INPUT, format!("{}: {e}", args.restore[0].display())))?;
+            if args.mem.is_some_and(|m| m != state.ram_size()) {
+                return fail(BAD_INPUT, format!(
+                    "the snapshot is of a guest with --mem {}M, not {}M",
+                    state.ram_size() >> 20,
+                    args.mem.unwrap_or(0) >> 20
+                ));
+            }
+            if args.vcpus.is_some_and(|v| v != state.vcpus()) {
+                return fail(BAD_INPUT, format!(
+                    "the snapshot is of a guest with --vcpus {}, not {}",
+                    state.vcpus(),
+                    args.vcpus.unwrap_or(0)
+                ));
+            }
+            if args.backend == Backend::Native {
+                return fail(BAD_INPUT, "snapshots need the user-space backend");
+            }
+            let timeout = args.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            (Start::Restore(chain), state.ram_size(), state.vcpus(), timeout, args.syncs.clone())
+        }
+        _ => {
+            let mem = args.mem.unwrap_or(DEFAULT_MEM);
+            let guest = guest_image(args.guest.as_deref(), mem).or_else(|e| fail(BAD_INPUT, e))?;
+            let needs = guest.built_in.map(gmem_guest::needs).unwrap_or(gmem_guest::needs(""));
+            let (vcpus, timeout) = match guest.built_in {
+                Some(name) => check_needs(args, name, &needs).or_else(|e| fail(BAD_INPUT, e))?,
+                None => (args.vcpus.unwrap_or(1), args.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+            };
+            if let Err(e) = boot::check_machine(mem, vcpus) {
+                return fail(BAD_INPUT, e);
+            }
+            let image = GuestImage::parse(&guest.bytes, mem)
+                .and_then(|image| boot::check_layout(&image, mem, vcpus).map(|()| image))
+                .or_else(|e| fail(BAD_INPUT, e))?;
+            (Start::Boot(image), mem, vcpus, timeout, syncs_for(args, &needs, mem))
+        }
+    };
+    check_syncs(&syncs, mem).or_else(|e| fail(BAD_INPUT, e))?;
+    let save = match &args.save_at {
+        Some((stage, path)) => {
+            crate::snapshot::check_save_path(path).or_else(|e| fail(BAD_INPUT, e))?;
+            Some(Save { stage: *stage, path: path.clone(), diff: args.save_diff.is_some() })
+        }
+        None => None,
+    };
+    if let (Some(base), Some(key), Start::Restore(chain)) = (&args.save_diff, &key, &start) {
+        let base_id = crate::snapshot::open_chain(std::slice::from_ref(base), key)
+            .or_else(|e| fail(BAD_INPUT, format!("--save-diff: {e}")))?[0]
+            .id();
+        let restored = chain.last().expect("a chain").id();
+        if base_id != restored {
+            return fail(BAD_INPUT, format!(
+                "--save-diff {}: snapshot {base_id} is not the one this VM is restored from ({restored})",
+                base.display()
+            ));
+        }
+    }
     let huge = args.huge.huge_pages.as_ref();
     let (backend, reason) = match (huge, args.backend) {
         (Some(_), Backend::Native) => {
@@ -332,6 +416,9 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         (Some(huge), _) => ("userspace", format!("{huge}")),
         (None, asked) => choose_backend(asked).or_else(|e| fail(BAD_INPUT, e))?,
     };
+    if (save.is_some() || key.is_some()) && backend == "native" {
+        return fail(BAD_INPUT, "snapshots need the user-space backend (--backend userspace)");
+    }
     if args.hypercall_exits {
         match gmem_runner::probe_hypercall_exits() {
             Ok(Ok(())) => {}
@@ -345,25 +432,44 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         }
         _ => eprintln!("gmem run: backend {backend} ({reason})"),
     }
-    warn_if_too_big(args.mem);
+    warn_if_too_big(mem);
     // A VM this host cannot create is a backend it cannot provide (no
     // /dev/kvm, no userfaultfd permission): the same status as `auto`.
     let vm = if backend == "native" {
-        Vm::with_native_ram(args.mem)
+        Vm::with_native_ram(mem)
     } else {
-        Vm::with_fault_around(args.fault_around)
-            .and_then(|vm| vm.add_ram_on(args.mem, huge).map(|_| vm))
+        Vm::with_fault_around(args.fault_around).and_then(|vm| vm.add_ram_on(mem, huge).map(|_| vm))
     };
     let vm = vm.or_else(|e| fail(BAD_INPUT, format!("cannot create the VM: {e}")))?;
     if let Some((path, size)) = &args.disk {
         vm.attach_disk(path, *size)
             .or_else(|e| fail(BAD_INPUT, format!("disk {}: {e}", path.display())))?;
     }
-    if let Err(e) = vm.load(&image, args.mem, vcpus) {
-        return fail(VM_ERROR, format!("cannot load the guest: {e}"));
-    }
+    let mut prefetch = None;
+    let image = match start {
+        Start::Boot(image) => {
+            if let Err(e) = vm.load(&image, mem, vcpus) {
+                return fail(VM_ERROR, format!("cannot load the guest: {e}"));
+            }
+            Some(image)
+        }
+        Start::Restore(chain) => {
+            let mode = match args.restore_eager {
+                true => gmem_kvm::RestoreMode::Eager,
+                false => gmem_kvm::RestoreMode::Lazy,
+            };
+            // Nothing runs on a snapshot that fails its checks.
+            vm.restore_snapshot(chain, mode, save.is_some())
+                .or_else(|e| fail(BAD_INPUT, format!("cannot restore: {e}")))?;
+            if args.prefetch {
+                prefetch = Some(vm.start_prefetch().or_else(|e| fail(VM_ERROR, e))?);
+            }
+            None
+        }
+    };
 
     let records = Mutex::new(Vec::new());
+    let pause_at = std::sync::atomic::AtomicU64::new(save.as_ref().map_or(0, |s| s.stage));
     let on_sync = |vm: &Vm, stage: u64| {
         for sync in syncs.iter().filter(|s| s.stage == stage) {
             let record = run_action(vm, sync);
@@ -383,6 +489,10 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             }
             records.lock().unwrap_or_else(|p| p.into_inner()).push(record);
         }
+        // Once: after a failed save the guest goes on past its stage.
+        if stage != 0 && pause_at.compare_exchange(stage, 0, SeqCst, SeqCst).is_ok() {
+            vm.pause();
+        }
     };
     let config = RunConfig {
         timeout: (timeout > 0.0).then(|| Duration::from_secs_f64(timeout)),
@@ -390,19 +500,62 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         hypercall_exits: args.hypercall_exits,
         ..RunConfig::new(vcpus)
     };
-    let report = match vm.run(&image, args.mem, &config, &on_sync) {
+    let ran = match &image {
+        Some(image) => vm.run(image, mem, &config, &on_sync),
+        None => vm.resume(&config, &on_sync),
+    };
+    let mut report = match ran {
         Ok(report) => report,
         // Asked for what this host cannot do (hypercall exits): a bad argument.
         Err(e) if e.errno() == gmem_kvm::Errno::OPNOTSUPP => return fail(BAD_INPUT, e),
         Err(e) => return fail(VM_ERROR, format!("cannot run the VM: {e}")),
     };
+    let mut saved = None;
+    let mut save_error = None;
+    if let (Outcome::Paused, Some(save), Some(key)) = (&report.outcome, &save, &key) {
+        drop(prefetch.take());
+        match crate::snapshot::save(&vm, &save.path, key, save.diff) {
+            Ok(info) => {
+                eprintln!(
+                    "gmem run: sync {}: saved {} {} ({} pages, {} bytes)",
+                    save.stage,
+                    if save.diff { "diff snapshot" } else { "snapshot" },
+                    save.path.display(),
+                    info.pages,
+                    info.bytes
+                );
+                saved = Some(json!({
+                    "path": save.path, "stage": save.stage, "id": info.id.to_string(),
+                    "base": info.base.map(|b| b.to_string()), "pages": info.pages,
+                    "bytes": info.bytes,
+                }));
+            }
+            Err(e) => {
+                // The VM is not lost: it goes on from where it paused.
+                eprintln!("gmem run: the snapshot could not be saved: {e}; the guest goes on");
+                save_error = Some(format!("the snapshot could not be saved: {e}"));
+                let mut console = std::mem::take(&mut report.console);
+                report = match vm.resume(&config, &on_sync) {
+                    Ok(report) => report,
+                    Err(e) => return fail(VM_ERROR, format!("cannot resume the VM: {e}")),
+                };
+                console.append(&mut report.console);
+                report.console = console;
+            }
+        }
+    }
+    drop(prefetch);
 
     let stats = vm.stats();
-    let (status, reason, exit_code, error) = match &report.outcome {
+    let (mut status, reason, exit_code, mut error) = match &report.outcome {
         Outcome::Exit(code) => ((code & 0xff) as u8, "exit", Some(*code), None),
         Outcome::Timeout => (TIMEOUT, "timeout", None, None),
         Outcome::Error(message) => (VM_ERROR, "error", None, Some(message.clone())),
+        Outcome::Paused => (0, "saved", None, None),
     };
+    if save_error.is_some() {
+        (status, error) = (SAVE_FAILED, save_error);
+    }
     let records = records.into_inner().unwrap_or_else(|p| p.into_inner());
     if args.json {
         let out = report_json(
@@ -413,6 +566,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             &report.console,
             &records,
             &stats,
+            saved,
         );
         println!("{out}");
     }
@@ -423,6 +577,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         ),
         Outcome::Timeout => eprintln!("gmem run: timed out after {timeout}s"),
         Outcome::Error(message) => eprintln!("gmem run: VM error: {message}"),
+        Outcome::Paused => {}
     }
     Ok(status)
 }

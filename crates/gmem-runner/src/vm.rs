@@ -78,6 +78,8 @@ pub struct VmStats {
     /// KVM's mappings of guest memory by size (`pages_4k`, `pages_2m`,
     /// `pages_1g`), where KVM reports them.
     pub kvm_pages: Option<[u64; 3]>,
+    /// Pages still to be fetched from the snapshot restored.
+    pub pending_snapshot_pages: u64,
 }
 
 /// The most RAM one file backs. The kernel allocates a shmem file's pages
@@ -103,6 +105,12 @@ pub(crate) struct Control {
 impl Control {
     fn outcome(&self) -> MutexGuard<'_, Option<Outcome>> {
         self.outcome.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the outcome of a paused run, to go on with it.
+    fn reset(&self) {
+        *self.outcome() = None;
+        self.stopping.store(false, Ordering::SeqCst);
     }
 
     /// Records the first outcome and asks every vCPU to stop.
@@ -203,6 +211,8 @@ pub struct Vm {
     devices: Mutex<Vec<Arc<Mutex<Disk>>>>,
     /// The state a paused run left, to save; or a restored one, to resume.
     saved: Mutex<Option<VmState>>,
+    /// A paused run's vCPUs, to go on with ([`Vm::resume`]).
+    parked: Mutex<Vec<VcpuFd>>,
 }
 
 /// A virtio-blk disk behind the virtio-mmio transport.
@@ -265,6 +275,7 @@ impl Vm {
             anonymous: Mutex::new(Vec::new()),
             devices: Mutex::new(Vec::new()),
             saved: Mutex::new(None),
+            parked: Mutex::new(Vec::new()),
         })
     }
 
@@ -534,7 +545,16 @@ impl Vm {
             conversion_requests: self.conversion_requests.load(Ordering::Relaxed),
             huge_mapped_bytes: self.memory.huge_mapped_bytes().unwrap_or(0),
             kvm_pages,
+            pending_snapshot_pages: self.memory.pending_snapshot_pages(),
         }
+    }
+
+    /// Starts fetching the restored snapshot's pages in the background
+    /// ([`PrivateMemory::start_prefetch`]); a page that fails its check
+    /// stops the VM with an error naming its GPA.
+    pub fn start_prefetch(&self) -> Result<gmem_kvm::Prefetch> {
+        let control = self.control.clone();
+        self.memory.start_prefetch(move |e| control.stop(Outcome::Error(e.to_string())))
     }
 
     /// Runs `config.vcpus` vCPUs from `image`'s entry until the guest exits,
@@ -548,18 +568,35 @@ impl Vm {
         config: &RunConfig,
         on_sync: SyncHandler<'_>,
     ) -> Result<RunReport> {
-        self.run_vcpus(ram_size, config, on_sync, |i, vcpu| {
+        boot::check_machine(ram_size, config.vcpus)?;
+        let vcpus = self.new_vcpus(config, |i, vcpu| {
             boot::init_vcpu(&self.kvm, vcpu, image.entry, i, ram_size)
-        })
+        })?;
+        self.run_vcpus(ram_size, config, on_sync, vcpus)
     }
 
-    /// Resumes the guest of the snapshot restored
-    /// ([`restore_snapshot`](Self::restore_snapshot)) where it was paused,
-    /// as [`run`](Self::run) runs one: `EINVAL` without a restored
-    /// snapshot, or for another number of vCPUs than it had.
+    /// Goes on with a paused run ([`Outcome::Paused`]: its vCPUs where
+    /// they stopped, after a snapshot was saved or failed to be), or with
+    /// the guest of the snapshot restored
+    /// ([`restore_snapshot`](Self::restore_snapshot)), as [`run`](Self::run)
+    /// runs one. `EINVAL` with neither, or for another number of vCPUs than
+    /// the snapshot had.
     pub fn resume(&self, config: &RunConfig, on_sync: SyncHandler<'_>) -> Result<RunReport> {
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()));
+        if !parked.is_empty() {
+            let ram_size = self.saved().take().map_or(0, |s| s.ram_size);
+            if parked.len() != config.vcpus as usize {
+                return Err(Error::InvalidArgument(format!(
+                    "the paused run has {} vCPU(s), not {}",
+                    parked.len(),
+                    config.vcpus
+                )));
+            }
+            self.control.reset();
+            return self.run_vcpus(ram_size, config, on_sync, parked);
+        }
         let state = self.saved().take().ok_or_else(|| {
-            Error::InvalidArgument("no snapshot was restored into this VM".into())
+            Error::InvalidArgument("no paused run, and no snapshot was restored".into())
         })?;
         if state.vcpus() != config.vcpus {
             return Err(Error::SnapshotMismatch(format!(
@@ -568,14 +605,16 @@ impl Vm {
                 config.vcpus
             )));
         }
+        boot::check_machine(state.ram_size, config.vcpus)?;
         let cpuid = self
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        self.run_vcpus(state.ram_size, config, on_sync, |i, vcpu| {
+        let vcpus = self.new_vcpus(config, |i, vcpu| {
             vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
             state.vcpus[i as usize].apply(vcpu)
-        })
+        })?;
+        self.run_vcpus(state.ram_size, config, on_sync, vcpus)
     }
 
     /// Stops the VM for a snapshot: from a sync handler (or any thread),
@@ -653,17 +692,13 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs `config.vcpus` vCPUs, each set up by `setup` (its index, the
-    /// new vCPU), until the guest exits, the VM fails, is paused or the
-    /// timeout passes.
-    fn run_vcpus(
+    /// Creates `config.vcpus` vCPUs, each set up by `setup` (its index,
+    /// the new vCPU), for the VM's one run.
+    fn new_vcpus(
         &self,
-        ram_size: u64,
         config: &RunConfig,
-        on_sync: SyncHandler<'_>,
         setup: impl Fn(u32, &VcpuFd) -> Result<()>,
-    ) -> Result<RunReport> {
-        boot::check_machine(ram_size, config.vcpus)?;
+    ) -> Result<Vec<VcpuFd>> {
         if self.has_run.load(Ordering::SeqCst) {
             return Err(Error::NotPermitted("a VM runs once; create a new one".into()));
         }
@@ -673,7 +708,7 @@ impl Vm {
         if config.hypercall_exits {
             crate::vcpu::enable_hypercall_exits(&self.fd)?;
         }
-        let mut vcpus: Vec<VcpuFd> = (0..config.vcpus)
+        let vcpus = (0..config.vcpus)
             .map(|i| {
                 let vcpu =
                     self.fd.create_vcpu(u64::from(i)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
@@ -683,6 +718,19 @@ impl Vm {
             .collect::<Result<_>>()?;
         self.has_run.store(true, Ordering::SeqCst);
         self.memory.finish_launch();
+        Ok(vcpus)
+    }
+
+    /// Runs `vcpus` until the guest exits, the VM fails, is paused or the
+    /// timeout passes. Paused, the vCPUs' state is read and they are kept
+    /// for [`resume`](Self::resume).
+    fn run_vcpus(
+        &self,
+        ram_size: u64,
+        config: &RunConfig,
+        on_sync: SyncHandler<'_>,
+        mut vcpus: Vec<VcpuFd>,
+    ) -> Result<RunReport> {
         let console = Mutex::new(Vec::new());
         let running = AtomicU32::new(config.vcpus);
         let deadline = config.timeout.and_then(|t| Instant::now().checked_add(t));
@@ -737,18 +785,19 @@ impl Vm {
         let mut outcome =
             self.control.outcome().clone().unwrap_or(Outcome::Error("stopped".into()));
         if outcome == Outcome::Paused {
-            let vcpus = vcpus.iter_mut().map(VcpuState::capture).collect::<Result<Vec<_>>>();
+            let states = vcpus.iter_mut().map(VcpuState::capture).collect::<Result<Vec<_>>>();
             let devices = self.disks();
             let devices =
                 devices.iter().map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).save_state());
-            match vcpus {
-                Ok(vcpus) => {
-                    *self.saved() = Some(VmState { ram_size, vcpus, devices: devices.collect() })
+            match states {
+                Ok(states) => {
+                    *self.saved() =
+                        Some(VmState { ram_size, vcpus: states, devices: devices.collect() });
+                    *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = vcpus;
                 }
                 Err(e) => outcome = Outcome::Error(format!("reading the paused vCPUs: {e}")),
             }
         }
-        drop(vcpus);
         Ok(RunReport { outcome, console: console.into_inner().unwrap_or_else(|p| p.into_inner()) })
     }
 }
