@@ -130,6 +130,13 @@ impl SnapshotFile {
         self.header.records
     }
 
+    /// The runs of pages whose content it holds, in the order of their
+    /// records: first GPA, pages, state.
+    pub fn data_runs(&self) -> Vec<(Gpa, u64, PageState)> {
+        let data = self.entries.iter().filter(|e| e.data);
+        data.map(|e| (Gpa(e.gpa), e.pages, e.state)).collect()
+    }
+
     /// Reads and opens `count` records from `record` on, the pages from
     /// `gpa` on in `state`, into `out` (`count` pages).
     fn read_pages(
@@ -254,6 +261,9 @@ impl PrivateMemory {
                 )));
             }
             expected = Some(snapshot.id());
+        }
+        if self.snapshots.restored.get().is_some() {
+            return Err(Error::Busy("a snapshot was restored into this memory already".into()));
         }
         self.check_launching()?;
         for region in &regions {
