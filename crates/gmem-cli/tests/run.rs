@@ -5,23 +5,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use gmem_kvm::test_support::kvm_available as kvm;
+mod common;
 
-fn gmem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gmem")).args(args).output().expect("running gmem")
-}
-
-fn status(out: &Output) -> i32 {
-    out.status.code().expect("gmem exited normally")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
-}
+use common::{gmem, gmem_bounded, json, kvm, status, stderr};
 
 #[test]
 fn demo_exits_zero() {
@@ -394,30 +380,6 @@ fn a_spinning_guest_times_out_without_a_signal_queue() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(124));
-}
-
-/// Waits for `child` at most a minute (a hang guard, not a timing check).
-fn finish(mut child: std::process::Child) -> Output {
-    let start = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > std::time::Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("gmem hung");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn gmem_bounded(args: &[&str]) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_gmem"))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish(child)
 }
 
 /// Bad arguments are exit status 2 with a message: never a panic, an

@@ -1,0 +1,48 @@
+//! Running the `gmem` binary in tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub use gmem_kvm::test_support::kvm_available as kvm;
+
+pub fn gmem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmem")).args(args).output().expect("running gmem")
+}
+
+pub fn status(out: &Output) -> i32 {
+    out.status.code().expect("gmem exited normally")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+/// Waits for `child` at most a minute (a hang guard, not a timing check).
+pub fn finish(mut child: std::process::Child) -> Output {
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("gmem hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn gmem_bounded(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child)
+}
