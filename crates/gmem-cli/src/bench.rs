@@ -6,7 +6,8 @@ use std::time::Duration;
 use gmem_kvm::DEFAULT_FAULT_AROUND_PAGES;
 use gmem_runner::bench::{
     conversion_rate, conversions, first_touch, host_read_rate, huge_conversions, median,
-    metadata_bytes_per_page, populate, punch, tlb_read_ns, touched_pages, virtio_blk, Backing,
+    metadata_bytes_per_page, populate, punch, snapshots, sparse_snapshot_ratio, tlb_read_ns,
+    touched_pages, virtio_blk, Backing,
 };
 use serde_json::json;
 
@@ -125,7 +126,8 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
         .and_then(|()| virtio_figures(reps, &mut figures))
         .and_then(|()| host_access_figures(reps, &mut figures))
         .and_then(|()| metadata_figures(&mut figures))
-        .and_then(|()| huge_figures(args, mib, reps, &mut figures));
+        .and_then(|()| huge_figures(args, mib, reps, &mut figures))
+        .and_then(|()| snapshot_figures(args.quick, reps, &mut figures));
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
@@ -455,6 +457,52 @@ fn virtio_figures(reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
     }
     let baseline = (middle(&mut direct), "no bounce (64 KiB)");
     figures.push(Figure::rate("virtio-blk", middle(&mut bounced), "MiB/s", baseline).target(0.8));
+    Ok(())
+}
+
+/// Snapshots of a 1 GiB guest (64 MiB with `--quick`; at most 3 rounds):
+/// saving against a plain write of as many bytes (durable: both end with
+/// `fsync`; and into the page cache only), a lazy restore against
+/// an eager one (until the guest may run, and until it exits after
+/// revisiting a tenth of its memory), and snapshot bytes per byte of a
+/// sparse guest and per byte changed for a diff.
+fn snapshot_figures(quick: bool, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let ram: u64 = if quick { 64 << 20 } else { 1 << 30 };
+    let guest = gmem_guest::guest("revisit").expect("the revisit guest is built in");
+    let reps = reps.min(3);
+    let mut rounds = Vec::new();
+    for rep in 1..=reps {
+        progress(&format!("snapshots of {} MiB, round {rep}/{reps}", ram >> 20));
+        rounds.push(
+            snapshots(guest, ram, &std::env::temp_dir()).map_err(|e| format!("snapshots: {e}"))?,
+        );
+    }
+    let mib = rounds[0].bytes as f64 / f64::from(1 << 20);
+    let times = |pick: fn(&gmem_runner::bench::SnapshotFigures) -> Duration| {
+        let mut samples: Vec<Duration> = rounds.iter().map(pick).collect();
+        median(&mut samples).as_secs_f64()
+    };
+    let (save, plain) = (mib / times(|r| r.save), mib / times(|r| r.plain_write));
+    let baseline = (plain, "plain write + fsync");
+    figures.push(Figure::rate("snapshot", save, "MiB/s", baseline).target(0.8));
+    let (save, plain) = (mib / times(|r| r.save_cached), mib / times(|r| r.plain_write_cached));
+    figures.push(Figure::rate("snapshot-cached", save, "MiB/s", (plain, "plain write")));
+    let ms = 1e3;
+    let (lazy, eager) = (times(|r| r.restore_lazy) * ms, times(|r| r.restore_eager) * ms);
+    figures.push(Figure::cost("restore-lazy", lazy, "ms", (eager, "eager restore")).target(10.0));
+    let (lazy, eager) = (times(|r| r.run_lazy) * ms, times(|r| r.run_eager) * ms);
+    let baseline = (eager, "run after eager");
+    figures.push(Figure::cost("restore-run", lazy, "ms", baseline).target(1.0));
+    let sparse_guest = gmem_guest::guest("sparse").expect("the sparse guest is built in");
+    progress("snapshot of a sparse guest");
+    let sparse =
+        sparse_snapshot_ratio(sparse_guest, ram).map_err(|e| format!("sparse snapshot: {e}"))?;
+    let bound = (1.1, "bound: 1.1 per byte");
+    figures.push(Figure::cost("snapshot-sparse", sparse, "x", bound).target(1.0));
+    let mut diffs: Vec<f64> =
+        rounds.iter().map(|r| r.diff_bytes as f64 / r.changed_bytes as f64).collect();
+    let bound = (1.1, "bound: 1.1 per byte changed");
+    figures.push(Figure::cost("diff-snapshot", middle(&mut diffs), "x", bound).target(1.0));
     Ok(())
 }
 

@@ -334,7 +334,9 @@ struct Save {
 fn snapshot_key(args: &RunArgs) -> Result<Option<gmem_kvm::SnapshotKey>, Failure> {
     let wanted = args.save_at.is_some() || !args.restore.is_empty();
     match (&args.key_file, wanted) {
-        (Some(path), true) => crate::snapshot::read_key(path).map(Some).or_else(|e| fail(BAD_INPUT, e)),
+        (Some(path), true) => {
+            crate::snapshot::read_key(path).map(Some).or_else(|e| fail(BAD_INPUT, e))
+        }
         (None, true) => fail(BAD_INPUT, "--save-at and --restore need --key-file KEY"),
         (Some(_), false) => fail(BAD_INPUT, "--key-file is for --save-at and --restore"),
         (None, false) => Ok(None),
@@ -351,18 +353,24 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             let state = gmem_runner::VmState::decode(last.vmm_state())
                 .or_else(|e| fail(BAD_INPUT, format!("{}: {e}", args.restore[0].display())))?;
             if args.mem.is_some_and(|m| m != state.ram_size()) {
-                return fail(BAD_INPUT, format!(
-                    "the snapshot is of a guest with --mem {}M, not {}M",
-                    state.ram_size() >> 20,
-                    args.mem.unwrap_or(0) >> 20
-                ));
+                return fail(
+                    BAD_INPUT,
+                    format!(
+                        "the snapshot is of a guest with --mem {}M, not {}M",
+                        state.ram_size() >> 20,
+                        args.mem.unwrap_or(0) >> 20
+                    ),
+                );
             }
             if args.vcpus.is_some_and(|v| v != state.vcpus()) {
-                return fail(BAD_INPUT, format!(
-                    "the snapshot is of a guest with --vcpus {}, not {}",
-                    state.vcpus(),
-                    args.vcpus.unwrap_or(0)
-                ));
+                return fail(
+                    BAD_INPUT,
+                    format!(
+                        "the snapshot is of a guest with --vcpus {}, not {}",
+                        state.vcpus(),
+                        args.vcpus.unwrap_or(0)
+                    ),
+                );
             }
             if args.backend == Backend::Native {
                 return fail(BAD_INPUT, "snapshots need the user-space backend");

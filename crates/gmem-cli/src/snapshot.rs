@@ -36,7 +36,9 @@ pub(crate) fn check_save_path(path: &Path) -> Result<(), String> {
     let what = |why: &str| format!("--save-at {}: {why}", path.display());
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_file() => {
-            return Err(what("not a regular file (a snapshot is never written to a FIFO, device or directory)"))
+            return Err(what(
+                "not a regular file (a snapshot is never written to a FIFO, device or directory)",
+            ))
         }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -93,7 +95,10 @@ pub(crate) fn save(
 }
 
 /// Opens and checks the snapshots of `paths` (a full one, then diffs).
-pub(crate) fn open_chain(paths: &[PathBuf], key: &SnapshotKey) -> Result<Vec<SnapshotFile>, String> {
+pub(crate) fn open_chain(
+    paths: &[PathBuf],
+    key: &SnapshotKey,
+) -> Result<Vec<SnapshotFile>, String> {
     paths
         .iter()
         .map(|path| {

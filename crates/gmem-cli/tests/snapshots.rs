@@ -61,19 +61,25 @@ fn resumes_as_uninterrupted(
     assert_eq!(status(&whole), 0, "{}", stderr(&whole));
     let snap = dir.path(&format!("{guest}.snap"));
     let save_at = format!("1:{snap}");
-    let saved = run(
-        &[&["--guest", guest, "--save-at", &save_at, "--key-file", &dir.key()][..], extra, before]
-            .concat(),
-    );
+    let saved = run(&[
+        &["--guest", guest, "--save-at", &save_at, "--key-file", &dir.key()][..],
+        extra,
+        before,
+    ]
+    .concat());
     assert_eq!(status(&saved), 0, "{}", stderr(&saved));
     let v = json(&saved);
     assert_eq!(v["reason"], "saved", "{v}");
     assert_eq!(v["exit_code"], serde_json::Value::Null);
     assert!(v["snapshot"]["pages"].as_u64().unwrap() > 0, "{v}");
     for mode in [&[][..], &["--restore-eager"], &["--prefetch"]] {
-        let resumed = run(
-            &[&["--restore", &snap, "--key-file", &dir.key()][..], mode, extra, after].concat(),
-        );
+        let resumed = run(&[
+            &["--restore", &snap, "--key-file", &dir.key()][..],
+            mode,
+            extra,
+            after,
+        ]
+        .concat());
         assert_eq!(status(&resumed), 0, "{guest} {mode:?}: {}", stderr(&resumed));
         assert_eq!(
             console(&saved) + &console(&resumed),
@@ -130,7 +136,16 @@ fn a_diff_snapshot_restores_on_its_base() {
     let dir = Dir::new("diff");
     let (full, diff) = (dir.path("full.snap"), dir.path("diff.snap"));
     let key = dir.key();
-    let out = run(&["--guest", "stress", "--vcpus", "2", "--save-at", &format!("1:{full}"), "--key-file", &key]);
+    let out = run(&[
+        "--guest",
+        "stress",
+        "--vcpus",
+        "2",
+        "--save-at",
+        &format!("1:{full}"),
+        "--key-file",
+        &key,
+    ]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     let full_bytes = json(&out)["snapshot"]["bytes"].as_u64().unwrap();
     // Restored and saved again at stage 2, after the soak's stop is written.
@@ -142,8 +157,9 @@ fn a_diff_snapshot_restores_on_its_base() {
     assert!(v["snapshot"]["base"].is_string(), "{v}");
     assert!(v["snapshot"]["bytes"].as_u64().unwrap() < full_bytes, "{v}");
     for mode in [&[][..], &["--restore-eager"]] {
-        let out =
-            run(&[&["--restore", &full, "--restore", &diff, "--key-file", &key][..], mode].concat());
+        let out = run(
+            &[&["--restore", &full, "--restore", &diff, "--key-file", &key][..], mode].concat()
+        );
         assert_eq!(status(&out), 0, "{mode:?}: {}", stderr(&out));
         assert_eq!(json(&out)["exit_code"], 0);
     }
@@ -151,7 +167,9 @@ fn a_diff_snapshot_restores_on_its_base() {
     let out = run(&["--restore", &diff, "--key-file", &key]);
     assert_eq!(status(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("restore its base first"), "{}", stderr(&out));
-    let out = run(&[&["--restore", &full, "--restore", &diff, "--key-file", &key][..], &save_diff].concat());
+    let out =
+        run(&[&["--restore", &full, "--restore", &diff, "--key-file", &key][..], &save_diff]
+            .concat());
     assert_eq!(status(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("is not the one this VM is restored from"), "{}", stderr(&out));
 }
@@ -198,23 +216,129 @@ fn bad_snapshot_inputs_are_refused_before_the_guest_runs() {
     let not_one = tampered("not.snap", b"hello".repeat(100));
     let save = |path: &str| format!("1:{path}");
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
-        ("key of 31 bytes", vec!["--restore".into(), snap.clone(), "--key-file".into(), short_key.clone()], "32 bytes"),
-        ("key a FIFO", vec!["--restore".into(), snap.clone(), "--key-file".into(), fifo_path.clone()], "32 bytes"),
+        (
+            "key of 31 bytes",
+            vec!["--restore".into(), snap.clone(), "--key-file".into(), short_key.clone()],
+            "32 bytes",
+        ),
+        (
+            "key a FIFO",
+            vec!["--restore".into(), snap.clone(), "--key-file".into(), fifo_path.clone()],
+            "32 bytes",
+        ),
         ("key missing", vec!["--restore".into(), snap.clone()], "--key-file"),
-        ("another key", vec!["--restore".into(), snap.clone(), "--key-file".into(), other_key], "another key"),
-        ("restore a directory", vec!["--restore".into(), dir_path.clone(), "--key-file".into(), key.clone()], "regular file"),
-        ("restore a FIFO", vec!["--restore".into(), fifo_path.clone(), "--key-file".into(), key.clone()], "regular file"),
-        ("restore a device", vec!["--restore".into(), "/dev/zero".into(), "--key-file".into(), key.clone()], "regular file"),
-        ("not a snapshot", vec!["--restore".into(), not_one, "--key-file".into(), key.clone()], "not a gmem snapshot"),
-        ("flipped byte", vec!["--restore".into(), flipped, "--key-file".into(), key.clone()], "altered"),
-        ("cut short", vec!["--restore".into(), short, "--key-file".into(), key.clone()], "cut short"),
-        ("other --mem", vec!["--restore".into(), snap.clone(), "--mem".into(), "128M".into(), "--key-file".into(), key.clone()], "--mem 64M"),
-        ("other --vcpus", vec!["--restore".into(), snap.clone(), "--vcpus".into(), "2".into(), "--key-file".into(), key.clone()], "--vcpus 1"),
-        ("save to a directory", vec!["--guest".into(), "convert".into(), "--save-at".into(), save(&dir_path), "--key-file".into(), key.clone()], "not a regular file"),
-        ("save to a FIFO", vec!["--guest".into(), "convert".into(), "--save-at".into(), save(&fifo_path), "--key-file".into(), key.clone()], "not a regular file"),
-        ("save to a device", vec!["--guest".into(), "convert".into(), "--save-at".into(), save("/dev/null"), "--key-file".into(), key.clone()], "not a regular file"),
-        ("save nowhere", vec!["--guest".into(), "convert".into(), "--save-at".into(), save("/nonexistent/dir/x.snap"), "--key-file".into(), key.clone()], "directory"),
-        ("save without a key", vec!["--guest".into(), "convert".into(), "--save-at".into(), save(&snap)], "--key-file"),
+        (
+            "another key",
+            vec!["--restore".into(), snap.clone(), "--key-file".into(), other_key],
+            "another key",
+        ),
+        (
+            "restore a directory",
+            vec!["--restore".into(), dir_path.clone(), "--key-file".into(), key.clone()],
+            "regular file",
+        ),
+        (
+            "restore a FIFO",
+            vec!["--restore".into(), fifo_path.clone(), "--key-file".into(), key.clone()],
+            "regular file",
+        ),
+        (
+            "restore a device",
+            vec!["--restore".into(), "/dev/zero".into(), "--key-file".into(), key.clone()],
+            "regular file",
+        ),
+        (
+            "not a snapshot",
+            vec!["--restore".into(), not_one, "--key-file".into(), key.clone()],
+            "not a gmem snapshot",
+        ),
+        (
+            "flipped byte",
+            vec!["--restore".into(), flipped, "--key-file".into(), key.clone()],
+            "altered",
+        ),
+        (
+            "cut short",
+            vec!["--restore".into(), short, "--key-file".into(), key.clone()],
+            "cut short",
+        ),
+        (
+            "other --mem",
+            vec![
+                "--restore".into(),
+                snap.clone(),
+                "--mem".into(),
+                "128M".into(),
+                "--key-file".into(),
+                key.clone(),
+            ],
+            "--mem 64M",
+        ),
+        (
+            "other --vcpus",
+            vec![
+                "--restore".into(),
+                snap.clone(),
+                "--vcpus".into(),
+                "2".into(),
+                "--key-file".into(),
+                key.clone(),
+            ],
+            "--vcpus 1",
+        ),
+        (
+            "save to a directory",
+            vec![
+                "--guest".into(),
+                "convert".into(),
+                "--save-at".into(),
+                save(&dir_path),
+                "--key-file".into(),
+                key.clone(),
+            ],
+            "not a regular file",
+        ),
+        (
+            "save to a FIFO",
+            vec![
+                "--guest".into(),
+                "convert".into(),
+                "--save-at".into(),
+                save(&fifo_path),
+                "--key-file".into(),
+                key.clone(),
+            ],
+            "not a regular file",
+        ),
+        (
+            "save to a device",
+            vec![
+                "--guest".into(),
+                "convert".into(),
+                "--save-at".into(),
+                save("/dev/null"),
+                "--key-file".into(),
+                key.clone(),
+            ],
+            "not a regular file",
+        ),
+        (
+            "save nowhere",
+            vec![
+                "--guest".into(),
+                "convert".into(),
+                "--save-at".into(),
+                save("/nonexistent/dir/x.snap"),
+                "--key-file".into(),
+                key.clone(),
+            ],
+            "directory",
+        ),
+        (
+            "save without a key",
+            vec!["--guest".into(), "convert".into(), "--save-at".into(), save(&snap)],
+            "--key-file",
+        ),
     ];
     for (what, args, says) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -338,20 +338,31 @@ extern "C" fn rust_eh_personality() {}
 /// is a bare store and add: on hosts that emulate guest code, every extra
 /// instruction there counts.
 pub fn touch_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
-    share_words(boot, vcpu, stride, |gpa| write_u64(gpa, gpa))
+    share_words(boot, vcpu, stride, u64::MAX, |gpa| write_u64(gpa, gpa))
 }
 
-/// How many words of this vCPU's share (as [`touch_share`] wrote them: each
-/// holds its own GPA) hold something else.
-pub fn check_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
+/// [`touch_share`] of the first `words` words of the share only.
+pub fn touch_share_head(boot: &BootInfo, vcpu: u32, stride: u64, words: u64) -> u64 {
+    share_words(boot, vcpu, stride, words, |gpa| write_u64(gpa, gpa))
+}
+
+/// How many of the first `words` words of this vCPU's share (as
+/// [`touch_share`] wrote them: each holds its own GPA) hold something else.
+pub fn check_share(boot: &BootInfo, vcpu: u32, stride: u64, words: u64) -> u64 {
     let mut wrong = 0;
-    share_words(boot, vcpu, stride, |gpa| wrong += u64::from(read_u64(gpa) != gpa));
+    share_words(boot, vcpu, stride, words, |gpa| wrong += u64::from(read_u64(gpa) != gpa));
     wrong
 }
 
 /// Calls `word` for every `stride`-th GPA of this vCPU's share of RAM (see
-/// [`touch_share`]); returns how many.
-fn share_words(boot: &BootInfo, vcpu: u32, stride: u64, mut word: impl FnMut(u64)) -> u64 {
+/// [`touch_share`]), the first `limit` of them at most; returns how many.
+fn share_words(
+    boot: &BootInfo,
+    vcpu: u32,
+    stride: u64,
+    limit: u64,
+    mut word: impl FnMut(u64),
+) -> u64 {
     const BASE: u64 = 0x40_0000;
     let range = |i: u32| {
         let (start, size) = boot.region(i);
@@ -361,6 +372,7 @@ fn share_words(boot: &BootInfo, vcpu: u32, stride: u64, mut word: impl FnMut(u64
     let share = total / u64::from(boot.vcpu_count) / stride * stride;
     let from = share * u64::from(vcpu);
     let to = if vcpu + 1 == boot.vcpu_count { total } else { from + share };
+    let to = to.min(from.saturating_add(limit.saturating_mul(stride)));
     let (mut linear, mut touched) = (0, 0);
     for i in 0..boot.region_count {
         let (lo, hi) = range(i);

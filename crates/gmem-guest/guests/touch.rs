@@ -18,7 +18,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     rt::enter_user_mode();
     rt::touch_share(boot, vcpu, 4096);
     rt::sync(1);
-    let wrong = rt::check_share(boot, vcpu, 4096);
+    let wrong = rt::check_share(boot, vcpu, 4096, u64::MAX);
     if wrong != 0 {
         rt::out().s("touch: ").dec(wrong).s(" pages lost what this vCPU wrote\n");
         return 1;

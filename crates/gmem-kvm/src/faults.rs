@@ -31,6 +31,9 @@ use crate::region::{Backing, FileBacking, PrivateRegion};
 use crate::uffd::Fault;
 use crate::Gpa;
 
+/// Pages of a snapshot fetched at least around a first touch.
+const FETCH_AROUND: u64 = 16;
+
 /// The epoll tokens of a fault thread's descriptors.
 const FAULT_EVENT: u64 = 0;
 const STOP_EVENT: u64 = 1;
@@ -272,6 +275,12 @@ impl PrivateMemory {
         let Backing::File(f) = &region.backing else { return Ok(()) };
         let serving = f.first_touch.serving();
         let page = (addr - f.window_addr()) / PAGE_SIZE;
+        // A page in the file (populated, restored from a snapshot) costs
+        // nothing to map: its whole fault-around window is mapped at once.
+        if fault.minor && self.serve_existing(&region, f, page).unwrap_or(false) {
+            self.counters.faults.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         // Fault-around adapts to the access pattern, like the page cache's
         // read-ahead: a fault where a recent batch ended continues a
         // sequential toucher (one of several vCPUs, say) and gets a batch
@@ -369,6 +378,39 @@ impl PrivateMemory {
         }
     }
 
+    /// Maps the pages of the file in the aligned fault-around window of
+    /// region page `page` that are not mapped yet (allocating nothing);
+    /// whether `page` is mapped afterwards (not if it was punched
+    /// meanwhile: then it is a first touch).
+    fn serve_existing(&self, region: &PrivateRegion, f: &FileBacking, page: u64) -> Result<bool> {
+        let file_pages = f.binding.file().size() / PAGE_SIZE;
+        let in_file = file_pages.saturating_sub(f.file_offset / PAGE_SIZE).min(region.pages());
+        let start = page / self.fault_around * self.fault_around;
+        let window = start..(start + self.fault_around).min(in_file);
+        if window.start >= window.end || page >= window.end {
+            return Ok(false);
+        }
+        let guard = f.binding.lock_range_unfilled(f.file_pages(&window), false)?;
+        let mut served = 0;
+        for run in f.binding.allocated_runs(f.file_pages(&window))? {
+            let Some(run) = f.region_pages(run, region.pages()) else { continue };
+            for unmapped in f.mapped.runs(run, false) {
+                let addr = f.window_addr() + unmapped.start * PAGE_SIZE;
+                served +=
+                    self.uffd.continue_range(addr, (unmapped.end - unmapped.start) * PAGE_SIZE)?;
+                f.mapped.set(unmapped, true);
+            }
+        }
+        drop(guard);
+        self.counters.pages_served.fetch_add(served / PAGE_SIZE, Ordering::Relaxed);
+        if f.mapped.get(page) {
+            // Another thread may have mapped it first: wake its vCPU.
+            let _ = self.uffd.wake(f.window_addr() + page * PAGE_SIZE, PAGE_SIZE);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Maps the unmapped pages of the `len` pages from region page `start`
     /// (clipped to what exists of the file, but always holding `needed`);
     /// returns how many it mapped.
@@ -385,8 +427,11 @@ impl PrivateMemory {
         let end = (start + len).min(region.pages()).min(in_file.max(needed + 1));
         let batch = start..end;
         // Pages of a snapshot restored lazily are written into the file
-        // first; then they are mapped like any page in the file.
-        self.fetch(region, batch.clone(), false)?;
+        // first (at least the aligned 64 KiB around, which costs less than
+        // the faults it saves); then they are mapped like any page in the file.
+        let around = batch.start / FETCH_AROUND * FETCH_AROUND
+            ..(batch.end.div_ceil(FETCH_AROUND) * FETCH_AROUND).min(region.pages());
+        self.fetch(region, around, false)?;
         // Where KVM's window is locked in RAM, holes are allocated through
         // it, each page mapped once; otherwise in the locked frame window
         // (get-and-lock), then mapped here too.

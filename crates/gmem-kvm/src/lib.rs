@@ -88,9 +88,7 @@ pub use memory::{
 };
 pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 pub use shared::{DeviceMemory, PinnedRange, SharedView};
-pub use snapshot::{
-    Prefetch, RestoreMode, SnapshotFile, SnapshotId, SnapshotInfo, SnapshotKey,
-};
+pub use snapshot::{Prefetch, RestoreMode, SnapshotFile, SnapshotId, SnapshotInfo, SnapshotKey};
 
 /// A guest physical address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -10,7 +10,7 @@ use linux_raw_sys::general::{
     uffd_msg, uffdio_api, uffdio_continue, uffdio_range, uffdio_register, uffdio_zeropage,
     _UFFDIO_CONTINUE, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_API,
     UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
-    UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID,
+    UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID, UFFD_PAGEFAULT_FLAG_MINOR,
 };
 use linux_raw_sys::ioctl::{
     UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
@@ -58,6 +58,8 @@ pub(crate) struct Fault {
     pub(crate) addr: u64,
     /// The faulting thread's id (a vCPU's).
     pub(crate) thread: u32,
+    /// A minor fault: the page is in the file, only unmapped here.
+    pub(crate) minor: bool,
 }
 
 /// What [`Userfaultfd::continue_run`] did: bytes passed over, and
@@ -343,7 +345,8 @@ impl Userfaultfd {
                     // SAFETY: `ptid` is the member of `feat` that
                     // UFFD_FEATURE_THREAD_ID fills (a plain u32 either way).
                     let thread = unsafe { fault.feat.ptid };
-                    out.push(Fault { addr: fault.address, thread });
+                    let minor = fault.flags & u64::from(UFFD_PAGEFAULT_FLAG_MINOR) != 0;
+                    out.push(Fault { addr: fault.address, thread, minor });
                 }
             }
         }

@@ -495,3 +495,159 @@ pub fn conversion_rate(readers: usize, duration: Duration) -> Result<f64> {
         result.map(|()| conversions as f64 / start.elapsed().as_secs_f64())
     })
 }
+
+/// Figures of snapshots of the `revisit` guest (one vCPU, `ram` bytes of
+/// RAM, every page of its share touched when the snapshot is taken).
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotFigures {
+    /// Saving the full snapshot (sealed, into a file), then `fsync`.
+    pub save: Duration,
+    /// A plain `write` of as many bytes into a file in the same
+    /// directory, then `fsync`.
+    pub plain_write: Duration,
+    /// `save` without the `fsync`: into the page cache.
+    pub save_cached: Duration,
+    /// `plain_write` without the `fsync`.
+    pub plain_write_cached: Duration,
+    /// Bytes of the full snapshot.
+    pub bytes: u64,
+    /// From the restore call until the guest may run: lazily, eagerly.
+    pub restore_lazy: Duration,
+    /// See `restore_lazy`.
+    pub restore_eager: Duration,
+    /// From the restore call until the guest exits, after it revisited one
+    /// page in ten: lazily, eagerly.
+    pub run_lazy: Duration,
+    /// See `run_lazy`.
+    pub run_eager: Duration,
+    /// Bytes of the diff on the full snapshot, after the guest rewrote
+    /// one page in ten.
+    pub diff_bytes: u64,
+    /// Bytes the guest rewrote.
+    pub changed_bytes: u64,
+}
+
+/// Measures [`SnapshotFigures`], with files in `dir` (removed after).
+pub fn snapshots(revisit_guest: &[u8], ram: u64, dir: &std::path::Path) -> Result<SnapshotFigures> {
+    let key = gmem_kvm::SnapshotKey::new([0x6b; 32]);
+    let path = |name: &str| dir.join(format!("gmem-bench-{name}-{}", std::process::id()));
+    let (full, plain, diff) = (path("full.snap"), path("plain"), path("diff.snap"));
+    let result = (|| {
+        let image = GuestImage::parse(revisit_guest, ram)?;
+        let (vm, _files) = Vm::with_ram(ram)?;
+        vm.load(&image, ram, 1)?;
+        let pause_at = |stage| {
+            move |vm: &Vm, at: u64| {
+                if at == stage {
+                    vm.pause();
+                }
+            }
+        };
+        let config = RunConfig { timeout: Some(Duration::from_secs(600)), ..RunConfig::new(1) };
+        let paused = vm.run(&image, ram, &config, &pause_at(1))?;
+        expect_paused(&paused)?;
+        vm.memory().track_dirty_pages()?;
+        let save = |to: &std::path::Path, diff: bool| -> Result<(Duration, Duration, u64)> {
+            settle_page_cache();
+            let start = Instant::now();
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, create(to)?);
+            let info = vm.save_snapshot(&mut out, &key, diff)?;
+            let file =
+                out.into_inner().map_err(|e| Error::io("write the snapshot")(e.into_error()))?;
+            let cached = start.elapsed();
+            file.sync_all().map_err(Error::io("fsync the snapshot"))?;
+            Ok((cached, start.elapsed(), info.bytes))
+        };
+        let (save_cached, save_time, bytes) = save(&full, false)?;
+        let (plain_write_cached, plain_write) = write_plain(&plain, bytes)?;
+        let paused = vm.resume(&config, &pause_at(2))?;
+        expect_paused(&paused)?;
+        let (_, _, diff_bytes) = save(&diff, true)?;
+        // Its memory goes before the restores, which need as much again.
+        drop(vm);
+        // The guest rewrote the first tenth of its share (4 MiB up to its stack).
+        let share = (ram - crate::boot::STACK_SIZE - TOUCH_BASE) / PAGE_SIZE;
+        let changed_bytes = share.div_ceil(10) * PAGE_SIZE;
+        let restore = |mode| -> Result<(Duration, Duration)> {
+            let (vm, _files) = Vm::with_ram(ram)?;
+            let start = Instant::now();
+            let file = std::fs::File::open(&full).map_err(Error::io("open the snapshot"))?;
+            vm.restore_snapshot(vec![gmem_kvm::SnapshotFile::open(file, &key)?], mode, false)?;
+            let ready = start.elapsed();
+            let report = vm.resume(&config, &|_, _| {})?;
+            if report.outcome != Outcome::Exit(0) {
+                return Err(Error::InvalidArgument(format!("revisit: {:?}", report.outcome)));
+            }
+            Ok((ready, start.elapsed()))
+        };
+        let (restore_lazy, run_lazy) = restore(gmem_kvm::RestoreMode::Lazy)?;
+        let (restore_eager, run_eager) = restore(gmem_kvm::RestoreMode::Eager)?;
+        Ok(SnapshotFigures {
+            save: save_time,
+            plain_write,
+            save_cached,
+            plain_write_cached,
+            bytes,
+            restore_lazy,
+            restore_eager,
+            run_lazy,
+            run_eager,
+            diff_bytes,
+            changed_bytes,
+        })
+    })();
+    for file in [&full, &plain, &diff] {
+        let _ = std::fs::remove_file(file);
+    }
+    result
+}
+
+fn expect_paused(report: &crate::RunReport) -> Result<()> {
+    match &report.outcome {
+        Outcome::Paused => Ok(()),
+        other => Err(Error::InvalidArgument(format!("the guest did not pause: {other:?}"))),
+    }
+}
+
+fn create(path: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).map_err(Error::io("create a bench file"))
+}
+
+/// Writes back what the page cache holds dirty, so that each write
+/// measured starts from the same state (a write into a cache full of dirty
+/// pages is throttled to the disk's speed).
+fn settle_page_cache() {
+    rustix::fs::sync();
+}
+
+/// Writes `bytes` bytes (not zero: no file system keeps them sparse) to a
+/// new file at `path`, 1 MiB at a time; how long it took, and how long
+/// with the `fsync` after.
+fn write_plain(path: &std::path::Path, bytes: u64) -> Result<(Duration, Duration)> {
+    let chunk = vec![0x5au8; 1 << 20];
+    settle_page_cache();
+    let start = Instant::now();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, create(path)?);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        std::io::Write::write_all(&mut out, &chunk[..n]).map_err(Error::io("write"))?;
+        left -= n as u64;
+    }
+    let file = out.into_inner().map_err(|e| Error::io("write")(e.into_error()))?;
+    let cached = start.elapsed();
+    file.sync_all().map_err(Error::io("fsync"))?;
+    Ok((cached, start.elapsed()))
+}
+
+/// Snapshot bytes per byte allocated, for a guest that touched one page
+/// per 64 KiB (the `sparse` guest, one vCPU, `ram` bytes of RAM): holes
+/// stay holes.
+pub fn sparse_snapshot_ratio(sparse_guest: &[u8], ram: u64) -> Result<f64> {
+    let (vm, _files) = Vm::with_ram(ram)?;
+    run_to_success(&vm, sparse_guest, ram, 1)?;
+    let allocated = vm.memory().stats().allocated_pages * PAGE_SIZE;
+    let key = gmem_kvm::SnapshotKey::new([0x6b; 32]);
+    let info = vm.memory().save_snapshot(&mut std::io::sink(), &key, &[])?;
+    Ok(info.bytes as f64 / allocated as f64)
+}

@@ -144,7 +144,10 @@ fn a_snapshot_holds_no_private_byte_in_the_clear() {
     assert!(found(b"GMEMSNAP"));
     assert!(!found(TOKEN), "the launch-time token is in the clear");
     for gpa in (4 << 20..RAM - (2 << 20)).step_by(997 * 4096) {
-        assert!(!found(&(gpa as u64).to_le_bytes()), "the guest's word at {gpa:#x} is in the clear");
+        assert!(
+            !found(&(gpa as u64).to_le_bytes()),
+            "the guest's word at {gpa:#x} is in the clear"
+        );
     }
 }
 
@@ -337,7 +340,8 @@ fn every_field_of_the_format_is_checked_before_a_vcpu_runs() {
     }
     // Another layout: a VM with more RAM.
     let vm = Vm::with_ram(2 * RAM).unwrap().0;
-    let err = vm.restore_snapshot(vec![open(&file).unwrap()], RestoreMode::Lazy, false).unwrap_err();
+    let err =
+        vm.restore_snapshot(vec![open(&file).unwrap()], RestoreMode::Lazy, false).unwrap_err();
     assert_eq!(err.errno(), Errno::INVAL, "{err}");
     // Restoring twice, or into memory that holds pages: EBUSY.
     let vm = restored(&[&file], RestoreMode::Lazy);
@@ -399,9 +403,8 @@ fn a_bad_page_stops_the_vm_naming_its_gpa_and_is_never_mapped() {
     ] {
         // Eagerly: refused before the vCPU exists.
         let vm = Vm::with_ram(RAM).unwrap().0;
-        let err = vm
-            .restore_snapshot(vec![open(&bad).unwrap()], RestoreMode::Eager, false)
-            .unwrap_err();
+        let err =
+            vm.restore_snapshot(vec![open(&bad).unwrap()], RestoreMode::Eager, false).unwrap_err();
         assert_eq!(err.errno(), Errno::BADMSG, "{what}: {err}");
         assert!(err.to_string().contains(&named), "{what}: {err} should name {named}");
         // Lazily: the guest's touch of the page stops the VM.

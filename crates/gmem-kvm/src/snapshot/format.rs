@@ -77,8 +77,9 @@ impl SnapshotId {
         let mut id = [0u8; 16];
         let mut filled = 0;
         while filled < id.len() {
-            filled += rustix::rand::getrandom(&mut id[filled..], rustix::rand::GetRandomFlags::empty())
-                .map_err(Error::os("getrandom"))?;
+            filled +=
+                rustix::rand::getrandom(&mut id[filled..], rustix::rand::GetRandomFlags::empty())
+                    .map_err(Error::os("getrandom"))?;
         }
         Ok(Self { id, generation })
     }
@@ -408,7 +409,10 @@ impl Header {
             .collect();
         let ordered = regions.windows(2).all(|w| w[0].0.checked_add(w[0].1) <= Some(w[1].0));
         let sane = regions.iter().all(|&(gpa, size)| {
-            gpa % PAGE_SIZE == 0 && size % PAGE_SIZE == 0 && size > 0 && gpa.checked_add(size).is_some()
+            gpa % PAGE_SIZE == 0
+                && size % PAGE_SIZE == 0
+                && size > 0
+                && gpa.checked_add(size).is_some()
         });
         if !ordered || !sane {
             return Err(Error::BadSnapshot("regions unaligned, empty or out of order".into()));
@@ -529,6 +533,9 @@ mod tests {
         assert!(!opens(5, 0x1000, PageState::Private, &key, other), "another snapshot");
         assert!(sealer.check_key(&sealer.key_check()).is_ok());
         let wrong = Sealer::new(&SnapshotKey::new([2; 32]), id);
-        assert_eq!(wrong.check_key(&sealer.key_check()).unwrap_err().errno().raw_os_error(), libc::EKEYREJECTED);
+        assert_eq!(
+            wrong.check_key(&sealer.key_check()).unwrap_err().errno().raw_os_error(),
+            libc::EKEYREJECTED
+        );
     }
 }

@@ -20,6 +20,29 @@ use crate::Gpa;
 /// Pages fetched under one lock.
 const FETCH_PAGES: u64 = 64;
 
+std::thread_local! {
+    /// Each thread's buffers for sealed records and opened pages: fetches
+    /// of 256 KiB would otherwise map, zero and unmap fresh memory each.
+    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` bytes of this thread's buffer `which` (their content
+/// is whatever was there: `f` overwrites what it reads).
+fn scratch<T>(
+    which: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u8>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u8]) -> Result<T>,
+) -> Result<T> {
+    which.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        f(&mut buffer[..len])
+    })
+}
+
 /// How [`PrivateMemory::restore_snapshot`] restores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestoreMode {
@@ -67,9 +90,9 @@ impl SnapshotFile {
             let mut buf = vec![0u8; len as usize];
             match file.read_exact_at(&mut buf, offset) {
                 Ok(()) => Ok(buf),
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(
-                    Error::BadSnapshot(format!("cut short in its {what} ({} bytes)", meta.len())),
-                ),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::BadSnapshot(
+                    format!("cut short in its {what} ({} bytes)", meta.len()),
+                )),
                 Err(e) => Err(Error::io("read the snapshot")(e)),
             }
         };
@@ -147,24 +170,25 @@ impl SnapshotFile {
         count: u64,
         out: &mut [u8],
     ) -> Result<()> {
-        let mut sealed = vec![0u8; (count * RECORD_BYTES) as usize];
-        let offset = self.header.record_offset(record);
-        self.file.read_exact_at(&mut sealed, offset).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                Error::SnapshotPage { gpa: Gpa(gpa), why: "the file was cut short" }
+        scratch(&SEALED, (count * RECORD_BYTES) as usize, |sealed| {
+            let offset = self.header.record_offset(record);
+            self.file.read_exact_at(sealed, offset).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    Error::SnapshotPage { gpa: Gpa(gpa), why: "the file was cut short" }
+                }
+                _ => Error::io("read the snapshot")(e),
+            })?;
+            for (i, record_bytes) in sealed.chunks_exact_mut(RECORD_BYTES as usize).enumerate() {
+                let at = gpa + i as u64 * PAGE_SIZE;
+                let (page, tag) = record_bytes.split_at_mut(PAGE_SIZE as usize);
+                if !self.sealer.open_page(record + i as u64, at, state, page, tag) {
+                    let why = "altered, moved, or from another snapshot or key";
+                    return Err(Error::SnapshotPage { gpa: Gpa(at), why });
+                }
+                out[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize].copy_from_slice(page);
             }
-            _ => Error::io("read the snapshot")(e),
-        })?;
-        for (i, record_bytes) in sealed.chunks_exact_mut(RECORD_BYTES as usize).enumerate() {
-            let at = gpa + i as u64 * PAGE_SIZE;
-            let (page, tag) = record_bytes.split_at_mut(PAGE_SIZE as usize);
-            if !self.sealer.open_page(record + i as u64, at, state, page, tag) {
-                let why = "altered, moved, or from another snapshot or key";
-                return Err(Error::SnapshotPage { gpa: Gpa(at), why });
-            }
-            out[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize].copy_from_slice(page);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The data entries of region `[gpa, gpa + size)` as extents.
@@ -300,9 +324,12 @@ impl PrivateMemory {
         regions.iter().for_each(|r| r.clear_changed());
         *self.snapshots.base() = Some(expected.expect("a chain of at least one"));
         for region in &regions {
-            if mode == RestoreMode::Eager || region.file().is_some_and(|f| f.page_kind() != gmem::PageKind::Small) {
+            if region.file().is_some_and(|f| f.page_kind() != gmem::PageKind::Small) {
                 self.fetch(region, 0..region.pages(), false)?;
             }
+        }
+        if mode == RestoreMode::Eager {
+            self.fetch_all()?;
         }
         Ok(())
     }
@@ -313,10 +340,8 @@ impl PrivateMemory {
         set_states(regions, &diff.entries);
         let mut record = 0;
         for entry in &diff.entries {
-            let region = regions
-                .iter()
-                .find(|r| r.contains(Gpa(entry.gpa)))
-                .expect("the layout matched");
+            let region =
+                regions.iter().find(|r| r.contains(Gpa(entry.gpa))).expect("the layout matched");
             let pages = region.pages_of(Gpa(entry.gpa), entry.pages * PAGE_SIZE);
             if !entry.data {
                 self.discard(region, pages)?;
@@ -326,10 +351,12 @@ impl PrivateMemory {
             while at < pages.end {
                 let run = at..pages.end.min(at + FETCH_PAGES);
                 let count = run.end - run.start;
-                let mut plain = vec![0u8; (count * PAGE_SIZE) as usize];
-                let gpa = region.gpa_of(run.start).0;
-                diff.read_pages(record + (run.start - pages.start), gpa, entry.state, count, &mut plain)?;
-                self.write_pages(region, run.clone(), &plain, false)?;
+                scratch(&PLAIN, (count * PAGE_SIZE) as usize, |plain| {
+                    let gpa = region.gpa_of(run.start).0;
+                    let first = record + (run.start - pages.start);
+                    diff.read_pages(first, gpa, entry.state, count, plain)?;
+                    self.write_pages(region, run.clone(), plain, false)
+                })?;
                 at = run.end;
             }
             record += entry.pages;
@@ -381,20 +408,23 @@ impl PrivateMemory {
                 at = start;
                 continue;
             }
-            let mut plain = vec![0u8; ((end - start) * PAGE_SIZE) as usize];
-            let first = lazy.extents.partition_point(|e| e.page + e.pages <= start);
-            let mut page = start;
-            for extent in &lazy.extents[first..] {
-                if page >= end {
-                    break;
+            scratch(&PLAIN, ((end - start) * PAGE_SIZE) as usize, |plain| {
+                let first = lazy.extents.partition_point(|e| e.page + e.pages <= start);
+                let mut page = start;
+                for extent in &lazy.extents[first..] {
+                    if page >= end {
+                        break;
+                    }
+                    let upto = end.min(extent.page + extent.pages);
+                    let into = &mut plain[((page - start) * PAGE_SIZE) as usize..]
+                        [..((upto - page) * PAGE_SIZE) as usize];
+                    let record = extent.record + (page - extent.page);
+                    let gpa = region.gpa_of(page).0;
+                    restored.source.read_pages(record, gpa, extent.state, upto - page, into)?;
+                    page = upto;
                 }
-                let upto = end.min(extent.page + extent.pages);
-                let into = &mut plain[((page - start) * PAGE_SIZE) as usize..][..((upto - page) * PAGE_SIZE) as usize];
-                let record = extent.record + (page - extent.page);
-                restored.source.read_pages(record, region.gpa_of(page).0, extent.state, upto - page, into)?;
-                page = upto;
-            }
-            guard.write(0, &plain)?;
+                guard.write(0, plain).map_err(Error::from)
+            })?;
             lazy.pending.set(run.clone(), false);
             guard.fill()?;
             drop(guard);
@@ -403,12 +433,43 @@ impl PrivateMemory {
         Ok(())
     }
 
-    /// Fetches every pending page.
+    /// Fetches every pending page, on a thread per core (at most 8), each
+    /// taking the next 2 MiB, from the regions in turn: writes into one
+    /// file take its inode lock, so threads on one file wait for each other.
     pub(crate) fn fetch_all(&self) -> Result<()> {
-        for region in self.regions().iter() {
-            self.fetch(region, 0..region.pages(), false)?;
-        }
-        Ok(())
+        let regions = self.regions();
+        let step = gmem::HUGE_PAGE_SIZE / PAGE_SIZE;
+        let pending: Vec<&PrivateRegion> =
+            regions.iter().filter(|r| self.has_pending(r)).map(|r| &**r).collect();
+        let most = pending.iter().map(|r| r.pages()).max().unwrap_or(0);
+        let pieces: Vec<(&PrivateRegion, Range<u64>)> = (0..most)
+            .step_by(step as usize)
+            .flat_map(|p| {
+                let within = pending.iter().filter(move |r| p < r.pages());
+                within.map(move |r| (*r, p..(p + step).min(r.pages())))
+            })
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        std::thread::scope(|scope| {
+            let fetching: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((region, pages)) = pieces.get(index) else { return Ok(()) };
+                        if let Err(e) = self.fetch(region, pages.clone(), false) {
+                            next.store(pieces.len(), Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    })
+                })
+                .collect();
+            fetching.into_iter().try_for_each(|thread| {
+                thread.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidArgument("a snapshot fetch thread panicked".into()))
+                })
+            })
+        })
     }
 
     /// Forgets region pages `pages` of the snapshot (they are discarded).
@@ -431,7 +492,9 @@ impl PrivateMemory {
         self.regions()
             .iter()
             .filter_map(|r| Some((r.pages(), restored.region(r)?)))
-            .map(|(pages, l)| l.pending.runs(0..pages, true).iter().map(|r| r.end - r.start).sum::<u64>())
+            .map(|(pages, l)| {
+                l.pending.runs(0..pages, true).iter().map(|r| r.end - r.start).sum::<u64>()
+            })
             .sum()
     }
 

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use gmem::PAGE_SIZE;
@@ -13,8 +14,9 @@ use crate::error::{Error, Result};
 use crate::memory::PrivateMemory;
 use crate::region::{PageState, PrivateRegion};
 
-/// Pages read and sealed at a time.
-const CHUNK_PAGES: u64 = 64;
+/// Pages read and sealed at a time: 1 MiB, so that a writer's 1 MiB
+/// buffer passes the records through uncopied.
+const CHUNK_PAGES: u64 = 256;
 
 /// What a save wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,16 +90,17 @@ impl PrivateMemory {
             ));
         }
         let base = *self.snapshots.base();
-        let id = match (diff, base) {
-            (false, _) => SnapshotId::new(0)?,
-            (true, Some(base)) if self.tracks_dirty_pages() => SnapshotId::new(base.generation + 1)?,
-            (true, _) => {
-                return Err(Error::InvalidArgument(
+        let id =
+            match (diff, base) {
+                (false, _) => SnapshotId::new(0)?,
+                (true, Some(base)) if self.tracks_dirty_pages() => {
+                    SnapshotId::new(base.generation + 1)?
+                }
+                (true, _) => return Err(Error::InvalidArgument(
                     "a diff snapshot needs dirty tracking on since a snapshot saved or restored"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         if !diff {
             self.fetch_all()?;
         }
@@ -134,12 +137,7 @@ impl PrivateMemory {
             region.clear_changed();
         }
         *self.snapshots.base() = Some(id);
-        Ok(SnapshotInfo {
-            id,
-            base: header.base,
-            pages: records,
-            bytes: header.total_len(),
-        })
+        Ok(SnapshotInfo { id, base: header.base, pages: records, bytes: header.total_len() })
     }
 
     /// The index entries of `region`: for a full snapshot its allocated
@@ -186,8 +184,9 @@ impl PrivateMemory {
         Ok(entries)
     }
 
-    /// Reads, seals and writes the data pages of `entries`, in order: a
-    /// thread reads and seals chunks while this one writes the last.
+    /// Reads, seals and writes the data pages of `entries`, in order:
+    /// threads (one per core) read and seal chunks while this one writes
+    /// them in order.
     fn write_records(
         &self,
         out: &mut dyn Write,
@@ -195,60 +194,92 @@ impl PrivateMemory {
         regions: &[Arc<PrivateRegion>],
         entries: &[Entry],
     ) -> Result<()> {
-        let (chunks, written) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(4);
+        let chunks = chunks_of(regions, entries);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let next = AtomicUsize::new(0);
+        let (sealed, written) =
+            std::sync::mpsc::sync_channel::<(usize, Result<Vec<u8>>)>(2 * workers);
         std::thread::scope(|scope| {
-            let sealing = scope.spawn(move || {
-                let mut record = 0;
-                for entry in entries.iter().filter(|e| e.data) {
-                    let region = regions
-                        .iter()
-                        .find(|r| r.contains(crate::Gpa(entry.gpa)))
-                        .expect("entries lie in the regions");
-                    let first = (entry.gpa - region.gpa.0) / PAGE_SIZE;
-                    let mut page = first;
-                    while page < first + entry.pages {
-                        let len = CHUNK_PAGES.min(first + entry.pages - page);
-                        let chunk = seal_chunk(region, page..page + len, entry.state, sealer, record);
-                        let failed = chunk.is_err();
-                        if chunks.send(chunk).is_err() || failed {
-                            return;
-                        }
-                        record += len;
-                        page += len;
+            for _ in 0..workers {
+                let (sealed, next, chunks) = (sealed.clone(), &next, &chunks);
+                scope.spawn(move || loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(index) else { return };
+                    let bytes = seal_chunk(chunk, sealer);
+                    let failed = bytes.is_err();
+                    if sealed.send((index, bytes)).is_err() || failed {
+                        return;
+                    }
+                });
+            }
+            drop(sealed);
+            // Chunks come in any order; they are written in theirs.
+            let mut waiting = std::collections::BTreeMap::new();
+            let mut due = 0;
+            let mut result = Ok(());
+            for (index, bytes) in written.iter() {
+                waiting.insert(index, bytes);
+                while let Some(bytes) = waiting.remove(&due) {
+                    result = bytes.and_then(|bytes| {
+                        out.write_all(&bytes).map_err(Error::io("write the snapshot"))
+                    });
+                    due += 1;
+                    if result.is_err() {
+                        break;
                     }
                 }
-            });
-            let mut result = Ok(());
-            for chunk in written.iter() {
-                result = chunk.and_then(|bytes| {
-                    out.write_all(&bytes).map_err(Error::io("write the snapshot"))
-                });
                 if result.is_err() {
                     break;
                 }
             }
-            // Dropping the receiver ends the sealing thread's sends.
+            // Stops the workers: the next chunk they take is past the end,
+            // and their sends fail once the receiver is gone.
+            next.store(chunks.len(), Ordering::Relaxed);
             drop(written);
-            let _ = sealing.join();
             result
         })
     }
 }
 
-/// Reads region pages `pages` (under their page locks: a hole reads
-/// zero) and seals them as records from `record` on.
-fn seal_chunk(
-    region: &PrivateRegion,
+/// A run of data pages sealed as one: the region, its pages, their state,
+/// and the record of the first.
+struct Chunk<'a> {
+    region: &'a PrivateRegion,
     pages: Range<u64>,
     state: PageState,
-    sealer: &Sealer,
     record: u64,
-) -> Result<Vec<u8>> {
+}
+
+/// The data pages of `entries` in chunks of at most [`CHUNK_PAGES`].
+fn chunks_of<'a>(regions: &'a [Arc<PrivateRegion>], entries: &[Entry]) -> Vec<Chunk<'a>> {
+    let mut chunks = Vec::new();
+    let mut record = 0;
+    for entry in entries.iter().filter(|e| e.data) {
+        let region = regions
+            .iter()
+            .find(|r| r.contains(crate::Gpa(entry.gpa)))
+            .expect("entries lie in the regions");
+        let first = (entry.gpa - region.gpa.0) / PAGE_SIZE;
+        let mut page = first;
+        while page < first + entry.pages {
+            let len = CHUNK_PAGES.min(first + entry.pages - page);
+            chunks.push(Chunk { region, pages: page..page + len, state: entry.state, record });
+            record += len;
+            page += len;
+        }
+    }
+    chunks
+}
+
+/// Reads a chunk's pages (under their page locks: a hole reads zero)
+/// and seals them: its records, each the sealed page and its tag.
+fn seal_chunk(chunk: &Chunk<'_>, sealer: &Sealer) -> Result<Vec<u8>> {
+    let Chunk { region, ref pages, state, record } = *chunk;
     let f = region.file_backing().expect("file regions only");
     let count = (pages.end - pages.start) as usize;
     let mut plain = vec![0u8; count * PAGE_SIZE as usize];
     {
-        let guard = f.binding.lock_range_unfilled(f.file_pages(&pages), false)?;
+        let guard = f.binding.lock_range_unfilled(f.file_pages(pages), false)?;
         guard.read(0, &mut plain)?;
     }
     let mut sealed = Vec::with_capacity(count * RECORD_BYTES as usize);

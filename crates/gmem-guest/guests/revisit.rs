@@ -1,0 +1,38 @@
+//! Snapshot guest: every vCPU writes one word in every page of its share
+//! of RAM (as `touch` does: each word its own GPA), syncs at stage 1
+//! (where a snapshot is taken), then checks and rewrites the first tenth
+//! of its share (its working set) and syncs at stage 2 (where a diff holds
+//! those pages). A vCPU that finds a word lost exits 1 at once; the last
+//! one to finish exits 0. In user mode (GUEST_ABI 1.2), at hardware speed.
+#![no_std]
+#![no_main]
+
+mod rt;
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+static TOUCHED: AtomicU32 = AtomicU32::new(0);
+static DONE: AtomicU32 = AtomicU32::new(0);
+
+fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
+    rt::enter_user_mode();
+    let touched = rt::touch_share(boot, vcpu, 4096);
+    // The pages revisited may be another vCPU's: all are touched first.
+    TOUCHED.fetch_add(1, Ordering::SeqCst);
+    while TOUCHED.load(Ordering::SeqCst) != boot.vcpu_count {
+        core::hint::spin_loop();
+    }
+    rt::sync(1);
+    let tenth = touched.div_ceil(10);
+    let wrong = rt::check_share(boot, vcpu, 4096, tenth);
+    if wrong != 0 {
+        rt::out().s("revisit: ").dec(wrong).s(" pages lost what this vCPU wrote\n");
+        return 1;
+    }
+    rt::touch_share_head(boot, vcpu, 4096, tenth);
+    rt::sync(2);
+    if DONE.fetch_add(1, Ordering::SeqCst) + 1 == boot.vcpu_count {
+        return 0;
+    }
+    rt::halt()
+}
