@@ -54,9 +54,10 @@ impl Action {
 pub(crate) struct RunArgs {
     /// Guest ELF image: a path, or the name of a built-in guest (badbell,
     /// badport, convbench, convert, convsmp, convstorm, demo, halt, hugeconv,
-    /// hypercall, memmap, punch, smp, sparse, spin, stress, tlb, touch,
-    /// user, disk, diskbench). Default: the demo guest. Without --sync, a
-    /// built-in guest gets its own host side (demo, convert, punch, user).
+    /// hypercall, memmap, punch, revisit, smp, sparse, spin, stress, tlb,
+    /// touch, user, disk, diskbench). Default: the demo guest. Without
+    /// --sync, a built-in guest gets its own host side (demo, convert,
+    /// punch, user, stress).
     #[arg(long)]
     pub(crate) guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 1G (a multiple of 2 MiB, at most 64G)

@@ -260,7 +260,16 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
             eprintln!("gmem run: {message}");
             if args.json {
                 let stats = gmem_runner::VmStats::default();
-                let json = report_json(None, "error", Some(&message), None, b"", &[], &stats, None);
+                let json = report_json(Report {
+                    exit_code: None,
+                    reason: "error",
+                    error: Some(&message),
+                    backend: None,
+                    console: b"",
+                    records: &[],
+                    stats: &stats,
+                    snapshot: None,
+                });
                 println!("{json}");
             }
             status
@@ -268,17 +277,21 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
     }
 }
 
-/// The JSON report of GUEST_ABI's `--json`.
-fn report_json(
+/// What GUEST_ABI's `--json` reports of a run.
+struct Report<'a> {
     exit_code: Option<u32>,
-    reason: &str,
-    error: Option<&str>,
-    backend: Option<&str>,
-    console: &[u8],
-    records: &[SyncRecord],
-    stats: &gmem_runner::VmStats,
+    reason: &'a str,
+    error: Option<&'a str>,
+    backend: Option<&'a str>,
+    console: &'a [u8],
+    records: &'a [SyncRecord],
+    stats: &'a gmem_runner::VmStats,
     snapshot: Option<serde_json::Value>,
-) -> serde_json::Value {
+}
+
+/// The JSON report of GUEST_ABI's `--json`.
+fn report_json(report: Report<'_>) -> serde_json::Value {
+    let Report { exit_code, reason, error, backend, console, records, stats, snapshot } = report;
     let syncs: Vec<_> = records
         .iter()
         .map(|r| {
@@ -566,16 +579,16 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     }
     let records = records.into_inner().unwrap_or_else(|p| p.into_inner());
     if args.json {
-        let out = report_json(
+        let out = report_json(Report {
             exit_code,
             reason,
-            error.as_deref(),
-            Some(backend),
-            &report.console,
-            &records,
-            &stats,
-            saved,
-        );
+            error: error.as_deref(),
+            backend: Some(backend),
+            console: &report.console,
+            records: &records,
+            stats: &stats,
+            snapshot: saved,
+        });
         println!("{out}");
     }
     match &report.outcome {

@@ -7,6 +7,8 @@
 //! the same RAM and devices takes it with [`Vm::restore_snapshot`] and
 //! goes on with [`Vm::resume`].
 
+#[cfg(doc)]
+use crate::{Outcome, Vm};
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xsave};
 use kvm_ioctls::VcpuFd;
 use zerocopy::{FromBytes, IntoBytes};

@@ -273,6 +273,6 @@ fn hypercall_exits_convert_or_time_out_but_never_hang() {
                  (kvm_pvm); only the timeout's way out was checked"
             );
         }
-        Outcome::Error(e) => panic!("{e}"),
+        other => panic!("{other:?}"),
     }
 }

@@ -111,7 +111,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             VcpuExit::IoOut(0xF8, _) => {
                 let mut regs = vcpu.get_regs()?;
-                if regs.rdi == message_stage {
+                // The demo shares its message at this stage; the disk
+                // guest's stage is only where a snapshot could be taken.
+                if disk.is_none() && regs.rdi == message_stage {
                     // A device reads the shared page through vm-memory.
                     let view = device_memory.memory();
                     let mut bytes = vec![0u8; message_len as usize];

@@ -7,7 +7,7 @@
 //!   of the VMM's (vCPU registers, devices). Holes stay holes. Every page,
 //!   private or shared, is encrypted with AES-256-GCM under a key derived
 //!   from the VMM's [`SnapshotKey`] and the snapshot's random identity, and
-//!   bound to its GPA, state and the snapshot (see [`format`]'s table).
+//!   bound to its GPA, state and the snapshot (see [`format`](mod@format)'s table).
 //! - [`SnapshotFile::open`] checks a snapshot before anything is restored:
 //!   the key, the header, the index, the VMM state, the length and the end
 //!   tag; a wrong key is [`Error::WrongKey`], anything altered or cut short
@@ -36,6 +36,8 @@
 //! served by the kernel's own faults); native (guest_memfd) regions are
 //! refused (`EOPNOTSUPP`).
 
+#[cfg(doc)]
+use crate::{Error, PrivateMemory};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, OnceLock};
 
