@@ -490,7 +490,9 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     };
 
     let records = Mutex::new(Vec::new());
-    let pause_at = std::sync::atomic::AtomicU64::new(save.as_ref().map_or(0, |s| s.stage));
+    // Armed until the stage is reached: after a failed save the guest goes
+    // on past it.
+    let pause_armed = std::sync::atomic::AtomicBool::new(save.is_some());
     let on_sync = |vm: &Vm, stage: u64| {
         for sync in syncs.iter().filter(|s| s.stage == stage) {
             let record = run_action(vm, sync);
@@ -510,8 +512,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             }
             records.lock().unwrap_or_else(|p| p.into_inner()).push(record);
         }
-        // Once: after a failed save the guest goes on past its stage.
-        if stage != 0 && pause_at.compare_exchange(stage, 0, SeqCst, SeqCst).is_ok() {
+        if save.as_ref().is_some_and(|s| s.stage == stage) && pause_armed.swap(false, SeqCst) {
             vm.pause();
         }
     };
@@ -566,6 +567,15 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         }
     }
     drop(prefetch);
+    if let (Some(save), true) = (&save, pause_armed.load(SeqCst)) {
+        let message = format!(
+            "the run ended before sync stage {}: no snapshot was saved to {}",
+            save.stage,
+            save.path.display()
+        );
+        eprintln!("gmem run: {message}");
+        save_error = Some(message);
+    }
 
     let stats = vm.stats();
     let (mut status, reason, exit_code, mut error) = match &report.outcome {

@@ -386,4 +386,13 @@ fn a_full_file_system_fails_the_save_and_the_guest_runs_on() {
     assert!(console(&out).contains("convert: all conversions ok"), "{v}");
     assert_eq!(std::fs::read_dir(small.path()).unwrap().count(), 0, "nothing partial is left");
     assert!(!Path::new(path).exists());
+    // A stage the guest never reaches: it runs to its end, nothing is saved.
+    let never = dir.path("never.snap");
+    let out =
+        run(&["--guest", "demo", "--save-at", &format!("9:{never}"), "--key-file", &dir.key()]);
+    assert_eq!(status(&out), 4, "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["exit_code"], 0, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("before sync stage 9"), "{v}");
+    assert!(!Path::new(&never).exists());
 }

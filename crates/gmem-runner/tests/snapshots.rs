@@ -415,3 +415,44 @@ fn a_bad_page_stops_the_vm_naming_its_gpa_and_is_never_mapped() {
         }
     }
 }
+
+#[test]
+fn faults_prefetch_and_host_reads_fetch_each_page_once() {
+    if !kvm() {
+        return;
+    }
+    use gmem_guest::stress_layout::{window, STOP, WINDOW};
+    // The stress guest checks every page it reads against the token it
+    // wrote last: a page fetched twice (after the guest wrote it) reads an
+    // older token, a violation (exit 1).
+    let full = save(&paused_at("stress", 2, 1, |_| {}), false);
+    for _ in 0..3 {
+        let vm = restored(&[&full], RestoreMode::Lazy);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let report = std::thread::scope(|scope| {
+            let _prefetch = vm.start_prefetch().unwrap();
+            for vcpu in 0..2 {
+                let (vm, done) = (&vm, &done);
+                scope.spawn(move || {
+                    let mut page = [0u8; 4096];
+                    while !done.load(Ordering::Relaxed) {
+                        for n in 0..WINDOW {
+                            // Shared pages are fetched for the host; private
+                            // ones are denied, unfetched.
+                            let _ = vm.read_guest(Gpa(window(vcpu) + n * 4096), &mut page);
+                        }
+                    }
+                });
+            }
+            let stop = |vm: &Vm, stage: u64| {
+                if stage == 2 {
+                    vm.write_guest(Gpa(STOP), &[1]).unwrap();
+                }
+            };
+            let report = resume(&vm, 2, &stop);
+            done.store(true, Ordering::Relaxed);
+            report
+        });
+        assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
+    }
+}

@@ -417,6 +417,16 @@ impl Header {
         if !ordered || !sane {
             return Err(Error::BadSnapshot("regions unaligned, empty or out of order".into()));
         }
+        // Entries are runs of distinct pages, records distinct pages: no
+        // more of either than the regions hold (nothing is allocated for
+        // more before the file's length is checked against them).
+        let pages: u64 =
+            regions.iter().map(|(_, size)| size / PAGE_SIZE).fold(0, u64::saturating_add);
+        if entries > pages || records > pages {
+            return Err(Error::BadSnapshot(format!(
+                "{entries} entries and {records} records for regions of {pages} pages"
+            )));
+        }
         Ok(Self {
             id: own,
             base: diff.then_some(base),
