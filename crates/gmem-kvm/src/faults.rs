@@ -299,7 +299,12 @@ impl PrivateMemory {
         let sequential = len == self.fault_around && len > 1;
         // Recorded before the batch wakes the vCPU, whose next fault (on
         // another fault thread, maybe) must find it.
-        let end = (page + len).min(region.pages());
+        let mut end = (page + len).min(region.pages());
+        // A page still in a snapshot is fetched with the aligned 64 KiB
+        // around it: served so, its stream goes on from there.
+        if self.is_pending(&region, page) {
+            end = end.max((page / FETCH_AROUND + 1) * FETCH_AROUND).min(region.pages());
+        }
         f.streams.record(own, end, len);
         // A batch that cannot be served (a page of it locked for good, cut
         // off by a truncate) is retried as the faulting page alone: only a
@@ -308,11 +313,11 @@ impl PrivateMemory {
         // batch mapped: only that page is served before the vCPU goes on.
         let now = match f.mapped.runs(page..end, false).first() {
             Some(run) if sequential && run.start == page => run.end - page,
-            _ => len,
+            _ => end - page,
         };
         let served = self.serve_batch(&region, f, page, now, page);
         let served = match served {
-            Err(_) if len > 1 => self.serve_batch(&region, f, page, 1, page),
+            Err(_) if now > 1 => self.serve_batch(&region, f, page, 1, page),
             served => served,
         };
         let served = served.map_err(|error| {

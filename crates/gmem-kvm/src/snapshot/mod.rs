@@ -41,6 +41,8 @@ use crate::{Error, PrivateMemory};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, OnceLock};
 
+use crate::error::Result;
+
 mod dirty;
 pub mod format;
 mod restore;
@@ -49,6 +51,30 @@ mod save;
 pub use format::{SnapshotId, SnapshotKey};
 pub use restore::{Prefetch, RestoreMode, SnapshotFile};
 pub use save::SnapshotInfo;
+
+std::thread_local! {
+    /// Each thread's buffers for sealed records and plain pages: reads and
+    /// fetches of 256 KiB-1 MiB would otherwise map, zero and unmap fresh
+    /// memory each.
+    pub(crate) static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    pub(crate) static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` bytes of this thread's buffer `which` (their content
+/// is whatever was there: `f` overwrites what it reads).
+pub(crate) fn scratch<T>(
+    which: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u8>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u8]) -> Result<T>,
+) -> Result<T> {
+    which.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        f(&mut buffer[..len])
+    })
+}
 
 /// A memory's snapshot state: dirty tracking, the point diffs start from,
 /// and the snapshot it was restored from.

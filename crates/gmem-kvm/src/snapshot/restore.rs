@@ -11,6 +11,7 @@ use std::sync::Arc;
 use gmem::PAGE_SIZE;
 
 use super::format::{Entry, Header, Sealer, SnapshotId, SnapshotKey, RECORD_BYTES, TAG_BYTES};
+use super::{scratch, PLAIN, SEALED};
 use crate::bits::PageBits;
 use crate::error::{Error, Result};
 use crate::memory::PrivateMemory;
@@ -19,29 +20,6 @@ use crate::Gpa;
 
 /// Pages fetched under one lock.
 const FETCH_PAGES: u64 = 64;
-
-std::thread_local! {
-    /// Each thread's buffers for sealed records and opened pages: fetches
-    /// of 256 KiB would otherwise map, zero and unmap fresh memory each.
-    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on `len` bytes of this thread's buffer `which` (their content
-/// is whatever was there: `f` overwrites what it reads).
-fn scratch<T>(
-    which: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u8>>>,
-    len: usize,
-    f: impl FnOnce(&mut [u8]) -> Result<T>,
-) -> Result<T> {
-    which.with(|buffer| {
-        let mut buffer = buffer.borrow_mut();
-        if buffer.len() < len {
-            buffer.resize(len, 0);
-        }
-        f(&mut buffer[..len])
-    })
-}
 
 /// How [`PrivateMemory::restore_snapshot`] restores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -477,6 +455,12 @@ impl PrivateMemory {
         if let Some(lazy) = self.snapshots.restored.get().and_then(|l| l.region(region)) {
             lazy.pending.set(pages, false);
         }
+    }
+
+    /// Whether region page `page` is still to fetch from a snapshot.
+    pub(crate) fn is_pending(&self, region: &PrivateRegion, page: u64) -> bool {
+        let lazy = self.snapshots.restored.get().and_then(|l| l.region(region));
+        lazy.is_some_and(|l| page < region.pages() && l.pending.get(page))
     }
 
     /// Whether `region` has pages still to fetch from a snapshot.

@@ -199,13 +199,19 @@ impl PrivateMemory {
         let next = AtomicUsize::new(0);
         let (sealed, written) =
             std::sync::mpsc::sync_channel::<(usize, Result<Vec<u8>>)>(2 * workers);
+        // Buffers written go back to the workers (fresh ones would be
+        // mapped and zeroed by the kernel each time).
+        let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
+        let recycled = std::sync::Mutex::new(recycled);
         std::thread::scope(|scope| {
             for _ in 0..workers {
-                let (sealed, next, chunks) = (sealed.clone(), &next, &chunks);
+                let (sealed, next, chunks, recycled) = (sealed.clone(), &next, &chunks, &recycled);
                 scope.spawn(move || loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some(chunk) = chunks.get(index) else { return };
-                    let bytes = seal_chunk(chunk, sealer);
+                    let reused = recycled.lock().ok().and_then(|r| r.try_recv().ok());
+                    let mut buffer = reused.unwrap_or_default();
+                    let bytes = seal_chunk(chunk, sealer, &mut buffer).map(|()| buffer);
                     let failed = bytes.is_err();
                     if sealed.send((index, bytes)).is_err() || failed {
                         return;
@@ -221,7 +227,9 @@ impl PrivateMemory {
                 waiting.insert(index, bytes);
                 while let Some(bytes) = waiting.remove(&due) {
                     result = bytes.and_then(|bytes| {
-                        out.write_all(&bytes).map_err(Error::io("write the snapshot"))
+                        out.write_all(&bytes).map_err(Error::io("write the snapshot"))?;
+                        let _ = recycle.send(bytes);
+                        Ok(())
                     });
                     due += 1;
                     if result.is_err() {
@@ -272,24 +280,27 @@ fn chunks_of<'a>(regions: &'a [Arc<PrivateRegion>], entries: &[Entry]) -> Vec<Ch
 }
 
 /// Reads a chunk's pages (under their page locks: a hole reads zero)
-/// and seals them: its records, each the sealed page and its tag.
-fn seal_chunk(chunk: &Chunk<'_>, sealer: &Sealer) -> Result<Vec<u8>> {
+/// and seals them into `sealed`: its records, each the sealed page and
+/// its tag.
+fn seal_chunk(chunk: &Chunk<'_>, sealer: &Sealer, sealed: &mut Vec<u8>) -> Result<()> {
     let Chunk { region, ref pages, state, record } = *chunk;
     let f = region.file_backing().expect("file regions only");
     let count = (pages.end - pages.start) as usize;
-    let mut plain = vec![0u8; count * PAGE_SIZE as usize];
-    {
-        let guard = f.binding.lock_range_unfilled(f.file_pages(pages), false)?;
-        guard.read(0, &mut plain)?;
-    }
-    let mut sealed = Vec::with_capacity(count * RECORD_BYTES as usize);
-    for (i, page) in plain.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
-        let gpa = region.gpa_of(pages.start + i as u64).0;
-        let tag = sealer.seal_page(record + i as u64, gpa, state, page);
-        sealed.extend_from_slice(page);
-        sealed.extend_from_slice(&tag);
-    }
-    Ok(sealed)
+    sealed.reserve(count * RECORD_BYTES as usize);
+    super::scratch(&super::PLAIN, count * PAGE_SIZE as usize, |plain| {
+        {
+            let guard = f.binding.lock_range_unfilled(f.file_pages(pages), false)?;
+            guard.read(0, plain)?;
+        }
+        sealed.clear();
+        for (i, page) in plain.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
+            let gpa = region.gpa_of(pages.start + i as u64).0;
+            let tag = sealer.seal_page(record + i as u64, gpa, state, page);
+            sealed.extend_from_slice(page);
+            sealed.extend_from_slice(&tag);
+        }
+        Ok(())
+    })
 }
 
 /// A set of page runs, merged.
