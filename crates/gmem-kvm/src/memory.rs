@@ -387,13 +387,7 @@ impl PrivateMemory {
         }
         self.reserve(slot, gpa, size, Some((file.id(), offset)))?;
         let region = self.file_region(&spec).and_then(|region| {
-            let kvm_region = kvm_userspace_memory_region {
-                slot,
-                flags: self.memslot_flags(),
-                guest_phys_addr: gpa.0,
-                memory_size: size,
-                userspace_addr: region.userspace_addr(),
-            };
+            let kvm_region = region.memslot(self.memslot_flags());
             // SAFETY: the window is a live mapping of `size` bytes owned by
             // the region, which this memory keeps until it deletes the
             // memslot (remove_region, or on drop).

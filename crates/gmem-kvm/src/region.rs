@@ -221,6 +221,17 @@ impl PrivateRegion {
         }
     }
 
+    /// The region as KVM's memslot, with `flags`.
+    pub(crate) fn memslot(&self, flags: u32) -> kvm_bindings::kvm_userspace_memory_region {
+        kvm_bindings::kvm_userspace_memory_region {
+            slot: self.slot,
+            flags,
+            guest_phys_addr: self.gpa.0,
+            memory_size: self.size,
+            userspace_addr: self.userspace_addr(),
+        }
+    }
+
     /// Whether `gpa` lies in the region.
     pub fn contains(&self, gpa: Gpa) -> bool {
         gpa.0 >= self.gpa.0 && gpa.0 - self.gpa.0 < self.size

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 
 use crate::error::{Error, Result};
 use crate::memory::PrivateMemory;
@@ -51,13 +51,7 @@ impl PrivateMemory {
     /// Sets `region`'s memslot flags (KVM changes the flags in place).
     fn set_memslot_flags(&self, region: &PrivateRegion, flags: u32) -> Result<()> {
         let Some(vm) = self.vm() else { return Ok(()) };
-        let kvm_region = kvm_userspace_memory_region {
-            slot: region.slot,
-            flags,
-            guest_phys_addr: region.gpa.0,
-            memory_size: region.size,
-            userspace_addr: region.userspace_addr(),
-        };
+        let kvm_region = region.memslot(flags);
         // SAFETY: the same live window the memslot already points at, which
         // this memory keeps until it deletes the memslot; only the flags change.
         self.with_faults_served(|| unsafe { vm.set_user_memory_region(kvm_region) })

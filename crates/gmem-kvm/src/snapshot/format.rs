@@ -350,7 +350,7 @@ impl Header {
         out
     }
 
-    /// The fixed part's length, and how many region bytes follow it.
+    /// The length of the header's fixed part (the regions follow it).
     pub(crate) const FIXED: usize = HEADER_FIXED;
 
     /// Decodes the fixed part: the header's length in all, or why not.

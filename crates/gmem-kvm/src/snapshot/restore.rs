@@ -329,11 +329,9 @@ impl PrivateMemory {
             while at < pages.end {
                 let run = at..pages.end.min(at + FETCH_PAGES);
                 let count = run.end - run.start;
-                scratch(&PLAIN, (count * PAGE_SIZE) as usize, |plain| {
-                    let gpa = region.gpa_of(run.start).0;
-                    let first = record + (run.start - pages.start);
-                    diff.read_pages(first, gpa, entry.state, count, plain)?;
-                    self.write_pages(region, run.clone(), plain, false)
+                let (gpa, first) = (region.gpa_of(run.start).0, record + (run.start - pages.start));
+                self.write_run(region, run.clone(), false, |plain| {
+                    diff.read_pages(first, gpa, entry.state, count, plain).map(|()| true)
                 })?;
                 at = run.end;
             }
@@ -342,23 +340,34 @@ impl PrivateMemory {
         Ok(())
     }
 
-    /// Writes `plain` as region pages `run` under their page locks, takes
-    /// them from the pending ones, and locks them in RAM.
-    fn write_pages(
+    /// Under the page locks of region pages `run`: `content` fills their
+    /// bytes (or says `false`: nothing to write), which are written, taken
+    /// from the pending pages and locked in RAM. Whether it wrote. With
+    /// `again_if_invalidating`, `EAGAIN` instead of waiting for a punch.
+    fn write_run(
         &self,
         region: &PrivateRegion,
         run: Range<u64>,
-        plain: &[u8],
         again_if_invalidating: bool,
-    ) -> Result<()> {
+        content: impl FnOnce(&mut [u8]) -> Result<bool>,
+    ) -> Result<bool> {
         let f = region.file_backing().expect("file regions");
         let guard = f.binding.lock_range_unfilled(f.file_pages(&run), again_if_invalidating)?;
-        if let Some(lazy) = self.snapshots.restored.get().and_then(|l| l.region(region)) {
-            lazy.pending.set(run.clone(), false);
+        let len = ((run.end - run.start) * PAGE_SIZE) as usize;
+        let wrote = scratch(&PLAIN, len, |plain| {
+            let write = content(plain)?;
+            if write {
+                guard.write(0, plain)?;
+            }
+            Ok(write)
+        })?;
+        if wrote {
+            if let Some(lazy) = self.snapshots.restored.get().and_then(|l| l.region(region)) {
+                lazy.pending.set(run, false);
+            }
+            guard.fill()?;
         }
-        guard.write(0, plain)?;
-        guard.fill()?;
-        Ok(())
+        Ok(wrote)
     }
 
     /// Fetches the pending pages of region pages `pages` from the snapshot
@@ -373,20 +382,16 @@ impl PrivateMemory {
     ) -> Result<()> {
         let Some(restored) = self.snapshots.restored.get() else { return Ok(()) };
         let Some(lazy) = restored.region(region) else { return Ok(()) };
-        let f = region.file_backing().expect("restored regions are file regions");
         let mut at = pages.start;
         while let Some(start) = lazy.pending.first(at..pages.end, true) {
             let limit = pages.end.min(start + FETCH_PAGES);
             let end = lazy.pending.first(start..limit, false).unwrap_or(limit);
             let run = start..end;
-            let guard = f.binding.lock_range_unfilled(f.file_pages(&run), again_if_invalidating)?;
-            if lazy.pending.first(run.clone(), false).is_some() {
+            let fetched = self.write_run(region, run.clone(), again_if_invalidating, |plain| {
                 // Part of it was fetched or discarded meanwhile: look again.
-                drop(guard);
-                at = start;
-                continue;
-            }
-            scratch(&PLAIN, ((end - start) * PAGE_SIZE) as usize, |plain| {
+                if lazy.pending.first(run.clone(), false).is_some() {
+                    return Ok(false);
+                }
                 let first = lazy.extents.partition_point(|e| e.page + e.pages <= start);
                 let mut page = start;
                 for extent in &lazy.extents[first..] {
@@ -401,11 +406,12 @@ impl PrivateMemory {
                     restored.source.read_pages(record, gpa, extent.state, upto - page, into)?;
                     page = upto;
                 }
-                guard.write(0, plain).map_err(Error::from)
+                Ok(true)
             })?;
-            lazy.pending.set(run.clone(), false);
-            guard.fill()?;
-            drop(guard);
+            if !fetched {
+                at = start;
+                continue;
+            }
             at = end;
         }
         Ok(())
