@@ -308,11 +308,23 @@ impl AccessLock {
     }
 
     /// Whether this thread holds the lock, shared or exclusively.
-    #[cfg(test)]
     fn held_here(&self) -> bool {
         let me = current_thread();
         let state = self.state();
         state.reads(me) || state.writes(me)
+    }
+
+    /// `EDEADLK` if this thread holds the lock either way: for work that
+    /// waits on page locks from other threads, which a change of this
+    /// thread's (its invalidation, a listener inside it) may hold.
+    pub(crate) fn check_not_held_here(&self, op: &'static str) -> Result<()> {
+        if self.held_here() {
+            return Err(would_deadlock(
+                op,
+                "a host access or change of guest memory (a listener?)",
+            ));
+        }
+        Ok(())
     }
 
     /// `EDEADLK` if this thread holds the lock shared (and not

@@ -122,6 +122,11 @@ impl ChangeGate {
         self.access.check_not_shared_here(op)
     }
 
+    /// `EDEADLK` if this thread holds a host access or is inside a change.
+    pub(crate) fn check_not_held_here(&self, op: &'static str) -> Result<()> {
+        self.access.check_not_held_here(op)
+    }
+
     /// This thread's turn to convert if no conversion runs now.
     pub(crate) fn try_conversion_turn(&self) -> Option<ConversionTurn<'_>> {
         let mut converting = self.converting.lock().unwrap_or_else(|p| p.into_inner());

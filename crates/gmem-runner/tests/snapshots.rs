@@ -456,3 +456,41 @@ fn faults_prefetch_and_host_reads_fetch_each_page_once() {
         assert_eq!(report.outcome, Outcome::Exit(0), "{}", console(&report));
     }
 }
+
+/// Saves a snapshot from inside its calls, and records the errno.
+struct SavingListener {
+    memory: std::sync::Weak<gmem_kvm::PrivateMemory>,
+    errnos: std::sync::Mutex<Vec<Errno>>,
+}
+
+impl gmem_kvm::MemoryListener for SavingListener {
+    fn discarded(&self, _gpa: gmem_kvm::Gpa, _len: u64) {
+        let Some(memory) = self.memory.upgrade() else { return };
+        let result = memory.save_snapshot(&mut Vec::new(), &key(), &[]);
+        self.errnos
+            .lock()
+            .unwrap()
+            .push(result.map_or_else(|e| e.errno(), |_| Errno::from_raw_os_error(0)));
+    }
+}
+
+#[test]
+fn a_save_inside_a_listener_is_edeadlk_never_a_hang() {
+    if !kvm() {
+        return;
+    }
+    // Before the fix, a save inside a punch's listener waited for the
+    // punched pages' locks, held until the listener returned: a hang.
+    let vm = paused_at("touch", 1, 1, |_| {});
+    let memory = vm.memory();
+    let listener = std::sync::Arc::new(SavingListener {
+        memory: std::sync::Arc::downgrade(memory),
+        errnos: Default::default(),
+    });
+    memory.add_listener(listener.clone());
+    memory.punch(Gpa(0x80_0000), 4096).unwrap();
+    memory.convert(Gpa(0x90_0000), 4096, PageState::Shared).unwrap();
+    assert_eq!(*listener.errnos.lock().unwrap(), [Errno::DEADLK, Errno::DEADLK]);
+    // Outside, it saves.
+    assert!(memory.save_snapshot(&mut Vec::new(), &key(), &[]).is_ok());
+}

@@ -38,8 +38,8 @@ impl PrivateMemory {
     /// the pages are read as they are. Pages still to be fetched from a
     /// snapshot this memory was restored from are fetched first.
     ///
-    /// Conversions wait meanwhile (`EDEADLK` from inside a listener or
-    /// while this thread holds a host access); `EOPNOTSUPP` for native
+    /// Conversions wait meanwhile (`EDEADLK` from inside a listener, a
+    /// conversion or punch, or while this thread holds a host access); `EOPNOTSUPP` for native
     /// regions; `out`'s errno where it fails, after which what was written
     /// is no snapshot (its end tag is missing) and the memory is
     /// unchanged. Afterwards this snapshot is the base of the next diff.
@@ -79,7 +79,9 @@ impl PrivateMemory {
                 vmm_state.len()
             )));
         }
-        self.gate.check_not_shared_here("save a snapshot")?;
+        // Its readers wait for page locks that a punch of this thread's
+        // (a listener inside it) would hold until the listener returns.
+        self.gate.check_not_held_here("save a snapshot")?;
         let _no_conversions = self.gate.conversion_turn()?;
         let regions = self.regions();
         let mut regions: Vec<Arc<PrivateRegion>> = regions.to_vec();
