@@ -494,3 +494,19 @@ fn a_save_inside_a_listener_is_edeadlk_never_a_hang() {
     // Outside, it saves.
     assert!(memory.save_snapshot(&mut Vec::new(), &key(), &[]).is_ok());
 }
+
+#[test]
+fn a_region_added_where_a_restored_one_was_gets_nothing_of_the_snapshot() {
+    if !kvm() {
+        return;
+    }
+    let file = save(&paused_at("touch", 1, 1, |_| {}), false);
+    let vm = restored(&[&file], RestoreMode::Lazy);
+    let region = vm.memory().regions()[0].clone();
+    assert!(vm.memory().pending_snapshot_pages() > 0);
+    vm.remove_memory(region.slot()).unwrap();
+    let fresh = common::guest_file(region.size());
+    vm.add_private_memory(region.gpa(), &fresh, gmem::FileOffset(0), region.size()).unwrap();
+    // Matched by GPA, the snapshot's pages went into the new file.
+    assert_eq!(vm.memory().pending_snapshot_pages(), 0);
+}

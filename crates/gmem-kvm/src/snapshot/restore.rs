@@ -196,7 +196,8 @@ struct Extent {
 
 /// A region's pages still in the snapshot.
 struct LazyRegion {
-    gpa: u64,
+    /// The region restored (not whatever the VMM adds at its GPA later).
+    region: std::sync::Weak<PrivateRegion>,
     pending: PageBits,
     extents: Vec<Extent>,
 }
@@ -209,7 +210,7 @@ pub(crate) struct Lazy {
 
 impl Lazy {
     fn region(&self, region: &PrivateRegion) -> Option<&LazyRegion> {
-        self.regions.iter().find(|r| r.gpa == region.gpa.0)
+        self.regions.iter().find(|r| std::ptr::eq(r.region.as_ptr(), region))
     }
 }
 
@@ -284,7 +285,7 @@ impl PrivateMemory {
                     let extents = full.extents_in(r.gpa.0, r.size);
                     let pending = PageBits::new(r.pages());
                     extents.iter().for_each(|e| pending.set(e.page..e.page + e.pages, true));
-                    LazyRegion { gpa: r.gpa.0, pending, extents }
+                    LazyRegion { region: Arc::downgrade(r), pending, extents }
                 })
                 .collect(),
             source: full,
