@@ -349,8 +349,14 @@ fn bad_snapshot_inputs_are_refused_before_the_guest_runs() {
         assert!(v["error"].as_str().unwrap().contains(says), "{what}: {v}");
         assert_eq!(v["console"], "", "{what}: the guest ran");
     }
-    // Usage errors are clap's status 2 too.
-    for args in [&["--restore", &snap, "--guest", "convert"][..], &["--save-diff", &snap]] {
+    // Usage errors are clap's status 2 too, absurd numbers among them.
+    for args in [
+        &["--restore", &snap, "--guest", "convert"][..],
+        &["--save-diff", &snap],
+        &["--save-at", "1e20:/tmp/x.snap", "--key-file", &key],
+        &["--save-at", "18446744073709551616:/tmp/x.snap", "--key-file", &key],
+        &["--save-at", "1:", "--key-file", &key],
+    ] {
         assert_eq!(status(&run(args)), 2, "{args:?}");
     }
     assert_eq!(std::fs::read(&snap).unwrap(), bytes, "a refused save left the old snapshot");
@@ -395,4 +401,24 @@ fn a_full_file_system_fails_the_save_and_the_guest_runs_on() {
     assert_eq!(v["exit_code"], 0, "{v}");
     assert!(v["error"].as_str().unwrap().contains("before sync stage 9"), "{v}");
     assert!(!Path::new(&never).exists());
+}
+
+#[test]
+fn a_snapshot_restores_onto_huge_pages_eagerly() {
+    if !kvm() {
+        return;
+    }
+    let dir = Dir::new("huge");
+    let snap = dir.path("touch.snap");
+    let saved =
+        run(&["--guest", "touch", "--save-at", &format!("1:{snap}"), "--key-file", &dir.key()]);
+    assert_eq!(status(&saved), 0, "{}", stderr(&saved));
+    let mount = gmem::TmpfsMount::huge(256 << 20).expect("mount a huge tmpfs (root)");
+    let huge = mount.path().to_str().unwrap();
+    let out = run(&["--restore", &snap, "--key-file", &dir.key(), "--huge-pages", huge]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let stats = &json(&out)["stats"];
+    // KVM's window on huge pages is served by the kernel: restored whole first.
+    assert_eq!(stats["pending_snapshot_pages"], 0, "{stats}");
+    assert!(stats["kvm_pages_2m"].as_u64().unwrap() > 0, "{stats}");
 }
