@@ -51,6 +51,10 @@ pub(crate) const RECORD_BYTES: u64 = PAGE_SIZE + TAG_BYTES as u64;
 const MAX_REGIONS: u32 = 4096;
 const MAX_PAGES: u64 = 1 << 36;
 pub(crate) const MAX_STATE: u64 = 64 << 20;
+/// Runs in an index at most (24 bytes each: 384 MiB), read whole before
+/// it is checked: a header may not make a reader allocate more (a sparse
+/// file of a terabyte is cheap). A save that would need more refuses.
+pub(crate) const MAX_ENTRIES: u64 = 1 << 24;
 
 /// The identity of a snapshot: random bytes and a generation (0 for a
 /// full snapshot, one more than its base for a diff).
@@ -398,7 +402,7 @@ impl Header {
             )));
         }
         let (entries, records, state_len) = (le64(bytes, 72), le64(bytes, 80), le64(bytes, 88));
-        if entries > MAX_PAGES || records > MAX_PAGES || state_len > MAX_STATE {
+        if entries > MAX_ENTRIES || records > MAX_PAGES || state_len > MAX_STATE {
             return Err(Error::BadSnapshot(format!(
                 "{entries} entries, {records} records, {state_len} state bytes: too many"
             )));
@@ -494,6 +498,10 @@ mod tests {
         for (at, value) in [(0, b'X'), (8, 2), (12, 2), (56, 5), (70, 1), (85, 0xff), (120, 1)] {
             assert_eq!(refused(at, value), crate::Errno::BADMSG, "byte {at}");
         }
+        // An index of 2^25 runs (800 MiB) is refused before it is read.
+        let mut runs = bytes.clone();
+        runs[72..80].copy_from_slice(&(1u64 << 25).to_le_bytes());
+        assert_eq!(Header::decode(&runs).unwrap_err().errno(), crate::Errno::BADMSG);
         // A region count of 1e9 is refused before anything is read for it.
         let mut many = bytes.clone();
         many[64..68].copy_from_slice(&1_000_000_000u32.to_le_bytes());

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use gmem::PAGE_SIZE;
 
-use super::format::{Entry, Header, Sealer, SnapshotId, SnapshotKey, MAX_STATE, RECORD_BYTES};
+use super::format::{
+    Entry, Header, Sealer, SnapshotId, SnapshotKey, MAX_ENTRIES, MAX_STATE, RECORD_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::memory::PrivateMemory;
 use crate::region::{PageState, PrivateRegion};
@@ -110,6 +112,12 @@ impl PrivateMemory {
         let mut entries = Vec::new();
         for region in &regions {
             entries.extend(self.entries_of(region, diff)?);
+        }
+        if entries.len() as u64 > MAX_ENTRIES {
+            return Err(Error::InvalidArgument(format!(
+                "{} runs of pages: a snapshot's index holds at most {MAX_ENTRIES}",
+                entries.len()
+            )));
         }
         let records: u64 = entries.iter().filter(|e| e.data).map(|e| e.pages).sum();
         let sealer = Sealer::new(key, id);
