@@ -498,9 +498,11 @@ mod tests {
         for (at, value) in [(0, b'X'), (8, 2), (12, 2), (56, 5), (70, 1), (85, 0xff), (120, 1)] {
             assert_eq!(refused(at, value), crate::Errno::BADMSG, "byte {at}");
         }
-        // An index of 2^25 runs (800 MiB) is refused before it is read.
-        let mut runs = bytes.clone();
-        runs[72..80].copy_from_slice(&(1u64 << 25).to_le_bytes());
+        // An index of 2^25 runs (800 MiB) is refused before it is read,
+        // even where the regions (1 TiB) could hold that many.
+        let big = Header { regions: vec![(0, 1 << 40)], entries: 1 << 24, ..header() };
+        assert!(Header::decode(&big.encode()).is_ok());
+        let runs = Header { entries: 1 << 25, ..big }.encode();
         assert_eq!(Header::decode(&runs).unwrap_err().errno(), crate::Errno::BADMSG);
         // A region count of 1e9 is refused before anything is read for it.
         let mut many = bytes.clone();
