@@ -66,6 +66,12 @@ impl PageBits {
         runs
     }
 
+    /// How many bits are set, a word at a time (bits past the last page
+    /// are never set).
+    pub(crate) fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
+    }
+
     pub(crate) fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.0)
     }
@@ -88,5 +94,6 @@ mod tests {
             }
         }
         assert_eq!(bits.runs(0..300, true), vec![3..5, 60..130, 299..300]);
+        assert_eq!(bits.count(), 2 + 70 + 1);
     }
 }

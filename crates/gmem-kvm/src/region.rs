@@ -267,7 +267,7 @@ impl PrivateRegion {
 
     /// How many pages changed since the last snapshot.
     pub(crate) fn changed_count(&self) -> u64 {
-        self.changed_runs().iter().map(|r| r.end - r.start).sum()
+        self.changed.count()
     }
 
     /// Forgets the changes: a snapshot holds them now.

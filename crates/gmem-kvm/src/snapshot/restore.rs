@@ -480,13 +480,7 @@ impl PrivateMemory {
     /// from (0 after an eager restore, or once all were fetched).
     pub fn pending_snapshot_pages(&self) -> u64 {
         let Some(restored) = self.snapshots.restored.get() else { return 0 };
-        self.regions()
-            .iter()
-            .filter_map(|r| Some((r.pages(), restored.region(r)?)))
-            .map(|(pages, l)| {
-                l.pending.runs(0..pages, true).iter().map(|r| r.end - r.start).sum::<u64>()
-            })
-            .sum()
+        self.regions().iter().filter_map(|r| restored.region(r)).map(|l| l.pending.count()).sum()
     }
 
     /// Starts a thread that fetches every page still in the snapshot
