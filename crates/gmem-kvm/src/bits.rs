@@ -66,6 +66,27 @@ impl PageBits {
         runs
     }
 
+    /// Clears every bit, a word at a time atomically, and returns the
+    /// maximal runs of pages (below `pages`) that were set.
+    pub(crate) fn take_runs(&self, pages: u64) -> Vec<Range<u64>> {
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for (index, word) in self.0.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            let first = index as u64 * 64;
+            while bits != 0 {
+                let (at, len) =
+                    (bits.trailing_zeros(), (bits >> bits.trailing_zeros()).trailing_ones());
+                let run = first + u64::from(at)..(first + u64::from(at + len)).min(pages);
+                match runs.last_mut() {
+                    Some(last) if last.end == run.start => last.end = run.end,
+                    _ => runs.push(run),
+                }
+                bits &= if len == 64 { 0 } else { !(((1u64 << len) - 1) << at) };
+            }
+        }
+        runs
+    }
+
     /// How many bits are set, a word at a time (bits past the last page
     /// are never set).
     pub(crate) fn count(&self) -> u64 {
@@ -80,6 +101,17 @@ impl PageBits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn taken_runs_merge_across_words_and_clear() {
+        let bits = PageBits::new(200);
+        bits.set(3..5, true);
+        bits.set(60..130, true);
+        bits.set(199..200, true);
+        assert_eq!(bits.take_runs(200), vec![3..5, 60..130, 199..200]);
+        assert_eq!(bits.count(), 0);
+        assert!(bits.take_runs(200).is_empty());
+    }
 
     #[test]
     fn first_and_runs_agree_across_words() {

@@ -86,6 +86,23 @@ pub enum Error {
     /// or a diff on another base (`EINVAL`).
     #[error("snapshot does not fit: {0}")]
     SnapshotMismatch(String),
+    /// A migration peer broke the protocol: not a gmem migration, a frame
+    /// out of place, a bound exceeded (`EPROTO`).
+    #[error("migration: {0}")]
+    Protocol(String),
+    /// The migration link broke while pages were still on the other side
+    /// (`ENOLINK`): in post-copy, the destination's guest cannot go on.
+    #[error(
+        "migration link lost ({why}): {pages} page(s) still at the source, the first at {gpa}"
+    )]
+    MigrationLost {
+        /// The first page not received.
+        gpa: crate::Gpa,
+        /// Pages not received.
+        pages: u64,
+        /// How the link broke.
+        why: String,
+    },
     /// A guest page fault that could not be served.
     #[error(transparent)]
     Fault(Box<crate::faults::FaultError>),
@@ -109,6 +126,8 @@ impl Error {
             Error::BadSnapshot(_) | Error::SnapshotPage { .. } => Errno::BADMSG,
             Error::WrongKey => Errno::from_raw_os_error(libc::EKEYREJECTED),
             Error::SnapshotMismatch(_) => Errno::INVAL,
+            Error::Protocol(_) => Errno::PROTO,
+            Error::MigrationLost { .. } => Errno::NOLINK,
         }
     }
 

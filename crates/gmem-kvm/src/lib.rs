@@ -71,6 +71,7 @@ mod host;
 mod kvm_stats;
 pub mod launch;
 pub mod memory;
+pub mod migrate;
 pub mod native;
 pub mod probe;
 mod region;
@@ -86,6 +87,7 @@ pub use launch::LaunchMemory;
 pub use memory::{
     MemlockPolicy, MemoryListener, MemoryStats, PrivateMemory, Regions, DEFAULT_FAULT_AROUND_PAGES,
 };
+pub use migrate::{IncomingMigration, IncomingPages, MigrationInfo, MigrationMode, SendError};
 pub use region::{BackendKind, PageState, PrivateRegion, RegionSpec};
 pub use shared::{DeviceMemory, PinnedRange, SharedView};
 pub use snapshot::{Prefetch, RestoreMode, SnapshotFile, SnapshotId, SnapshotInfo, SnapshotKey};

@@ -260,9 +260,11 @@ impl PrivateRegion {
         self.changed.set(pages, true);
     }
 
-    /// Runs of pages changed since the last snapshot.
-    pub(crate) fn changed_runs(&self) -> Vec<Range<u64>> {
-        self.changed.runs(0..self.pages(), true)
+    /// Runs of pages changed since the last snapshot, taken: they are
+    /// unchanged from here on, word by word atomically (a change marked
+    /// meanwhile is in the runs or stays marked).
+    pub(crate) fn take_changed(&self) -> Vec<Range<u64>> {
+        self.changed.take_runs(self.pages())
     }
 
     /// How many pages changed since the last snapshot.

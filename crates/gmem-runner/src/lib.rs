@@ -23,6 +23,7 @@ pub mod check;
 pub mod conformance;
 pub mod kick;
 mod map;
+pub mod migrate;
 pub mod scenarios;
 pub mod selftests;
 pub mod snapshot;
@@ -32,6 +33,7 @@ mod vm;
 
 pub use gmem_boot::{self as boot, abi, GuestImage};
 pub use gmem_kvm::Gpa;
+pub use migrate::{Link, Listener, MigrationAddress};
 pub use snapshot::VmState;
 pub use vm::{
     probe_hypercall_exits, Disk, Outcome, RunConfig, RunReport, SyncHandler, Vm, VmStats,

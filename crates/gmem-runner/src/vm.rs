@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use gmem::{FileOffset, PrivateMemFile};
 use gmem_kvm::shared::SharedView;
 use gmem_kvm::{
-    ConversionRequest, Error, FaultServer, MemoryStats, PrivateMemory, RegionSpec, Result,
+    ConversionRequest, Error, FaultServer, IncomingMigration, IncomingPages, MemoryStats,
+    MigrationInfo, MigrationMode, PrivateMemory, RegionSpec, Result, SendError, SnapshotKey,
     DEFAULT_FAULT_AROUND_PAGES,
 };
 use kvm_bindings::kvm_userspace_memory_region;
@@ -213,6 +214,12 @@ pub struct Vm {
     saved: Mutex<Option<VmState>>,
     /// A paused run's vCPUs, to go on with ([`Vm::resume`]).
     parked: Mutex<Vec<VcpuFd>>,
+    /// Whether vCPUs run (a migration's pause waits for them to stop).
+    running: AtomicBool,
+    /// A migration received up to its switch, told at resume that the VM runs.
+    incoming: Mutex<Option<IncomingMigration>>,
+    /// The pages of a post-copy migration still coming in.
+    incoming_pages: Mutex<Option<IncomingPages>>,
 }
 
 /// A virtio-blk disk behind the virtio-mmio transport.
@@ -276,6 +283,9 @@ impl Vm {
             devices: Mutex::new(Vec::new()),
             saved: Mutex::new(None),
             parked: Mutex::new(Vec::new()),
+            running: AtomicBool::new(false),
+            incoming: Mutex::new(None),
+            incoming_pages: Mutex::new(None),
         })
     }
 
@@ -605,15 +615,32 @@ impl Vm {
                 config.vcpus
             )));
         }
-        boot::check_machine(state.ram_size, config.vcpus)?;
-        let cpuid = self
-            .kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let vcpus = self.new_vcpus(config, |i, vcpu| {
-            vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-            state.vcpus[i as usize].apply(vcpu)
-        })?;
+        let vcpus = boot::check_machine(state.ram_size, config.vcpus).and_then(|()| {
+            let cpuid = self
+                .kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+            self.new_vcpus(config, |i, vcpu| {
+                vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+                state.vcpus[i as usize].apply(vcpu)
+            })
+        });
+        let incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let vcpus = match (vcpus, incoming) {
+            (Err(e), Some(incoming)) => {
+                incoming.refuse(&e);
+                return Err(e);
+            }
+            (vcpus, None) => vcpus?,
+            // The source hands the VM over now: it runs here from this on.
+            (Ok(vcpus), Some(incoming)) => {
+                let control = self.control.clone();
+                let on_error = move |e: Error| control.stop(Outcome::Error(e.to_string()));
+                let pages = incoming.start(&self.memory, on_error)?;
+                *self.incoming_pages.lock().unwrap_or_else(|p| p.into_inner()) = Some(pages);
+                vcpus
+            }
+        };
         self.run_vcpus(state.ram_size, config, on_sync, vcpus)
     }
 
@@ -623,6 +650,13 @@ impl Vm {
     /// [`save_snapshot`](Self::save_snapshot).
     pub fn pause(&self) {
         self.control.stop(Outcome::Paused);
+    }
+
+    /// Whether the run is ending: paused, exited, failed or timed out (a
+    /// sync handler that waits for something, a migration's switch say,
+    /// returns once this holds).
+    pub fn is_stopping(&self) -> bool {
+        self.control.stopping.load(Ordering::SeqCst)
     }
 
     fn saved(&self) -> MutexGuard<'_, Option<VmState>> {
@@ -670,25 +704,108 @@ impl Vm {
     ) -> Result<()> {
         let last = chain.last().ok_or_else(|| Error::InvalidArgument("no snapshot".into()))?;
         let state = VmState::decode(last.vmm_state())?;
-        let disks = self.disks();
-        if state.devices() != disks.len() {
+        if state.devices() != self.disks().len() {
             return Err(Error::SnapshotMismatch(format!(
                 "the snapshot has {} device(s), this VM {}",
                 state.devices(),
-                disks.len()
+                self.disks().len()
             )));
         }
         if track_dirty {
             self.memory.track_dirty_pages()?;
         }
         self.memory.restore_snapshot(chain, mode)?;
+        self.restore_devices(&state)?;
+        *self.saved() = Some(state);
+        Ok(())
+    }
+
+    /// Sends this VM, whose run goes on on another thread, to a migration
+    /// destination over `link` ([`PrivateMemory::send_migration`] under
+    /// `key`, as `mode` says). At the switch it pauses the run (which ends
+    /// with [`Outcome::Paused`]), flushes the disks to their files and
+    /// sends the vCPUs' and devices' state. On failure before the
+    /// destination runs the VM (`switched: false`), [`resume`](Self::resume)
+    /// goes on with it here.
+    pub fn migrate_to(
+        &self,
+        mut link: crate::migrate::Link,
+        key: &SnapshotKey,
+        mode: MigrationMode,
+    ) -> std::result::Result<MigrationInfo, SendError> {
+        let input = std::mem::replace(&mut link.input, Box::new(std::io::empty()));
+        let mut pause = || {
+            self.pause();
+            loop {
+                if let Some(state) = self.saved().as_ref().map(VmState::encode) {
+                    for disk in self.disks() {
+                        let disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+                        disk.device().sync_all().map_err(Error::io("flush a disk"))?;
+                    }
+                    return Ok(state);
+                }
+                if !self.running.load(Ordering::SeqCst) && self.saved().is_none() {
+                    return Err(Error::NotPermitted(
+                        "the VM stopped before the switch (it is not running)".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        };
+        let sent = self.memory.send_migration(input, &mut link.output, key, mode, &mut pause);
+        // The thread reading the destination's answers ends with the link.
+        link.close();
+        sent
+    }
+
+    /// Receives a migration into this VM, which must be fresh: RAM of the
+    /// source's layout added ([`add_ram`](Self::add_ram) of the size
+    /// `incoming.regions()` add up to) and the same devices attached
+    /// (a disk on storage the source flushed). Then
+    /// [`resume`](Self::resume) runs it: the source is told the VM runs
+    /// once the vCPUs have their state. On failure the source is told it
+    /// keeps the VM.
+    pub fn receive_migration(&self, mut incoming: IncomingMigration) -> Result<()> {
+        let received = incoming.receive(&self.memory).and_then(|state| {
+            let state = VmState::decode(&state)?;
+            self.restore_devices(&state)?;
+            Ok(state)
+        });
+        match received {
+            Ok(state) => {
+                *self.saved() = Some(state);
+                *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(incoming);
+                Ok(())
+            }
+            Err(e) => {
+                incoming.refuse(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The pages of a post-copy migration still coming in (after
+    /// [`resume`](Self::resume) started a received one), taken.
+    pub fn take_incoming_pages(&self) -> Option<IncomingPages> {
+        self.incoming_pages.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Gives the attached devices `state`'s (`EINVAL` for another number).
+    fn restore_devices(&self, state: &VmState) -> Result<()> {
+        let disks = self.disks();
+        if state.devices() != disks.len() {
+            return Err(Error::SnapshotMismatch(format!(
+                "the VM state has {} device(s), this VM {}",
+                state.devices(),
+                disks.len()
+            )));
+        }
         for (disk, saved) in disks.iter().zip(&state.devices) {
             disk.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .restore_state(saved)
                 .map_err(|why| Error::BadSnapshot(format!("a device's state: {why}")))?;
         }
-        *self.saved() = Some(state);
         Ok(())
     }
 
@@ -731,6 +848,7 @@ impl Vm {
         on_sync: SyncHandler<'_>,
         mut vcpus: Vec<VcpuFd>,
     ) -> Result<RunReport> {
+        self.running.store(true, Ordering::SeqCst);
         let console = Mutex::new(Vec::new());
         let running = AtomicU32::new(config.vcpus);
         let deadline = config.timeout.and_then(|t| Instant::now().checked_add(t));
@@ -798,6 +916,7 @@ impl Vm {
                 Err(e) => outcome = Outcome::Error(format!("reading the paused vCPUs: {e}")),
             }
         }
+        self.running.store(false, Ordering::SeqCst);
         Ok(RunReport { outcome, console: console.into_inner().unwrap_or_else(|p| p.into_inner()) })
     }
 }

@@ -91,6 +91,12 @@ impl Block {
         self.stats
     }
 
+    /// Writes what the disk holds through to storage (before another host
+    /// takes the disk over: a migration's switch).
+    pub fn sync_all(&self) -> std::io::Result<()> {
+        self.file.sync_all()
+    }
+
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors

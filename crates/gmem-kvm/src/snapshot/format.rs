@@ -111,6 +111,11 @@ impl SnapshotKey {
         Self(Zeroizing::new(bytes))
     }
 
+    /// A copy (wiped on drop too).
+    pub(crate) fn duplicate(&self) -> Self {
+        Self::new(*self.0)
+    }
+
     /// A key of `bytes`, which must be 32 bytes long (`EINVAL` otherwise).
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
         let bytes: [u8; 32] = bytes.try_into().map_err(|_| {
@@ -129,6 +134,8 @@ enum Sealed {
     State = 2,
     KeyCheck = 3,
     End = 4,
+    /// A migration destination's message to its source.
+    Control = 5,
 }
 
 fn nonce(what: Sealed, counter: u64) -> Nonce {
@@ -174,6 +181,18 @@ impl Sealer {
     pub(crate) fn check_key(&self, tag: &[u8]) -> Result<()> {
         let ok = self.open(nonce(Sealed::KeyCheck, 0), b"gmem snapshot key check", &mut [], tag);
         ok.then_some(()).ok_or(Error::WrongKey)
+    }
+
+    /// Seals a migration destination's message `body` (in place) as its
+    /// `seq`th, with `clear` (the part sent in the clear) authenticated.
+    pub(crate) fn seal_control(&self, seq: u64, clear: &[u8], body: &mut [u8]) -> [u8; TAG_BYTES] {
+        self.seal(nonce(Sealed::Control, seq), clear, body)
+    }
+
+    /// Opens what [`seal_control`](Self::seal_control) sealed; `false` if
+    /// it fails its check.
+    pub(crate) fn open_control(&self, seq: u64, clear: &[u8], body: &mut [u8], tag: &[u8]) -> bool {
+        self.open(nonce(Sealed::Control, seq), clear, body, tag)
     }
 
     fn page_aad(&self, gpa: u64, state: PageState) -> [u8; 33] {

@@ -45,8 +45,8 @@ use crate::error::Result;
 
 mod dirty;
 pub mod format;
-mod restore;
-mod save;
+pub(crate) mod restore;
+pub(crate) mod save;
 
 pub use format::{SnapshotId, SnapshotKey};
 pub use restore::{Prefetch, RestoreMode, SnapshotFile};

@@ -34,11 +34,18 @@ pub enum RestoreMode {
 /// A snapshot file, checked: its key, header, index, VMM state, length
 /// and end tag. Its pages are checked as they are read.
 pub struct SnapshotFile {
-    file: File,
-    header: Header,
-    entries: Vec<Entry>,
-    sealer: Sealer,
+    records: Records,
+    pub(crate) header: Header,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) sealer: Sealer,
     vmm_state: Vec<u8>,
+}
+
+/// Where a snapshot's page records are: in a file, read at their offsets,
+/// or at a migration's source, asked for over the link (post-copy).
+pub(crate) enum Records {
+    File(File),
+    Remote(Arc<crate::migrate::RemoteRecords>),
 }
 
 impl std::fmt::Debug for SnapshotFile {
@@ -64,48 +71,40 @@ impl SnapshotFile {
                 "a snapshot is read from a regular file (not a FIFO, device or directory)".into(),
             ));
         }
-        let read = |offset: u64, len: u64, what: &str| -> Result<Vec<u8>> {
+        let mut offset = 0;
+        let read = |len: u64, what: &str| -> Result<Vec<u8>> {
             let mut buf = vec![0u8; len as usize];
             match file.read_exact_at(&mut buf, offset) {
-                Ok(()) => Ok(buf),
+                Ok(()) => {
+                    offset += len;
+                    Ok(buf)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::BadSnapshot(
                     format!("cut short in its {what} ({} bytes)", meta.len()),
                 )),
                 Err(e) => Err(Error::io("read the snapshot")(e)),
             }
         };
-        let fixed = read(0, Header::FIXED as u64, "header")?;
-        let head = read(0, Header::length(&fixed)? as u64, "header")?;
-        let header = Header::decode(&head)?;
-        let sealer = Sealer::new(key, header.id);
-        sealer.check_key(&header.key_check)?;
-        let total = header.total_len();
-        if meta.len() != total {
+        let length = |header: &Header| {
+            let total = header.total_len();
+            if meta.len() == total {
+                return Ok(());
+            }
             let how = if meta.len() < total { "cut short" } else { "longer than it says" };
-            return Err(Error::BadSnapshot(format!(
+            Err(Error::BadSnapshot(format!(
                 "{how}: {} bytes where the header says {total}",
                 meta.len()
-            )));
-        }
-        let tag = TAG_BYTES as u64;
-        let mut index = read(header.index_offset(), header.index_len() + tag, "index")?;
-        let index_tag = index.split_off(header.index_len() as usize);
-        if !sealer.open_index(&head, &mut index, &index_tag) {
-            return Err(Error::BadSnapshot("its header or index was altered".into()));
-        }
-        let entries = Entry::decode_all(&header, &index)?;
-        let mut vmm_state = read(header.state_offset(), header.state_len + tag, "VMM state")?;
-        let state_tag = vmm_state.split_off(header.state_len as usize);
-        if !sealer.open_state(&head, &mut vmm_state, &state_tag) {
-            return Err(Error::BadSnapshot("its VMM state was altered".into()));
-        }
-        let end = read(header.record_offset(header.records), tag, "end")?;
-        if !sealer.check_end(header.records, &end) {
+            )))
+        };
+        let head = Head::read(read, key, length)?;
+        let mut end = [0u8; TAG_BYTES];
+        file.read_exact_at(&mut end, head.header.record_offset(head.header.records))
+            .map_err(Error::io("read the snapshot"))?;
+        if !head.sealer.check_end(head.header.records, &end) {
             return Err(Error::BadSnapshot("its end tag was altered".into()));
         }
-        Ok(Self { file, header, entries, sealer, vmm_state })
+        Ok(head.with_records(Records::File(file)))
     }
-
     /// Its identity.
     pub fn id(&self) -> SnapshotId {
         self.header.id
@@ -139,7 +138,7 @@ impl SnapshotFile {
     }
 
     /// Reads and opens `count` records from `record` on, the pages from
-    /// `gpa` on in `state`, into `out` (`count` pages).
+    /// `gpa` on in `state`, into `out` (`count` pages), from the file.
     fn read_pages(
         &self,
         record: u64,
@@ -148,24 +147,18 @@ impl SnapshotFile {
         count: u64,
         out: &mut [u8],
     ) -> Result<()> {
+        let Records::File(file) = &self.records else {
+            return Err(Error::InvalidArgument("a migration's records are not read here".into()));
+        };
         scratch(&SEALED, (count * RECORD_BYTES) as usize, |sealed| {
             let offset = self.header.record_offset(record);
-            self.file.read_exact_at(sealed, offset).map_err(|e| match e.kind() {
+            file.read_exact_at(sealed, offset).map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => {
                     Error::SnapshotPage { gpa: Gpa(gpa), why: "the file was cut short" }
                 }
                 _ => Error::io("read the snapshot")(e),
             })?;
-            for (i, record_bytes) in sealed.chunks_exact_mut(RECORD_BYTES as usize).enumerate() {
-                let at = gpa + i as u64 * PAGE_SIZE;
-                let (page, tag) = record_bytes.split_at_mut(PAGE_SIZE as usize);
-                if !self.sealer.open_page(record + i as u64, at, state, page, tag) {
-                    let why = "altered, moved, or from another snapshot or key";
-                    return Err(Error::SnapshotPage { gpa: Gpa(at), why });
-                }
-                out[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize].copy_from_slice(page);
-            }
-            Ok(())
+            open_records(&self.sealer, record, gpa, state, sealed, out)
         })
     }
 
@@ -181,6 +174,53 @@ impl SnapshotFile {
             record += if entry.data { entry.pages } else { 0 };
         }
         extents
+    }
+}
+
+/// A snapshot's header, index and VMM state, checked; its records follow.
+pub(crate) struct Head {
+    pub(crate) header: Header,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) sealer: Sealer,
+    pub(crate) vmm_state: Vec<u8>,
+}
+
+impl Head {
+    /// Reads and checks a snapshot's header, index and VMM state, which
+    /// `read` gives in order (its length in bytes, what it is), with
+    /// `check` run on the header before the index is read (no record yet:
+    /// see [`Records`]).
+    pub(crate) fn read(
+        mut read: impl FnMut(u64, &str) -> Result<Vec<u8>>,
+        key: &SnapshotKey,
+        check: impl FnOnce(&Header) -> Result<()>,
+    ) -> Result<Self> {
+        let mut head = read(Header::FIXED as u64, "header")?;
+        let rest = Header::length(&head)? - Header::FIXED;
+        head.extend(read(rest as u64, "header")?);
+        let header = Header::decode(&head)?;
+        let sealer = Sealer::new(key, header.id);
+        sealer.check_key(&header.key_check)?;
+        check(&header)?;
+        let tag = TAG_BYTES as u64;
+        let mut index = read(header.index_len() + tag, "index")?;
+        let index_tag = index.split_off(header.index_len() as usize);
+        if !sealer.open_index(&head, &mut index, &index_tag) {
+            return Err(Error::BadSnapshot("its header or index was altered".into()));
+        }
+        let entries = Entry::decode_all(&header, &index)?;
+        let mut vmm_state = read(header.state_len + tag, "VMM state")?;
+        let state_tag = vmm_state.split_off(header.state_len as usize);
+        if !sealer.open_state(&head, &mut vmm_state, &state_tag) {
+            return Err(Error::BadSnapshot("its VMM state was altered".into()));
+        }
+        Ok(Self { header, entries, sealer, vmm_state })
+    }
+
+    /// The snapshot of this head, its records at `records`.
+    pub(crate) fn with_records(self, records: Records) -> SnapshotFile {
+        let Self { header, entries, sealer, vmm_state } = self;
+        SnapshotFile { records, header, entries, sealer, vmm_state }
     }
 }
 
@@ -206,6 +246,22 @@ struct LazyRegion {
 pub(crate) struct Lazy {
     source: SnapshotFile,
     regions: Vec<LazyRegion>,
+}
+
+impl LazyRegion {
+    /// The records of region pages `run` (all pending), as runs of
+    /// records: first, count.
+    fn records_of(&self, run: Range<u64>) -> Vec<(u64, u64)> {
+        let first = self.extents.partition_point(|e| e.page + e.pages <= run.start);
+        let overlapping = self.extents[first..].iter().take_while(|e| e.page < run.end);
+        overlapping
+            .map(|e| {
+                let start = run.start.max(e.page);
+                let end = run.end.min(e.page + e.pages);
+                (e.record + (start - e.page), end - start)
+            })
+            .collect()
+    }
 }
 
 impl Lazy {
@@ -265,38 +321,14 @@ impl PrivateMemory {
             }
             expected = Some(snapshot.id());
         }
-        if self.snapshots.restored.get().is_some() {
-            return Err(Error::Busy("a snapshot was restored into this memory already".into()));
-        }
-        self.check_launching()?;
-        for region in &regions {
-            let f = region.file_backing().expect("file regions");
-            if !f.binding.allocated_runs(f.file_pages(&(0..region.pages())))?.is_empty() {
-                return Err(Error::Busy(format!(
-                    "the region at {} holds pages: restore into fresh memory",
-                    region.gpa
-                )));
-            }
-        }
-        let lazy = Lazy {
-            regions: regions
-                .iter()
-                .map(|r| {
-                    let extents = full.extents_in(r.gpa.0, r.size);
-                    let pending = PageBits::new(r.pages());
-                    extents.iter().for_each(|e| pending.set(e.page..e.page + e.pages, true));
-                    LazyRegion { region: Arc::downgrade(r), pending, extents }
-                })
-                .collect(),
-            source: full,
-        };
-        if self.snapshots.restored.set(lazy).is_err() {
-            return Err(Error::Busy("a snapshot was restored into this memory already".into()));
-        }
+        self.check_fresh(&regions)?;
+        self.install_lazy(&regions, full)?;
         let restored = self.snapshots.restored.get().expect("just set");
         set_states(&regions, &restored.source.entries);
         for diff in &diffs {
-            self.apply_diff(&regions, diff)?;
+            self.apply_entries(&regions, &diff.entries, |record, gpa, state, count, plain| {
+                diff.read_pages(record, gpa, state, count, plain)
+            })?;
         }
         self.finish_launch();
         // The memory is the chain's last snapshot now: diffs start here.
@@ -313,12 +345,160 @@ impl PrivateMemory {
         Ok(())
     }
 
-    /// Applies a diff's entries: states, then its pages written (taking
-    /// them from the base's pending ones) and its holes punched.
-    fn apply_diff(&self, regions: &[Arc<PrivateRegion>], diff: &SnapshotFile) -> Result<()> {
-        set_states(regions, &diff.entries);
+    /// Whether this memory is fresh: launching, no page allocated, no
+    /// snapshot restored (`EBUSY` otherwise).
+    pub(crate) fn check_fresh(&self, regions: &[Arc<PrivateRegion>]) -> Result<()> {
+        if self.snapshots.restored.get().is_some() {
+            return Err(Error::Busy("a snapshot was restored into this memory already".into()));
+        }
+        self.check_launching()?;
+        for region in regions {
+            let f = region.file_backing().expect("file regions");
+            if !f.binding.allocated_runs(f.file_pages(&(0..region.pages())))?.is_empty() {
+                return Err(Error::Busy(format!(
+                    "the region at {} holds pages: restore into fresh memory",
+                    region.gpa
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `snapshot`'s data pages the pending ones, fetched from it on
+    /// first touch (once per memory: `EBUSY` after).
+    pub(crate) fn install_lazy(
+        &self,
+        regions: &[Arc<PrivateRegion>],
+        snapshot: SnapshotFile,
+    ) -> Result<()> {
+        let lazy = Lazy {
+            regions: regions
+                .iter()
+                .map(|r| {
+                    let extents = snapshot.extents_in(r.gpa.0, r.size);
+                    let pending = PageBits::new(r.pages());
+                    extents.iter().for_each(|e| pending.set(e.page..e.page + e.pages, true));
+                    LazyRegion { region: Arc::downgrade(r), pending, extents }
+                })
+                .collect(),
+            source: snapshot,
+        };
+        if self.snapshots.restored.set(lazy).is_err() {
+            return Err(Error::Busy("a snapshot was restored into this memory already".into()));
+        }
+        Ok(())
+    }
+
+    /// Takes `snapshot` (a migration's switch round, its records at the
+    /// source) lazily: states set, its holes punched, its data pages
+    /// punched (an earlier round's content) and pending.
+    pub(crate) fn restore_lazily(
+        &self,
+        regions: &[Arc<PrivateRegion>],
+        snapshot: SnapshotFile,
+    ) -> Result<()> {
+        set_states(regions, &snapshot.entries);
+        for entry in &snapshot.entries {
+            let region =
+                regions.iter().find(|r| r.contains(Gpa(entry.gpa))).expect("the layout matched");
+            self.discard(region, region.pages_of(Gpa(entry.gpa), entry.pages * PAGE_SIZE))?;
+        }
+        self.install_lazy(regions, snapshot)
+    }
+
+    /// Writes `sealed`, records from `first` on of the snapshot restored
+    /// lazily (arrived from a migration's source), opened and checked,
+    /// into the pages still pending. `plain` is a buffer to reuse.
+    pub(crate) fn write_arrived(
+        &self,
+        first: u64,
+        sealed: &mut [u8],
+        plain: &mut Vec<u8>,
+    ) -> Result<()> {
+        let restored =
+            self.snapshots.restored.get().ok_or_else(|| {
+                Error::Protocol("records arrived for memory that awaits none".into())
+            })?;
+        let end = first + sealed.len() as u64 / RECORD_BYTES;
+        let mut record = first;
+        while record < end {
+            let holding = restored.regions.iter().find_map(|lazy| {
+                let i = lazy.extents.partition_point(|e| e.record + e.pages <= record);
+                lazy.extents.get(i).filter(|e| e.record <= record).map(|e| (lazy, *e))
+            });
+            let (lazy, extent) =
+                holding.ok_or_else(|| Error::Protocol(format!("record {record} holds no page")))?;
+            let upto = end.min(extent.record + extent.pages);
+            let page = extent.page + (record - extent.record);
+            let count = upto - record;
+            let part = &mut sealed[((record - first) * RECORD_BYTES) as usize..]
+                [..(count * RECORD_BYTES) as usize];
+            plain.resize((count * PAGE_SIZE) as usize, 0);
+            // The region was removed meanwhile: nothing to write.
+            let Some(region) = lazy.region.upgrade() else {
+                record = upto;
+                continue;
+            };
+            let gpa = region.gpa_of(page).0;
+            open_records(&restored.source.sealer, record, gpa, extent.state, part, plain)?;
+            for run in lazy.pending.runs(page..page + count, true) {
+                // Page by page where the guest discarded some meanwhile.
+                let write = |run: Range<u64>| {
+                    self.write_run(&region, run.clone(), false, |buf| {
+                        if lazy.pending.first(run.clone(), false).is_some() {
+                            return Ok(false);
+                        }
+                        let from = ((run.start - page) * PAGE_SIZE) as usize;
+                        buf.copy_from_slice(&plain[from..from + buf.len()]);
+                        Ok(true)
+                    })
+                };
+                if !write(run.clone())? {
+                    for one in run {
+                        write(one..one + 1)?;
+                    }
+                }
+            }
+            record = upto;
+        }
+        Ok(())
+    }
+
+    /// Checks the end tag of the snapshot restored lazily from a migration.
+    pub(crate) fn check_remote_end(&self, records: u64, tag: &[u8]) -> Result<()> {
+        let restored = self.snapshots.restored.get();
+        let source = restored.map(|r| &r.source);
+        match source {
+            Some(s) if s.header.records == records && s.sealer.check_end(records, tag) => Ok(()),
+            _ => Err(Error::BadSnapshot("the switch round's end tag failed its check".into())),
+        }
+    }
+
+    /// The error of a migration link lost (`why`) while pages were still
+    /// pending: the first and the count. `None` if none was.
+    pub(crate) fn migration_lost(&self, why: String) -> Option<Error> {
+        let restored = self.snapshots.restored.get()?;
+        let pages = self.pending_snapshot_pages();
+        let first = restored.regions.iter().find_map(|lazy| {
+            let region = lazy.region.upgrade()?;
+            lazy.pending.first(0..region.pages(), true).map(|page| region.gpa_of(page))
+        })?;
+        Some(Error::MigrationLost { gpa: first, pages, why })
+    }
+
+    /// Applies a diff's `entries`: states, then its pages written (taking
+    /// them from the pending ones) and its holes punched. `read` gives
+    /// the pages of `count` records from a record on (the GPA of the first,
+    /// their state), in the order of the records.
+    pub(crate) fn apply_entries(
+        &self,
+        regions: &[Arc<PrivateRegion>],
+        entries: &[Entry],
+        mut read: impl FnMut(u64, u64, PageState, u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        set_states(regions, entries);
         let mut record = 0;
-        for entry in &diff.entries {
+        for entry in entries {
             let region =
                 regions.iter().find(|r| r.contains(Gpa(entry.gpa))).expect("the layout matched");
             let pages = region.pages_of(Gpa(entry.gpa), entry.pages * PAGE_SIZE);
@@ -332,7 +512,7 @@ impl PrivateMemory {
                 let count = run.end - run.start;
                 let (gpa, first) = (region.gpa_of(run.start).0, record + (run.start - pages.start));
                 self.write_run(region, run.clone(), false, |plain| {
-                    diff.read_pages(first, gpa, entry.state, count, plain).map(|()| true)
+                    read(first, gpa, entry.state, count, plain).map(|()| true)
                 })?;
                 at = run.end;
             }
@@ -383,6 +563,20 @@ impl PrivateMemory {
     ) -> Result<()> {
         let Some(restored) = self.snapshots.restored.get() else { return Ok(()) };
         let Some(lazy) = restored.region(region) else { return Ok(()) };
+        if let Records::Remote(remote) = &restored.source.records {
+            // Asked for; written by the migration's receiving thread.
+            for run in lazy.pending.runs(pages.clone(), true) {
+                for (record, count) in lazy.records_of(run) {
+                    remote.request(record, count);
+                }
+            }
+            let done = || lazy.pending.first(pages.clone(), true).is_none();
+            return remote.wait_until(done).map_err(|why| {
+                let first = lazy.pending.first(pages.clone(), true).unwrap_or(pages.start);
+                let pages = self.pending_snapshot_pages();
+                Error::MigrationLost { gpa: region.gpa_of(first), pages, why }
+            });
+        }
         let mut at = pages.start;
         while let Some(start) = lazy.pending.first(at..pages.end, true) {
             let limit = pages.end.min(start + FETCH_PAGES);
@@ -513,6 +707,29 @@ impl PrivateMemory {
             .map_err(Error::io("spawn the prefetch thread"))?;
         Ok(Prefetch { stop, thread: Some(thread) })
     }
+}
+
+/// Opens `sealed`, the records from `record` on (the pages from `gpa` on,
+/// in `state`), into `out`: [`Error::SnapshotPage`] names the first that
+/// fails its check.
+pub(crate) fn open_records(
+    sealer: &Sealer,
+    record: u64,
+    gpa: u64,
+    state: PageState,
+    sealed: &mut [u8],
+    out: &mut [u8],
+) -> Result<()> {
+    for (i, record_bytes) in sealed.chunks_exact_mut(RECORD_BYTES as usize).enumerate() {
+        let at = gpa + i as u64 * PAGE_SIZE;
+        let (page, tag) = record_bytes.split_at_mut(PAGE_SIZE as usize);
+        if !sealer.open_page(record + i as u64, at, state, page, tag) {
+            let why = "altered, moved, or from another snapshot or key";
+            return Err(Error::SnapshotPage { gpa: Gpa(at), why });
+        }
+        out[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize].copy_from_slice(page);
+    }
+    Ok(())
 }
 
 /// Sets the states of `entries`' pages.

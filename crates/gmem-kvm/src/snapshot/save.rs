@@ -75,24 +75,10 @@ impl PrivateMemory {
         vmm_state: &[u8],
         diff: bool,
     ) -> Result<SnapshotInfo> {
-        if vmm_state.len() as u64 > MAX_STATE {
-            return Err(Error::InvalidArgument(format!(
-                "VMM state of {} bytes: at most {MAX_STATE}",
-                vmm_state.len()
-            )));
-        }
         // Its readers wait for page locks that a punch of this thread's
         // (a listener inside it) would hold until the listener returns.
         self.gate.check_not_held_here("save a snapshot")?;
         let _no_conversions = self.gate.conversion_turn()?;
-        let regions = self.regions();
-        let mut regions: Vec<Arc<PrivateRegion>> = regions.to_vec();
-        regions.sort_by_key(|r| r.gpa.0);
-        if regions.is_empty() || regions.iter().any(|r| r.file_backing().is_none()) {
-            return Err(Error::Unsupported(
-                "snapshots of memory without regions, or with native (guest_memfd) regions".into(),
-            ));
-        }
         let base = *self.snapshots.base();
         let id =
             match (diff, base) {
@@ -105,15 +91,60 @@ impl PrivateMemory {
                         .into(),
                 )),
             };
+        let plan = self.plan_snapshot(key, id, base.filter(|_| diff), vmm_state)?;
+        let written = plan.write_head(out).and_then(|()| {
+            self.write_records(out, &plan.sealer, &plan.regions, &plan.entries)?;
+            plan.write_end(out)
+        });
+        if let Err(e) = written {
+            plan.give_back();
+            return Err(e);
+        }
+        *self.snapshots.base() = Some(id);
+        Ok(plan.info())
+    }
+
+    /// What snapshot `id` will hold (a diff on `base`, or a full one), with
+    /// its changes taken: the caller holds the conversion turn, and writes
+    /// it whole ([`SnapshotPlan::write_head`], the records, the end) or
+    /// gives the changes back ([`SnapshotPlan::give_back`]).
+    pub(crate) fn plan_snapshot(
+        &self,
+        key: &SnapshotKey,
+        id: SnapshotId,
+        base: Option<SnapshotId>,
+        vmm_state: &[u8],
+    ) -> Result<SnapshotPlan> {
+        if vmm_state.len() as u64 > MAX_STATE {
+            return Err(Error::InvalidArgument(format!(
+                "VMM state of {} bytes: at most {MAX_STATE}",
+                vmm_state.len()
+            )));
+        }
+        let mut regions: Vec<Arc<PrivateRegion>> = self.regions().to_vec();
+        regions.sort_by_key(|r| r.gpa.0);
+        if regions.is_empty() || regions.iter().any(|r| r.file_backing().is_none()) {
+            return Err(Error::Unsupported(
+                "snapshots of memory without regions, or with native (guest_memfd) regions".into(),
+            ));
+        }
+        let diff = base.is_some();
         if !diff {
             self.fetch_all()?;
         }
         self.harvest_dirty_log()?;
         let mut entries = Vec::new();
+        let mut taken = Vec::new();
         for region in &regions {
-            entries.extend(self.entries_of(region, diff)?);
+            // Taken now: changes from here on are the next snapshot's.
+            let changed = region.take_changed();
+            entries.extend(self.entries_of(region, diff.then_some(&changed[..]))?);
+            taken.push(changed);
         }
         if entries.len() as u64 > MAX_ENTRIES {
+            for (region, taken) in regions.iter().zip(&taken) {
+                taken.iter().for_each(|run| region.mark_changed(run.clone()));
+            }
             return Err(Error::InvalidArgument(format!(
                 "{} runs of pages: a snapshot's index holds at most {MAX_ENTRIES}",
                 entries.len()
@@ -123,37 +154,30 @@ impl PrivateMemory {
         let sealer = Sealer::new(key, id);
         let header = Header {
             id,
-            base: if diff { base } else { None },
+            base,
             regions: regions.iter().map(|r| (r.gpa.0, r.size)).collect(),
             entries: entries.len() as u64,
             records,
             state_len: vmm_state.len() as u64,
             key_check: sealer.key_check(),
         };
-        let head = header.encode();
+        let mut head = header.encode();
         let mut index = Entry::encode_all(&entries);
         let index_tag = sealer.seal_index(&head, &mut index);
         let mut state = vmm_state.to_vec();
         let state_tag = sealer.seal_state(&head, &mut state);
-        let io = || Error::io("write the snapshot");
-        for part in [&head[..], &index, &index_tag, &state, &state_tag] {
-            out.write_all(part).map_err(io())?;
-        }
-        self.write_records(out, &sealer, &regions, &entries)?;
-        out.write_all(&sealer.end_tag(records)).map_err(io())?;
-        out.flush().map_err(io())?;
-        // Saved whole: the changes it holds are the next diff's no more.
-        for region in &regions {
-            region.clear_changed();
-        }
-        *self.snapshots.base() = Some(id);
-        Ok(SnapshotInfo { id, base: header.base, pages: records, bytes: header.total_len() })
+        head.extend([&index[..], &index_tag, &state, &state_tag].concat());
+        Ok(SnapshotPlan { header, head, entries, sealer, regions, taken })
     }
 
     /// The index entries of `region`: for a full snapshot its allocated
     /// pages and its shared holes; for a diff its changed pages (data where
     /// allocated, holes elsewhere) and its allocated shared pages.
-    fn entries_of(&self, region: &PrivateRegion, diff: bool) -> Result<Vec<Entry>> {
+    fn entries_of(
+        &self,
+        region: &PrivateRegion,
+        changed: Option<&[Range<u64>]>,
+    ) -> Result<Vec<Entry>> {
         let f = region.file_backing().expect("checked: file regions only");
         let all = 0..region.pages();
         let allocated: Vec<Range<u64>> = f
@@ -165,10 +189,9 @@ impl PrivateMemory {
         let mut data = PageSet::default();
         let mut holes = PageSet::default();
         let shared = region.shared.runs(all.clone(), true);
-        if diff {
-            let changed = region.changed_runs();
-            data.extend(intersect(&changed, &allocated));
-            holes.extend(subtract(&changed, &allocated));
+        if let Some(changed) = changed {
+            data.extend(intersect(changed, &allocated));
+            holes.extend(subtract(changed, &allocated));
             data.extend(intersect(&shared, &allocated));
         } else {
             data.extend(allocated.iter().cloned());
@@ -197,7 +220,7 @@ impl PrivateMemory {
     /// Reads, seals and writes the data pages of `entries`, in order:
     /// threads (one per core) read and seal chunks while this one writes
     /// them in order.
-    fn write_records(
+    pub(crate) fn write_records(
         &self,
         out: &mut dyn Write,
         sealer: &Sealer,
@@ -259,13 +282,62 @@ impl PrivateMemory {
     }
 }
 
+/// A snapshot about to be written: its header and the bytes up to its
+/// records, its entries, and the changes it took from its regions.
+pub(crate) struct SnapshotPlan {
+    pub(crate) header: Header,
+    head: Vec<u8>,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) sealer: Sealer,
+    pub(crate) regions: Vec<Arc<PrivateRegion>>,
+    taken: Vec<Vec<Range<u64>>>,
+}
+
+impl SnapshotPlan {
+    /// The header, index and VMM state, sealed.
+    pub(crate) fn write_head(&self, out: &mut dyn Write) -> Result<()> {
+        out.write_all(&self.head).map_err(Error::io("write the snapshot"))
+    }
+
+    /// The end tag; then flushes `out`.
+    pub(crate) fn write_end(&self, out: &mut dyn Write) -> Result<()> {
+        let io = || Error::io("write the snapshot");
+        out.write_all(&self.sealer.end_tag(self.header.records)).map_err(io())?;
+        out.flush().map_err(io())
+    }
+
+    /// Marks the changes this snapshot took as changed again (it was not
+    /// written whole: the next diff holds them).
+    pub(crate) fn give_back(&self) {
+        for (region, taken) in self.regions.iter().zip(&self.taken) {
+            taken.iter().for_each(|run| region.mark_changed(run.clone()));
+        }
+    }
+
+    /// What was written.
+    pub(crate) fn info(&self) -> SnapshotInfo {
+        let header = &self.header;
+        SnapshotInfo {
+            id: header.id,
+            base: header.base,
+            pages: header.records,
+            bytes: header.total_len(),
+        }
+    }
+
+    /// The records' chunks, in order.
+    pub(crate) fn chunks(&self) -> Vec<Chunk<'_>> {
+        chunks_of(&self.regions, &self.entries)
+    }
+}
+
 /// A run of data pages sealed as one: the region, its pages, their state,
 /// and the record of the first.
-struct Chunk<'a> {
-    region: &'a PrivateRegion,
-    pages: Range<u64>,
-    state: PageState,
-    record: u64,
+pub(crate) struct Chunk<'a> {
+    pub(crate) region: &'a PrivateRegion,
+    pub(crate) pages: Range<u64>,
+    pub(crate) state: PageState,
+    pub(crate) record: u64,
 }
 
 /// The data pages of `entries` in chunks of at most [`CHUNK_PAGES`].
@@ -292,7 +364,7 @@ fn chunks_of<'a>(regions: &'a [Arc<PrivateRegion>], entries: &[Entry]) -> Vec<Ch
 /// Reads a chunk's pages (under their page locks: a hole reads zero)
 /// and seals them into `sealed`: its records, each the sealed page and
 /// its tag.
-fn seal_chunk(chunk: &Chunk<'_>, sealer: &Sealer, sealed: &mut Vec<u8>) -> Result<()> {
+pub(crate) fn seal_chunk(chunk: &Chunk<'_>, sealer: &Sealer, sealed: &mut Vec<u8>) -> Result<()> {
     let Chunk { region, ref pages, state, record } = *chunk;
     let f = region.file_backing().expect("file regions only");
     let count = (pages.end - pages.start) as usize;
