@@ -14,6 +14,30 @@ pub(crate) enum Backend {
     Userspace,
 }
 
+/// `--migrate-mode`: how memory moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MigrateMode {
+    /// All of memory while the guest runs, then rounds of what changed,
+    /// then a short pause for the rest.
+    Precopy,
+    /// Pause at once; the destination runs and pulls pages as it touches
+    /// them while the rest are pushed.
+    Postcopy,
+    /// One round of everything while the guest runs (two at most), then
+    /// post-copy.
+    Hybrid,
+}
+
+impl From<MigrateMode> for gmem_kvm::MigrationMode {
+    fn from(mode: MigrateMode) -> Self {
+        match mode {
+            MigrateMode::Precopy => Self::PreCopy,
+            MigrateMode::Postcopy => Self::PostCopy,
+            MigrateMode::Hybrid => Self::Hybrid,
+        }
+    }
+}
+
 /// One `--sync N:ACTION`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SyncSpec {
@@ -119,6 +143,27 @@ pub(crate) struct RunArgs {
     /// the background while it runs.
     #[arg(long, requires = "restore", conflicts_with = "restore_eager")]
     pub(crate) prefetch: bool,
+    /// Migrate the running VM to a `gmem run --incoming` at ADDR
+    /// (tcp:HOST:PORT or unix:PATH), sealed with --key-file. The source
+    /// stops once the destination runs the VM: exit status 0, JSON reason
+    /// "migrated". If it fails before that, the guest runs on here to its
+    /// end and the exit status is 5.
+    #[arg(long = "migrate-to", value_name = "ADDR", value_parser = parse_address, conflicts_with_all = ["save_at", "incoming"])]
+    pub(crate) migrate_to: Option<gmem_runner::MigrationAddress>,
+    /// With --migrate-to: start at sync stage N (after its --sync actions;
+    /// the vCPU that reached it waits there, the others run on) instead of
+    /// at once.
+    #[arg(long = "migrate-at", value_name = "N", value_parser = parse_number, requires = "migrate_to")]
+    pub(crate) migrate_at: Option<u64>,
+    /// With --migrate-to: how memory moves.
+    #[arg(long = "migrate-mode", value_enum, default_value_t = MigrateMode::Precopy, requires = "migrate_to")]
+    pub(crate) migrate_mode: MigrateMode,
+    /// Instead of booting a guest, wait at ADDR (tcp:HOST:PORT or
+    /// unix:PATH) for a VM migrated by `gmem run --migrate-to`, then run
+    /// it (--timeout bounds the wait too). --sync gives the host side of
+    /// the stages still to come; --disk the same disk file (shared storage).
+    #[arg(long, value_name = "ADDR", value_parser = parse_address, conflicts_with_all = ["guest", "restore", "save_at", "mem", "vcpus"])]
+    pub(crate) incoming: Option<gmem_runner::MigrationAddress>,
     /// Print one JSON object on stdout at the end (console still on stderr).
     #[arg(long)]
     pub(crate) json: bool,
@@ -143,6 +188,11 @@ fn parse_huge_pages(text: &str) -> Result<gmem::HugePages, String> {
         "memfd" => Ok(gmem::HugePages::Memfd),
         dir => Ok(gmem::HugePages::Tmpfs(dir.into())),
     }
+}
+
+/// `tcp:HOST:PORT` or `unix:PATH`.
+fn parse_address(text: &str) -> Result<gmem_runner::MigrationAddress, String> {
+    text.parse()
 }
 
 /// `N:PATH`: a sync stage and where to save a snapshot.

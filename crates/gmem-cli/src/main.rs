@@ -7,6 +7,7 @@
 mod args;
 mod bench;
 mod check;
+mod migrate;
 mod plot;
 mod probe;
 mod run;
@@ -30,7 +31,7 @@ enum Command {
     /// What this host supports and which backend gmem will use.
     Probe(probe::ProbeArgs),
     /// Boot a guest program (GUEST_ABI 1.2) on private memory.
-    Run(args::RunArgs),
+    Run(Box<args::RunArgs>),
     /// Measure gmem against plain KVM memory in one run (ratios).
     Bench(bench::BenchArgs),
     /// Conformance: the seed's flows, the kernel's guest_memfd checklist,
@@ -85,6 +86,14 @@ mod fuzz {
                 "--threads",
                 "--check",
                 "--hypercall-exits",
+                "--migrate-to",
+                "--migrate-at",
+                "--migrate-mode",
+                "--incoming",
+                "tcp:127.0.0.1:99999",
+                "unix:",
+                "tcp::1",
+                "hybrid",
                 "auto",
                 "native",
                 "userspace",

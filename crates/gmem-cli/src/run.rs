@@ -12,13 +12,16 @@ use serde_json::json;
 use crate::args::{parse_sync, Action, Backend, RunArgs, SyncSpec};
 
 /// Exit status for bad arguments or a bad image.
-const BAD_INPUT: u8 = 2;
+pub(crate) const BAD_INPUT: u8 = 2;
 /// Exit status for a VM error.
 const VM_ERROR: u8 = 3;
 /// Exit status when `--save-at` could not save: the guest ran on to its end.
 const SAVE_FAILED: u8 = 4;
+/// Exit status when `--migrate-to` failed before the destination ran the
+/// VM: the guest ran on here to its end.
+const MIGRATE_FAILED: u8 = 5;
 /// Exit status on timeout.
-const TIMEOUT: u8 = 124;
+pub(crate) const TIMEOUT: u8 = 124;
 /// `--mem`'s default.
 const DEFAULT_MEM: u64 = 64 << 20;
 
@@ -33,12 +36,12 @@ struct SyncRecord {
 }
 
 /// Why a run could not start or finish: the exit status and the message.
-struct Failure {
+pub(crate) struct Failure {
     status: u8,
     message: String,
 }
 
-fn fail<T>(status: u8, message: impl std::fmt::Display) -> Result<T, Failure> {
+pub(crate) fn fail<T>(status: u8, message: impl std::fmt::Display) -> Result<T, Failure> {
     Err(Failure { status, message: message.to_string() })
 }
 
@@ -269,6 +272,7 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
                     records: &[],
                     stats: &stats,
                     snapshot: None,
+                    migration: None,
                 });
                 println!("{json}");
             }
@@ -287,11 +291,13 @@ struct Report<'a> {
     records: &'a [SyncRecord],
     stats: &'a gmem_runner::VmStats,
     snapshot: Option<serde_json::Value>,
+    migration: Option<serde_json::Value>,
 }
 
 /// The JSON report of GUEST_ABI's `--json`.
 fn report_json(report: Report<'_>) -> serde_json::Value {
-    let Report { exit_code, reason, error, backend, console, records, stats, snapshot } = report;
+    let Report { exit_code, reason, error, backend, console, records, stats, snapshot, migration } =
+        report;
     let syncs: Vec<_> = records
         .iter()
         .map(|r| {
@@ -327,6 +333,7 @@ fn report_json(report: Report<'_>) -> serde_json::Value {
             "pending_snapshot_pages": stats.pending_snapshot_pages,
         },
         "snapshot": snapshot,
+        "migration": migration,
     })
 }
 
@@ -334,6 +341,7 @@ fn report_json(report: Report<'_>) -> serde_json::Value {
 enum Start {
     Boot(GuestImage),
     Restore(Vec<gmem_kvm::SnapshotFile>),
+    Incoming(gmem_kvm::IncomingMigration),
 }
 
 /// What `--save-at` asks for.
@@ -345,20 +353,33 @@ struct Save {
 
 /// The snapshot key, where snapshots are asked for (status 2 without one).
 fn snapshot_key(args: &RunArgs) -> Result<Option<gmem_kvm::SnapshotKey>, Failure> {
-    let wanted = args.save_at.is_some() || !args.restore.is_empty();
+    let wanted = args.save_at.is_some()
+        || !args.restore.is_empty()
+        || args.migrate_to.is_some()
+        || args.incoming.is_some();
     match (&args.key_file, wanted) {
         (Some(path), true) => {
             crate::snapshot::read_key(path).map(Some).or_else(|e| fail(BAD_INPUT, e))
         }
-        (None, true) => fail(BAD_INPUT, "--save-at and --restore need --key-file KEY"),
-        (Some(_), false) => fail(BAD_INPUT, "--key-file is for --save-at and --restore"),
+        (None, true) => {
+            fail(BAD_INPUT, "--save-at, --restore, --migrate-to and --incoming need --key-file KEY")
+        }
+        (Some(_), false) => {
+            fail(BAD_INPUT, "--key-file is for --save-at, --restore, --migrate-to and --incoming")
+        }
         (None, false) => Ok(None),
     }
 }
 
 fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     let key = snapshot_key(args)?;
-    let (start, mem, vcpus, timeout, syncs) = match (&key, args.restore.is_empty()) {
+    let (start, mem, mut vcpus, timeout, syncs) = match (&key, args.restore.is_empty()) {
+        (Some(key), _) if args.incoming.is_some() => {
+            let incoming = crate::migrate::accept(args, key)?;
+            let timeout = args.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            let mem = crate::migrate::ram_size(&incoming).or_else(|e| fail(BAD_INPUT, e))?;
+            (Start::Incoming(incoming), mem, 0, timeout, args.syncs.clone())
+        }
         (Some(key), false) => {
             let chain =
                 crate::snapshot::open_chain(&args.restore, key).or_else(|e| fail(BAD_INPUT, e))?;
@@ -438,7 +459,10 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         (None, asked) => choose_backend(asked).or_else(|e| fail(BAD_INPUT, e))?,
     };
     if (save.is_some() || key.is_some()) && backend == "native" {
-        return fail(BAD_INPUT, "snapshots need the user-space backend (--backend userspace)");
+        return fail(
+            BAD_INPUT,
+            "snapshots and migration need the user-space backend (--backend userspace)",
+        );
     }
     if args.hypercall_exits {
         match gmem_runner::probe_hypercall_exits() {
@@ -487,9 +511,18 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             }
             None
         }
+        Start::Incoming(incoming) => {
+            // Nothing runs on a stream that fails its checks.
+            vcpus = vm.receive_migration(incoming).or_else(|e| {
+                fail(BAD_INPUT, format!("the migration failed before the switch: {e}"))
+            })?;
+            eprintln!("gmem run: migration received; the guest runs here ({vcpus} vCPUs)");
+            None
+        }
     };
 
     let records = Mutex::new(Vec::new());
+    let outgoing = crate::migrate::Outgoing::new(args);
     // Armed until the stage is reached: after a failed save the guest goes
     // on past it.
     let pause_armed = std::sync::atomic::AtomicBool::new(save.is_some());
@@ -515,6 +548,9 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         if save.as_ref().is_some_and(|s| s.stage == stage) && pause_armed.swap(false, SeqCst) {
             vm.pause();
         }
+        if args.migrate_at == Some(stage) {
+            outgoing.start_and_wait(vm);
+        }
     };
     let config = RunConfig {
         timeout: (timeout > 0.0).then(|| Duration::from_secs_f64(timeout)),
@@ -522,10 +558,10 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         hypercall_exits: args.hypercall_exits,
         ..RunConfig::new(vcpus)
     };
-    let ran = match &image {
+    let (ran, sent) = outgoing.run(&vm, key.as_ref(), || match &image {
         Some(image) => vm.run(image, mem, &config, &on_sync),
         None => vm.resume(&config, &on_sync),
-    };
+    });
     let mut report = match ran {
         Ok(report) => report,
         // Asked for what this host cannot do (hypercall exits): a bad argument.
@@ -534,7 +570,43 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     };
     let mut saved = None;
     let mut save_error = None;
-    if let (Outcome::Paused, Some(save), Some(key)) = (&report.outcome, &save, &key) {
+    let mut migration = None;
+    match (&report.outcome, sent) {
+        (_, None) => {}
+        (Outcome::Paused, Some(Ok(info))) => {
+            eprintln!(
+                "gmem run: migrated to {}: {} pages ({} pre-copy rounds), {} bytes; paused {:.1} ms of {:.1} ms",
+                args.migrate_to.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+                info.pages(),
+                info.rounds,
+                info.bytes,
+                info.downtime.as_secs_f64() * 1e3,
+                info.total.as_secs_f64() * 1e3
+            );
+            migration = Some(crate::migrate::describe(&info));
+        }
+        (_, Some(Ok(_))) => unreachable!("a migration ends with the run paused"),
+        (_, Some(Err(e))) if e.switched => {
+            // The destination runs the VM: it is no longer here to resume.
+            return fail(VM_ERROR, format!("the migration failed after the switch: {e}"));
+        }
+        (outcome, Some(Err(e))) => {
+            eprintln!("gmem run: the migration failed: {e}; the guest goes on here");
+            save_error = Some(format!("the migration failed: {e}"));
+            if *outcome == Outcome::Paused {
+                let mut console = std::mem::take(&mut report.console);
+                report = match vm.resume(&config, &on_sync) {
+                    Ok(report) => report,
+                    Err(e) => return fail(VM_ERROR, format!("cannot resume the VM: {e}")),
+                };
+                console.append(&mut report.console);
+                report.console = console;
+            }
+        }
+    }
+    if let (Outcome::Paused, Some(save), Some(key), None) =
+        (&report.outcome, &save, &key, &migration)
+    {
         drop(prefetch.take());
         match crate::snapshot::save(&vm, &save.path, key, save.diff) {
             Ok(info) => {
@@ -582,10 +654,18 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
         Outcome::Exit(code) => ((code & 0xff) as u8, "exit", Some(*code), None),
         Outcome::Timeout => (TIMEOUT, "timeout", None, None),
         Outcome::Error(message) => (VM_ERROR, "error", None, Some(message.clone())),
+        Outcome::Paused if migration.is_some() => (0, "migrated", None, None),
         Outcome::Paused => (0, "saved", None, None),
     };
     if save_error.is_some() {
-        (status, error) = (SAVE_FAILED, save_error);
+        let failed = if args.migrate_to.is_some() { MIGRATE_FAILED } else { SAVE_FAILED };
+        (status, error) = (failed, save_error);
+    }
+    if let Some(pages) = vm.take_incoming_pages() {
+        // The source waits for the pages the guest never touched to arrive.
+        if let Err(e) = pages.wait() {
+            eprintln!("gmem run: the migration's last pages did not all arrive: {e}");
+        }
     }
     let records = records.into_inner().unwrap_or_else(|p| p.into_inner());
     if args.json {
@@ -598,6 +678,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             records: &records,
             stats: &stats,
             snapshot: saved,
+            migration: migration.clone(),
         });
         println!("{out}");
     }

@@ -5,37 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use common::{gmem_bounded as gmem, json, kvm, status, stderr};
-
-/// A directory of the test's own, removed on drop, with a key in it.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("gmem-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::write(dir.join("key"), [0x42u8; 32]).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_owned()
-    }
-
-    fn key(&self) -> String {
-        self.path("key")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{gmem_bounded as gmem, json, kvm, status, stderr, Dir};
 
 fn run(args: &[&str]) -> Output {
     gmem(&[&["run", "--json"][..], args].concat())

@@ -69,9 +69,9 @@ pub enum Error {
     /// length that does not match (`EBADMSG`).
     #[error("bad snapshot: {0}")]
     BadSnapshot(String),
-    /// The snapshot was sealed under another key (or its identity was
-    /// altered, which derives another key) (`EKEYREJECTED`).
-    #[error("snapshot key rejected: the snapshot was sealed under another key")]
+    /// A snapshot or migration sealed under another key (or whose
+    /// identity was altered, which derives another key) (`EKEYREJECTED`).
+    #[error("key rejected: sealed under another key")]
     WrongKey,
     /// A snapshot page failed its check when read (`EBADMSG`): altered,
     /// moved, or from another snapshot. The guest never sees it.

@@ -764,8 +764,8 @@ impl Vm {
     /// (a disk on storage the source flushed). Then
     /// [`resume`](Self::resume) runs it: the source is told the VM runs
     /// once the vCPUs have their state. On failure the source is told it
-    /// keeps the VM.
-    pub fn receive_migration(&self, mut incoming: IncomingMigration) -> Result<()> {
+    /// keeps the VM. Returns the number of vCPUs to resume with.
+    pub fn receive_migration(&self, mut incoming: IncomingMigration) -> Result<u32> {
         let received = incoming.receive(&self.memory).and_then(|state| {
             let state = VmState::decode(&state)?;
             self.restore_devices(&state)?;
@@ -773,9 +773,10 @@ impl Vm {
         });
         match received {
             Ok(state) => {
+                let vcpus = state.vcpus();
                 *self.saved() = Some(state);
                 *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(incoming);
-                Ok(())
+                Ok(vcpus)
             }
             Err(e) => {
                 incoming.refuse(&e);

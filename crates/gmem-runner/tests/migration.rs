@@ -7,8 +7,8 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -251,9 +251,8 @@ fn a_link_dropped_in_a_round_leaves_the_guest_here() {
     }
     // Cut after 1 MiB of round 0.
     let (out, into, proxy) = proxy(|forth, _| forth > 1 << 20);
-    let migrated = migrate_with("touch", 2, 1, MigrationMode::PreCopy, out, move || {
-        destination(into, 2)
-    });
+    let migrated =
+        migrate_with("touch", 2, 1, MigrationMode::PreCopy, out, move || destination(into, 2));
     proxy.join().unwrap();
     assert!(!migrated.sent.unwrap_err().switched);
     assert_eq!(migrated.source.outcome, Outcome::Exit(0), "{}", console(&migrated.source));
@@ -269,9 +268,8 @@ fn a_link_dropped_in_postcopy_stops_the_destination_naming_what_was_lost() {
     // Cut once the destination said it runs (its second message, 48
     // bytes each): no page has been pushed yet.
     let (out, into, proxy) = proxy(|_, back| back >= 96);
-    let migrated = migrate_with("touch", 2, 1, MigrationMode::PostCopy, out, move || {
-        destination(into, 2)
-    });
+    let migrated =
+        migrate_with("touch", 2, 1, MigrationMode::PostCopy, out, move || destination(into, 2));
     proxy.join().unwrap();
     let e = migrated.sent.unwrap_err();
     assert!(e.switched, "the destination ran the VM: {e}");

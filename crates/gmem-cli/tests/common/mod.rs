@@ -1,6 +1,7 @@
 //! Running the `gmem` binary in tests.
 #![allow(dead_code, unreachable_pub)]
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -45,4 +46,31 @@ pub fn gmem_bounded(args: &[&str]) -> Output {
         .spawn()
         .unwrap();
     finish(child)
+}
+
+/// A directory of the test's own, removed on drop, with a key in it.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("gmem-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("key"), [0x42u8; 32]).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_owned()
+    }
+
+    pub fn key(&self) -> String {
+        self.path("key")
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
