@@ -77,7 +77,7 @@ impl Action {
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
     /// Guest ELF image: a path, or the name of a built-in guest (badbell,
-    /// badport, convbench, convert, convsmp, convstorm, demo, halt, hugeconv,
+    /// badport, convbench, convert, convsmp, convstorm, demo, dirty, halt, hugeconv,
     /// hypercall, memmap, punch, revisit, smp, sparse, spin, stress, tlb,
     /// touch, user, disk, diskbench). Default: the demo guest. Without
     /// --sync, a built-in guest gets its own host side (demo, convert,

@@ -127,7 +127,8 @@ pub(crate) fn bench(args: &BenchArgs) -> u8 {
         .and_then(|()| host_access_figures(reps, &mut figures))
         .and_then(|()| metadata_figures(&mut figures))
         .and_then(|()| huge_figures(args, mib, reps, &mut figures))
-        .and_then(|()| snapshot_figures(args.quick, reps, &mut figures));
+        .and_then(|()| snapshot_figures(args.quick, reps, &mut figures))
+        .and_then(|()| migration_figures(args.quick, reps, &mut figures));
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
@@ -503,6 +504,52 @@ fn snapshot_figures(quick: bool, reps: u64, figures: &mut Vec<Figure>) -> Result
         rounds.iter().map(|r| r.diff_bytes as f64 / r.changed_bytes as f64).collect();
     let bound = (1.1, "bound: 1.1 per byte changed");
     figures.push(Figure::cost("diff-snapshot", middle(&mut diffs), "x", bound).target(1.0));
+    Ok(())
+}
+
+/// Live migrations of a 1 GiB `dirty` guest (64 MiB with `--quick`; at
+/// most 3 rounds) between two VMs over a Unix socket pair: the pause of a
+/// pre-copy while the guest rewrites 1% of its pages every 100 ms,
+/// against the whole migration; pages sent per page allocated, pre-copy
+/// (that guest) and post-copy; and the rate memory moves at (nothing
+/// changing meanwhile) against a plain copy of as many bytes over a Unix
+/// socket pair.
+fn migration_figures(quick: bool, reps: u64, figures: &mut Vec<Figure>) -> Result<(), String> {
+    use gmem_kvm::MigrationMode::{PostCopy, PreCopy};
+    let ram: u64 = if quick { 64 << 20 } else { 1 << 30 };
+    let guest = gmem_guest::guest("dirty").expect("the dirty guest is built in");
+    let migrate = |mode, paced| {
+        gmem_runner::bench::migration(guest, ram, mode, paced)
+            .map_err(|e| format!("migration: {e}"))
+    };
+    let (mut pauses, mut totals, mut precopy, mut postcopy) = (vec![], vec![], vec![], vec![]);
+    let (mut moved, mut plain) = (vec![], vec![]);
+    let mib = |bytes: u64, time: Duration| bytes as f64 / f64::from(1 << 20) / time.as_secs_f64();
+    for rep in 1..=reps.min(3) {
+        progress(&format!("migrations of {} MiB, round {rep}/{}", ram >> 20, reps.min(3)));
+        let live = migrate(PreCopy, true)?;
+        pauses.push(live.info.downtime.as_secs_f64() * 1e3);
+        totals.push(live.info.total.as_secs_f64() * 1e3);
+        precopy.push(live.info.pages() as f64 / live.allocated as f64);
+        let post = migrate(PostCopy, false)?;
+        postcopy.push(post.info.pages() as f64 / post.allocated as f64);
+        let still = migrate(PreCopy, false)?;
+        moved.push(mib(still.info.pages() * gmem::PAGE_SIZE, still.info.total));
+        plain.push(mib(still.info.pages() * gmem::PAGE_SIZE, still.plain_copy));
+    }
+    let total = (middle(&mut totals), "whole migration");
+    figures.push(Figure::cost("migrate-downtime", middle(&mut pauses), "ms", total).target(20.0));
+    let bound = (1.5, "bound: 1.5 per page allocated");
+    figures
+        .push(Figure::cost("migrate-pages-precopy", middle(&mut precopy), "x", bound).target(1.0));
+    let bound = (1.0, "bound: 1.0 per page allocated");
+    figures.push(
+        Figure::cost("migrate-pages-postcopy", middle(&mut postcopy), "x", bound).target(1.0),
+    );
+    let baseline = (middle(&mut plain), "plain copy, Unix socket");
+    figures.push(
+        Figure::rate("migrate-throughput", middle(&mut moved), "MiB/s", baseline).target(0.7),
+    );
     Ok(())
 }
 

@@ -29,7 +29,7 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
         rt::out().s("revisit: ").dec(wrong).s(" pages lost what this vCPU wrote\n");
         return 1;
     }
-    rt::touch_share_head(boot, vcpu, 4096, tenth);
+    rt::touch_share_from(boot, vcpu, 4096, 0, tenth);
     rt::sync(2);
     if DONE.fetch_add(1, Ordering::SeqCst) + 1 == boot.vcpu_count {
         return 0;

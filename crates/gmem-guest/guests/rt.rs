@@ -338,28 +338,30 @@ extern "C" fn rust_eh_personality() {}
 /// is a bare store and add: on hosts that emulate guest code, every extra
 /// instruction there counts.
 pub fn touch_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
-    share_words(boot, vcpu, stride, u64::MAX, |gpa| write_u64(gpa, gpa))
+    share_words(boot, vcpu, stride, 0, u64::MAX, |gpa| write_u64(gpa, gpa))
 }
 
-/// [`touch_share`] of the first `words` words of the share only.
-pub fn touch_share_head(boot: &BootInfo, vcpu: u32, stride: u64, words: u64) -> u64 {
-    share_words(boot, vcpu, stride, words, |gpa| write_u64(gpa, gpa))
+/// [`touch_share`] of `words` words of the share from word `first` on.
+pub fn touch_share_from(boot: &BootInfo, vcpu: u32, stride: u64, first: u64, words: u64) -> u64 {
+    share_words(boot, vcpu, stride, first, words, |gpa| write_u64(gpa, gpa))
 }
 
 /// How many of the first `words` words of this vCPU's share (as
 /// [`touch_share`] wrote them: each holds its own GPA) hold something else.
 pub fn check_share(boot: &BootInfo, vcpu: u32, stride: u64, words: u64) -> u64 {
     let mut wrong = 0;
-    share_words(boot, vcpu, stride, words, |gpa| wrong += u64::from(read_u64(gpa) != gpa));
+    share_words(boot, vcpu, stride, 0, words, |gpa| wrong += u64::from(read_u64(gpa) != gpa));
     wrong
 }
 
 /// Calls `word` for every `stride`-th GPA of this vCPU's share of RAM (see
-/// [`touch_share`]), the first `limit` of them at most; returns how many.
+/// [`touch_share`]) from the `first`th on, `limit` of them at most;
+/// returns how many.
 fn share_words(
     boot: &BootInfo,
     vcpu: u32,
     stride: u64,
+    first: u64,
     limit: u64,
     mut word: impl FnMut(u64),
 ) -> u64 {
@@ -370,8 +372,9 @@ fn share_words(
     };
     let total: u64 = (0..boot.region_count).map(|i| range(i)).map(|(lo, hi)| hi.saturating_sub(lo)).sum();
     let share = total / u64::from(boot.vcpu_count) / stride * stride;
-    let from = share * u64::from(vcpu);
-    let to = if vcpu + 1 == boot.vcpu_count { total } else { from + share };
+    let start = share * u64::from(vcpu);
+    let to = if vcpu + 1 == boot.vcpu_count { total } else { start + share };
+    let from = start.saturating_add(first.saturating_mul(stride)).min(to);
     let to = to.min(from.saturating_add(limit.saturating_mul(stride)));
     let (mut linear, mut touched) = (0, 0);
     for i in 0..boot.region_count {

@@ -17,6 +17,9 @@
 //!   `sparse`: one word per 64 KiB, and prints `touched=N`; `tlb`: random
 //!   8-byte reads over its first-touched RAM (TSC cycles). These three run
 //!   in user mode.
+//! - `revisit` and `dirty`: touch all of RAM, sync, then rewrite part of
+//!   it (a tenth once; 1% at a time, a hundred times) for snapshots and
+//!   migrations, in user mode.
 //! - `convert`: conversion round trips, host access at syncs 1 and 2, bad
 //!   requests; `convsmp`: one vCPU converts while another touches the page;
 //!   `convbench`: conversion round trips against bare exits (TSC cycles);

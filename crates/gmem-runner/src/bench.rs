@@ -651,3 +651,110 @@ pub fn sparse_snapshot_ratio(sparse_guest: &[u8], ram: u64) -> Result<f64> {
     let info = vm.memory().save_snapshot(&mut std::io::sink(), &key, &[])?;
     Ok(info.bytes as f64 / allocated as f64)
 }
+
+/// One live migration of the `dirty` guest between two VMs of this
+/// process over a Unix socket pair.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrationFigures {
+    /// What the source sent, and the pause and total times.
+    pub info: gmem_kvm::MigrationInfo,
+    /// Pages allocated at the source when it paused.
+    pub allocated: u64,
+    /// A plain copy of as many bytes over a Unix socket pair, from a
+    /// buffer of that size into another, by a writer and a reader thread.
+    pub plain_copy: Duration,
+}
+
+/// Migrates the `dirty` guest (one vCPU, `ram` bytes of RAM) as `mode`
+/// says, from its sync stage 1. `paced`: the guest rewrites 1% of its
+/// pages every 100 ms meanwhile; otherwise it waits at stage 1 until the
+/// switch (nothing changes while memory moves). The destination runs it
+/// to its first burst and, in post-copy, until every page arrived.
+pub fn migration(
+    dirty_guest: &[u8],
+    ram: u64,
+    mode: gmem_kvm::MigrationMode,
+    paced: bool,
+) -> Result<MigrationFigures> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let key = gmem_kvm::SnapshotKey::new([0x6d; 32]);
+    let (here, there) = std::os::unix::net::UnixStream::pair().map_err(Error::io("socketpair"))?;
+    let link = |s| crate::Link::unix(s).map_err(Error::io("socket timeouts"));
+    let (out, into) = (link(here)?, link(there)?);
+    let config = RunConfig { timeout: Some(Duration::from_secs(600)), ..RunConfig::new(1) };
+    let image = GuestImage::parse(dirty_guest, ram)?;
+    let (source, _files) = Vm::with_ram(ram)?;
+    source.load(&image, ram, 1)?;
+    let (start, started) = std::sync::mpsc::channel::<()>();
+    let start = std::sync::Mutex::new(Some(start));
+    let over = AtomicBool::new(false);
+    let wait_while = |vm: &Vm, busy: &dyn Fn() -> bool| {
+        while busy() && !vm.is_stopping() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    std::thread::scope(|scope| {
+        let destination = scope.spawn(|| -> Result<()> {
+            let (input, output) = into.split();
+            let incoming = gmem_kvm::IncomingMigration::accept(input, output, &key)?;
+            let (vm, _files) = Vm::with_ram(ram)?;
+            vm.receive_migration(incoming)?;
+            let paused = vm.resume(&config, &|vm, at| {
+                if at == 2 {
+                    vm.pause();
+                }
+            })?;
+            expect_paused(&paused)?;
+            vm.take_incoming_pages().map_or(Ok(()), |pages| pages.wait())
+        });
+        let (vm, over, key) = (&source, &over, &key);
+        let migrating = scope.spawn(move || {
+            started.recv().ok()?;
+            let sent = vm.migrate_to(out, key, mode);
+            over.store(true, Ordering::SeqCst);
+            Some(sent)
+        });
+        let report = source.run(&image, ram, &config, &|vm, at| {
+            let first = start.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(first) = first.filter(|_| at == 1) {
+                let _ = first.send(());
+                if !paced {
+                    wait_while(vm, &|| !over.load(Ordering::SeqCst));
+                }
+            } else if at == 2 && paced {
+                let burst = Instant::now();
+                wait_while(vm, &|| burst.elapsed() < Duration::from_millis(100));
+            }
+        });
+        drop(start.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let sent = migrating.join().ok().flatten();
+        let received = destination.join().unwrap_or_else(|_| {
+            Err(Error::InvalidArgument("the destination thread panicked".into()))
+        });
+        expect_paused(&report?)?;
+        let info = sent
+            .ok_or_else(|| Error::InvalidArgument("the migration never started".into()))?
+            .map_err(|e| e.error)?;
+        received?;
+        let allocated = source.memory().stats().allocated_pages;
+        let plain_copy = plain_socket_copy(info.bytes)?;
+        Ok(MigrationFigures { info, allocated, plain_copy })
+    })
+}
+
+/// Copies `bytes` bytes over a Unix socket pair, from a buffer of that
+/// size (touched first) into another, by a writer and a reader thread.
+fn plain_socket_copy(bytes: u64) -> Result<Duration> {
+    use std::io::{Read, Write};
+    let (mut writer, mut reader) =
+        std::os::unix::net::UnixStream::pair().map_err(Error::io("socketpair"))?;
+    let from = vec![0x5au8; bytes as usize];
+    let mut into = vec![0u8; bytes as usize];
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let sending = scope.spawn(move || writer.write_all(&from));
+        reader.read_exact(&mut into).map_err(Error::io("read the plain copy"))?;
+        sending.join().unwrap_or(Ok(())).map_err(Error::io("write the plain copy"))
+    })?;
+    Ok(start.elapsed())
+}
