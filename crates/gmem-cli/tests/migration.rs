@@ -192,6 +192,28 @@ fn failures_before_the_switch_leave_the_guest_finishing_at_the_source() {
     let (destination, dest_err) = incoming.finish();
     assert_eq!(status(&destination), 2, "{dest_err}");
     assert!(dest_err.contains("key rejected"), "{dest_err}");
+    // A destination that cannot take the VM (no disk for the guest's):
+    // it says so at the switch, and the source resumes.
+    let disk = dir.path("disk.img");
+    let incoming = Incoming::start(&dir, &format!("unix:{}", dir.path("d.sock")), &[]);
+    let source = run(&[
+        "--guest",
+        "disk",
+        "--disk",
+        &disk,
+        "--key-file",
+        &dir.key(),
+        "--migrate-to",
+        &incoming.address.clone(),
+        "--migrate-at",
+        "1",
+    ]);
+    let (destination, dest_err) = incoming.finish();
+    assert_eq!(status(&source), 5, "{}", stderr(&source));
+    assert_eq!(json(&source)["exit_code"], 0, "{}", stderr(&source));
+    assert!(console(&source).contains("disk: run 1: wrote, flushed and read back"));
+    assert_eq!(status(&destination), 2, "{dest_err}");
+    assert!(dest_err.contains("device"), "{dest_err}");
     // A destination that takes the connection, reads a little and dies.
     let path = dir.path("dies.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();

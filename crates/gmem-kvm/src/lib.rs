@@ -25,6 +25,9 @@
 //!   ([`shared`]).
 //! - [`launch`]: loaders that write through vm-memory load straight into
 //!   private memory ([`LaunchMemory`]).
+//! - [`snapshot`]: sealed snapshots, restored lazily through the fault
+//!   path, with dirty tracking for diffs; [`migrate`]: live migration
+//!   over any stream (pre-copy, post-copy, hybrid), built on both.
 //! - [`probe`]: what the host offers, and which backend to use;
 //!   [`harden`]: opt-in process hardening.
 //!

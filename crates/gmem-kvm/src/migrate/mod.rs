@@ -119,6 +119,9 @@ pub(crate) const FRAME_BYTES: usize = 24;
 /// A destination's control message: its number, then kind, reserved and
 /// two arguments sealed, then the tag.
 const CONTROL_BYTES: usize = 8 + 24 + TAG_BYTES;
+/// How long a first touch waits for its page with nothing arriving from
+/// the source before it fails (a source that stopped without closing).
+const SILENCE: Duration = Duration::from_secs(60);
 /// Records in one frame at most.
 pub(crate) const MAX_FRAME_RECORDS: u64 = 1024;
 
@@ -389,9 +392,10 @@ impl RemoteRecords {
     }
 
     /// Waits until `done` holds (checked whenever records arrive), or the
-    /// link is lost (its reason).
+    /// link is lost (its reason), or nothing arrived for [`SILENCE`].
     pub(crate) fn wait_until(&self, done: impl Fn() -> bool) -> std::result::Result<(), String> {
         let mut lost = self.lost();
+        let mut quiet = Duration::ZERO;
         loop {
             if done() {
                 return Ok(());
@@ -399,11 +403,14 @@ impl RemoteRecords {
             if let Some(why) = lost.as_ref() {
                 return Err(why.clone());
             }
-            lost = self
-                .arrived
-                .wait_timeout(lost, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            if quiet >= SILENCE {
+                return Err(format!("no page came from the source in {} s", SILENCE.as_secs()));
+            }
+            let step = Duration::from_millis(100);
+            let (guard, waited) =
+                self.arrived.wait_timeout(lost, step).unwrap_or_else(|p| p.into_inner());
+            lost = guard;
+            quiet = if waited.timed_out() { quiet + step } else { Duration::ZERO };
         }
     }
 

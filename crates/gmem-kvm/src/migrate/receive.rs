@@ -130,6 +130,14 @@ impl IncomingMigration {
                 )));
             }
             let head = self.read_head()?;
+            let huge = regions
+                .iter()
+                .any(|r| r.file().is_some_and(|f| f.page_kind() != gmem::PageKind::Small));
+            if frame == Frame::SwitchLazy && huge {
+                return Err(Error::Unsupported(
+                    "post-copy into huge-page regions (the kernel serves their faults)".into(),
+                ));
+            }
             if frame == Frame::SwitchLazy {
                 let records = head.header.records;
                 let remote = Arc::new(RemoteRecords::new(self.control.clone(), records));

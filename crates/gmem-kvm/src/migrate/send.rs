@@ -135,7 +135,8 @@ impl PrivateMemory {
     /// next diff snapshot. A wrong key is [`Error::WrongKey`]; a peer that
     /// is not a gmem destination `EPROTO`; a dropped link its errno.
     /// `EOPNOTSUPP` for native regions, and for post-copy or hybrid on
-    /// huge-page regions (the kernel serves their faults).
+    /// huge-page regions (the kernel serves their faults); `EBUSY` while
+    /// another migration sends it; `EDEADLK` from inside a listener.
     pub fn send_migration(
         &self,
         input: Box<dyn Read + Send>,
@@ -147,6 +148,24 @@ impl PrivateMemory {
         let kept = |error| SendError { error, switched: false };
         let started = Instant::now();
         self.gate.check_not_held_here("send a migration").map_err(kept)?;
+        if self.snapshots.sending.swap(true, Ordering::SeqCst) {
+            return Err(kept(Error::Busy("a migration is sending this memory already".into())));
+        }
+        let sent = self.send(input, output, key, mode, pause, started);
+        self.snapshots.sending.store(false, Ordering::SeqCst);
+        sent
+    }
+
+    fn send(
+        &self,
+        input: Box<dyn Read + Send>,
+        output: &mut dyn Write,
+        key: &SnapshotKey,
+        mode: MigrationMode,
+        pause: &mut dyn FnMut() -> Result<Vec<u8>>,
+        started: Instant,
+    ) -> std::result::Result<MigrationInfo, SendError> {
+        let kept = |error| SendError { error, switched: false };
         let mut regions: Vec<_> = self.regions().to_vec();
         regions.sort_by_key(|r| r.gpa.0);
         let huge = regions

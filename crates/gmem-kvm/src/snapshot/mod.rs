@@ -86,6 +86,8 @@ pub(crate) struct SnapshotState {
     base: Mutex<Option<SnapshotId>>,
     /// Pages still to be fetched from the snapshot restored.
     restored: OnceLock<restore::Lazy>,
+    /// Whether a migration is sending this memory.
+    pub(crate) sending: AtomicBool,
 }
 
 impl SnapshotState {
