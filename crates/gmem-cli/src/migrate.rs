@@ -25,8 +25,13 @@ pub(crate) fn accept(args: &RunArgs, key: &SnapshotKey) -> Result<IncomingMigrat
         .listen()
         .or_else(|e| fail(BAD_INPUT, format!("--incoming {address}: cannot listen: {e}")))?;
     eprintln!("gmem run: waiting for a migration at {}", listener.address());
-    let wait = args.timeout.filter(|t| *t > 0.0).unwrap_or(DEFAULT_WAIT);
-    let link = listener.accept(Duration::from_secs_f64(wait)).or_else(|e| {
+    // `--timeout 0` waits for ever, as it runs the guest for ever.
+    let wait = args.timeout.unwrap_or(DEFAULT_WAIT);
+    let within = match wait {
+        0.0 => Duration::MAX,
+        wait => Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX),
+    };
+    let link = listener.accept(within).or_else(|e| {
         let status = if e.kind() == std::io::ErrorKind::TimedOut { TIMEOUT } else { BAD_INPUT };
         fail(status, format!("--incoming {address}: no migration came in {wait} s: {e}"))
     })?;

@@ -254,6 +254,23 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Goes on with a run that paused for a save or a migration that failed:
+/// its console goes on where it stopped.
+fn resume_here(
+    vm: &Vm,
+    config: &RunConfig,
+    on_sync: gmem_runner::SyncHandler<'_>,
+    report: &mut gmem_runner::RunReport,
+) -> Result<(), Failure> {
+    let mut console = std::mem::take(&mut report.console);
+    *report = vm
+        .resume(config, on_sync)
+        .or_else(|e| fail(VM_ERROR, format!("cannot resume the VM: {e}")))?;
+    console.append(&mut report.console);
+    report.console = console;
+    Ok(())
+}
+
 /// Runs `gmem run`; returns the process exit status. With `--json`,
 /// stdout gets one JSON object however the run ends.
 pub(crate) fn run(args: &RunArgs) -> u8 {
@@ -594,13 +611,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
             eprintln!("gmem run: the migration failed: {e}; the guest goes on here");
             save_error = Some(format!("the migration failed: {e}"));
             if *outcome == Outcome::Paused {
-                let mut console = std::mem::take(&mut report.console);
-                report = match vm.resume(&config, &on_sync) {
-                    Ok(report) => report,
-                    Err(e) => return fail(VM_ERROR, format!("cannot resume the VM: {e}")),
-                };
-                console.append(&mut report.console);
-                report.console = console;
+                resume_here(&vm, &config, &on_sync, &mut report)?;
             }
         }
     }
@@ -628,13 +639,7 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
                 // The VM is not lost: it goes on from where it paused.
                 eprintln!("gmem run: the snapshot could not be saved: {e}; the guest goes on");
                 save_error = Some(format!("the snapshot could not be saved: {e}"));
-                let mut console = std::mem::take(&mut report.console);
-                report = match vm.resume(&config, &on_sync) {
-                    Ok(report) => report,
-                    Err(e) => return fail(VM_ERROR, format!("cannot resume the VM: {e}")),
-                };
-                console.append(&mut report.console);
-                report.console = console;
+                resume_here(&vm, &config, &on_sync, &mut report)?;
             }
         }
     }

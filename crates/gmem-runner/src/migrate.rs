@@ -152,9 +152,10 @@ impl Listener {
         }
     }
 
-    /// Accepts one source, waiting at most `wait` (`ETIMEDOUT`).
+    /// Accepts one source, waiting at most `wait` (`ETIMEDOUT`; for ever
+    /// where `wait` does not fit in a deadline, `Duration::MAX` say).
     pub fn accept(&self, wait: Duration) -> std::io::Result<Link> {
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now().checked_add(wait);
         let set = |nonblocking| match self {
             Self::Tcp(l) => l.set_nonblocking(nonblocking),
             Self::Unix(l, _) => l.set_nonblocking(nonblocking),
@@ -174,7 +175,7 @@ impl Listener {
             };
             match accepted {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
                     }
                     std::thread::sleep(Duration::from_millis(5));

@@ -141,23 +141,35 @@ pub(crate) enum Frame {
     End = 5,
 }
 
+/// A message's 24 bytes: its kind, 4 bytes reserved (zero), two arguments.
+fn encode_message(kind: u32, a: u64, b: u64) -> [u8; FRAME_BYTES] {
+    let mut out = [0u8; FRAME_BYTES];
+    out[..4].copy_from_slice(&kind.to_le_bytes());
+    out[8..16].copy_from_slice(&a.to_le_bytes());
+    out[16..].copy_from_slice(&b.to_le_bytes());
+    out
+}
+
+/// What [`encode_message`] encoded: the kind (`None` where the reserved
+/// bytes are not zero) and the arguments.
+fn decode_message(bytes: &[u8]) -> (Option<u32>, u64, u64) {
+    let kind = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    ((bytes[4..8] == [0; 4]).then_some(kind), word(8), word(16))
+}
+
 impl Frame {
     pub(crate) fn encode(self, a: u64, b: u64) -> [u8; FRAME_BYTES] {
-        let mut out = [0u8; FRAME_BYTES];
-        out[..4].copy_from_slice(&(self as u32).to_le_bytes());
-        out[8..16].copy_from_slice(&a.to_le_bytes());
-        out[16..].copy_from_slice(&b.to_le_bytes());
-        out
+        encode_message(self as u32, a, b)
     }
 
     pub(crate) fn decode(bytes: &[u8; FRAME_BYTES]) -> Result<(Self, u64, u64)> {
-        let kind = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
-        let frame = [Frame::Round, Frame::Switch, Frame::SwitchLazy, Frame::Records, Frame::End]
+        let (kind, a, b) = decode_message(bytes);
+        [Frame::Round, Frame::Switch, Frame::SwitchLazy, Frame::Records, Frame::End]
             .into_iter()
-            .find(|f| *f as u32 == kind && bytes[4..8] == [0; 4])
-            .ok_or_else(|| Error::Protocol(format!("unknown frame {kind:#x} from the source")))?;
-        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        Ok((frame, word(8), word(16)))
+            .find(|f| Some(*f as u32) == kind)
+            .map(|frame| (frame, a, b))
+            .ok_or_else(|| Error::Protocol(format!("unknown frame {kind:?} from the source")))
     }
 }
 
@@ -202,9 +214,7 @@ impl ControlSender {
         message[..8].copy_from_slice(&self.seq.to_le_bytes());
         let (clear, rest) = message.split_at_mut(8);
         let (body, tag) = rest.split_at_mut(24);
-        body[..4].copy_from_slice(&(kind as u32).to_le_bytes());
-        body[8..16].copy_from_slice(&a.to_le_bytes());
-        body[16..].copy_from_slice(&b.to_le_bytes());
+        body.copy_from_slice(&encode_message(kind as u32, a, b));
         tag.copy_from_slice(&self.sealer.seal_control(self.seq, clear, body));
         self.seq += 1;
         let io = || Error::io("write to the migration source");
@@ -264,21 +274,18 @@ impl ControlReceiver {
             ));
         }
         self.seq += 1;
-        let word = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
-        let kind = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
-        let control = [
+        let (kind, a, b) = decode_message(body);
+        let all = [
             Control::Accept,
             Control::Request,
             Control::Running,
             Control::Complete,
             Control::Failed,
-        ]
-        .into_iter()
-        .find(|c| *c as u32 == kind)
-        .ok_or_else(|| {
-            Error::Protocol(format!("unknown message {kind:#x} from the destination"))
+        ];
+        let control = all.into_iter().find(|c| Some(*c as u32) == kind).ok_or_else(|| {
+            Error::Protocol(format!("unknown message {kind:?} from the destination"))
         })?;
-        Ok((control, word(8), word(16)))
+        Ok((control, a, b))
     }
 }
 

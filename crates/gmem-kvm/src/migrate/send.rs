@@ -40,6 +40,15 @@ pub struct SendError {
     pub switched: bool,
 }
 
+/// Marks a memory as being sent until dropped.
+struct Sending<'a>(&'a AtomicBool);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Counts the bytes written through it.
 struct Counting<W> {
     inner: W,
@@ -151,21 +160,7 @@ impl PrivateMemory {
         if self.snapshots.sending.swap(true, Ordering::SeqCst) {
             return Err(kept(Error::Busy("a migration is sending this memory already".into())));
         }
-        let sent = self.send(input, output, key, mode, pause, started);
-        self.snapshots.sending.store(false, Ordering::SeqCst);
-        sent
-    }
-
-    fn send(
-        &self,
-        input: Box<dyn Read + Send>,
-        output: &mut dyn Write,
-        key: &SnapshotKey,
-        mode: MigrationMode,
-        pause: &mut dyn FnMut() -> Result<Vec<u8>>,
-        started: Instant,
-    ) -> std::result::Result<MigrationInfo, SendError> {
-        let kept = |error| SendError { error, switched: false };
+        let _sending = Sending(&self.snapshots.sending);
         let mut regions: Vec<_> = self.regions().to_vec();
         regions.sort_by_key(|r| r.gpa.0);
         let huge = regions
