@@ -48,7 +48,8 @@ impl IncomingMigration {
         mut output: Box<dyn Write + Send>,
         key: &SnapshotKey,
     ) -> Result<Self> {
-        let mut input = BufReader::with_capacity(1 << 20, input);
+        // Small: reads of records (256 KiB) go past it, straight from the link.
+        let mut input = BufReader::with_capacity(64 << 10, input);
         let mut fixed = [0u8; HELLO_FIXED];
         read_exact(&mut input, &mut fixed)?;
         let (mode, session, key_check, count) = match decode_hello(&fixed) {

@@ -241,13 +241,14 @@ impl PrivateMemory {
         let mut round = 0u64;
         while info.rounds < most {
             let began = Instant::now();
-            let plan = self.plan_snapshot(key, id(round), base(round), &[])?;
+            // Kept before it is written: a failure gives its changes back.
+            plans.push(self.plan_snapshot(key, id(round), base(round), &[])?);
+            let plan = plans.last().expect("just pushed");
             out.write_all(&Frame::Round.encode(round, 0)).map_err(io())?;
             plan.write_head(out)?;
             self.write_records(out, &plan.sealer, &plan.regions, &plan.entries)?;
             plan.write_end(out)?;
             let sent = plan.header.records;
-            plans.push(plan);
             info.precopy_pages += sent;
             info.rounds += 1;
             round += 1;
@@ -267,37 +268,34 @@ impl PrivateMemory {
         let state = pause()?;
         let _no_conversions = self.gate.conversion_turn()?;
         let last = self.plan_snapshot(key, id(round), base(round), &state)?;
-        if mode == MigrationMode::PreCopy {
-            out.write_all(&Frame::Switch.encode(round, 0)).map_err(io())?;
-            last.write_head(out)?;
-            self.write_records(out, &last.sealer, &last.regions, &last.entries)?;
-            last.write_end(out)?;
-            info.paused_pages = last.header.records;
-        } else {
-            out.write_all(&Frame::SwitchLazy.encode(round, 0)).map_err(io())?;
-            last.write_head(out)?;
-            out.flush().map_err(io())?;
-        }
-        let answer = answers.next(ANSWER_WAIT);
-        match answer {
-            Ok((Control::Running, ..)) => {}
-            Ok((Control::Failed, errno, _)) => {
-                plans.push(last);
-                return Err(Error::Protocol(format!(
+        let switched = (|| {
+            if mode == MigrationMode::PreCopy {
+                out.write_all(&Frame::Switch.encode(round, 0)).map_err(io())?;
+                last.write_head(out)?;
+                self.write_records(out, &last.sealer, &last.regions, &last.entries)?;
+                last.write_end(out)?;
+            } else {
+                out.write_all(&Frame::SwitchLazy.encode(round, 0)).map_err(io())?;
+                last.write_head(out)?;
+                out.flush().map_err(io())?;
+            }
+            match answers.next(ANSWER_WAIT)? {
+                (Control::Running, ..) => Ok(()),
+                (Control::Failed, errno, _) => Err(Error::Protocol(format!(
                     "the destination could not run the VM ({})",
                     crate::Errno::from_raw_os_error(errno as i32)
-                )));
-            }
-            Ok((other, ..)) => {
-                plans.push(last);
-                return Err(Error::Protocol(format!(
+                ))),
+                (other, ..) => Err(Error::Protocol(format!(
                     "the destination answered {other:?} to the switch"
-                )));
+                ))),
             }
-            Err(e) => {
-                plans.push(last);
-                return Err(e);
-            }
+        })();
+        if let Err(e) = switched {
+            plans.push(last);
+            return Err(e);
+        }
+        if mode == MigrationMode::PreCopy {
+            info.paused_pages = last.header.records;
         }
         info.downtime = paused.elapsed();
         Ok((answers, last))

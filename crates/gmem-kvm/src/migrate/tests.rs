@@ -178,3 +178,30 @@ fn postcopy_records_sent_twice_stop_the_pages_thread_naming_what_is_lost() {
         "the first page arrived, the second is lost: {lost}"
     );
 }
+
+#[test]
+fn a_migration_that_fails_gives_the_changes_back_for_the_next_diff() {
+    let Some((memory, _vm)) = memory() else { return };
+    memory.populate(Gpa(0), &[0x11; 64 << 10]).unwrap();
+    memory.finish_launch();
+    memory.track_dirty_pages().unwrap();
+    memory.save_snapshot(&mut std::io::sink(), &key(), &[]).unwrap();
+    memory.punch(Gpa(0x4000), 0x3000).unwrap();
+    assert_eq!(memory.changed_pages().unwrap(), 3);
+    // A destination that takes the hello and is gone.
+    let (here, there) = UnixStream::pair().unwrap();
+    let destination = std::thread::spawn(move || drop(accept(there)));
+    let input = Box::new(here.try_clone().unwrap());
+    let mut output = here;
+    let mut pause = || Ok(Vec::new());
+    let sent =
+        memory.send_migration(input, &mut output, &key(), MigrationMode::PreCopy, &mut pause);
+    destination.join().unwrap();
+    let failed = sent.unwrap_err();
+    assert!(!failed.switched, "{failed}");
+    // Its rounds took the three punched pages from the record of changes
+    // since the last snapshot: they are there again for the next diff.
+    assert_eq!(memory.changed_pages().unwrap(), 3);
+    let info = memory.save_diff_snapshot(&mut std::io::sink(), &key(), &[]).unwrap();
+    assert_eq!((info.pages, memory.changed_pages().unwrap()), (0, 0), "holes only: {info:?}");
+}

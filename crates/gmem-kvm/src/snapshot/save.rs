@@ -133,23 +133,28 @@ impl PrivateMemory {
             self.fetch_all()?;
         }
         self.harvest_dirty_log()?;
-        let mut entries = Vec::new();
-        let mut taken = Vec::new();
-        for region in &regions {
-            // Taken now: changes from here on are the next snapshot's.
-            let changed = region.take_changed();
-            entries.extend(self.entries_of(region, diff.then_some(&changed[..]))?);
-            taken.push(changed);
-        }
-        if entries.len() as u64 > MAX_ENTRIES {
-            for (region, taken) in regions.iter().zip(&taken) {
-                taken.iter().for_each(|run| region.mark_changed(run.clone()));
+        // Taken now: changes from here on are the next snapshot's.
+        let taken: Vec<Vec<Range<u64>>> = regions.iter().map(|r| r.take_changed()).collect();
+        let entries = (|| {
+            let mut entries = Vec::new();
+            for (region, changed) in regions.iter().zip(&taken) {
+                entries.extend(self.entries_of(region, diff.then_some(&changed[..]))?);
             }
-            return Err(Error::InvalidArgument(format!(
-                "{} runs of pages: a snapshot's index holds at most {MAX_ENTRIES}",
-                entries.len()
-            )));
-        }
+            if entries.len() as u64 > MAX_ENTRIES {
+                return Err(Error::InvalidArgument(format!(
+                    "{} runs of pages: a snapshot's index holds at most {MAX_ENTRIES}",
+                    entries.len()
+                )));
+            }
+            Ok(entries)
+        })();
+        let entries = match entries {
+            Ok(entries) => entries,
+            Err(e) => {
+                give_back(&regions, &taken);
+                return Err(e);
+            }
+        };
         let records: u64 = entries.iter().filter(|e| e.data).map(|e| e.pages).sum();
         let sealer = Sealer::new(key, id);
         let header = Header {
@@ -309,9 +314,7 @@ impl SnapshotPlan {
     /// Marks the changes this snapshot took as changed again (it was not
     /// written whole: the next diff holds them).
     pub(crate) fn give_back(&self) {
-        for (region, taken) in self.regions.iter().zip(&self.taken) {
-            taken.iter().for_each(|run| region.mark_changed(run.clone()));
-        }
+        give_back(&self.regions, &self.taken);
     }
 
     /// What was written.
@@ -328,6 +331,13 @@ impl SnapshotPlan {
     /// The records' chunks, in order.
     pub(crate) fn chunks(&self) -> Vec<Chunk<'_>> {
         chunks_of(&self.regions, &self.entries)
+    }
+}
+
+/// Marks the changes `taken` from `regions` as changed again.
+fn give_back(regions: &[Arc<PrivateRegion>], taken: &[Vec<Range<u64>>]) {
+    for (region, taken) in regions.iter().zip(taken) {
+        taken.iter().for_each(|run| region.mark_changed(run.clone()));
     }
 }
 
