@@ -151,6 +151,10 @@ fn touch_convert_stress_and_disk_guests_finish_at_the_destination() {
         assert_eq!(status(&destination), 0, "{dest_err}");
         let read_back = console(&destination);
         assert!(read_back.starts_with("disk: run 1: wrote, flushed and read back"), "{read_back}");
+        // As a run on a fresh disk of its own that never moved.
+        let alone = dir.path(&format!("{mode}-alone.img"));
+        let whole = run(&["--guest", "disk", "--disk", &alone]);
+        assert_eq!(console(&source) + &read_back, console(&whole), "disk {mode}");
     }
 }
 
