@@ -9,15 +9,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
 
-use common::{finish, gmem_bounded as gmem, json, kvm, status, stderr, Dir};
-
-fn run(args: &[&str]) -> Output {
-    gmem(&[&["run", "--json"][..], args].concat())
-}
-
-fn console(out: &Output) -> String {
-    json(out)["console"].as_str().unwrap().to_owned()
-}
+use common::{assert_adds_up, console, finish, json, kvm, run_json as run, status, stderr, Dir};
 
 /// A `gmem run --incoming` in the background, listening.
 struct Incoming {
@@ -95,9 +87,7 @@ fn migrates_as_uninterrupted(
     assert_eq!(v["reason"], "migrated", "{v}");
     assert!(v["migration"]["pages"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(json(&destination)["exit_code"], 0);
-    assert_eq!(console(&source) + &console(&destination), console(&whole), "{what}: consoles");
-    let syncs = |out: &Output| json(out)["syncs"].as_array().unwrap().clone();
-    assert_eq!([syncs(&source), syncs(&destination)].concat(), syncs(&whole), "{what}");
+    assert_adds_up(&source, &destination, &whole, &what);
 }
 
 #[test]

@@ -6,18 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 
-use common::{gmem_bounded as gmem, json, kvm, status, stderr, Dir};
-
-fn run(args: &[&str]) -> Output {
-    gmem(&[&["run", "--json"][..], args].concat())
-}
-
-/// The guest's console of a `--json` run.
-fn console(out: &Output) -> String {
-    json(out)["console"].as_str().unwrap().to_owned()
-}
+use common::{assert_adds_up, console, json, kvm, run_json as run, status, stderr, Dir};
 
 /// Runs `guest` once uninterrupted, once saved at `stage` and restored
 /// (with `before`/`after` the sync actions of the stages up to and after
@@ -54,13 +44,7 @@ fn resumes_as_uninterrupted(
         ]
         .concat());
         assert_eq!(status(&resumed), 0, "{guest} {mode:?}: {}", stderr(&resumed));
-        assert_eq!(
-            console(&saved) + &console(&resumed),
-            console(&whole),
-            "{guest} {mode:?}: the consoles differ"
-        );
-        let syncs = |out: &Output| json(out)["syncs"].as_array().unwrap().clone();
-        assert_eq!([syncs(&saved), syncs(&resumed)].concat(), syncs(&whole), "{guest} {mode:?}");
+        assert_adds_up(&saved, &resumed, &whole, &format!("{guest} {mode:?}"));
     }
 }
 

@@ -11,7 +11,7 @@
 
 mod rt;
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::AtomicU32;
 
 /// Bursts of writes, each to 1% of the share.
 const BURSTS: u64 = 100;
@@ -21,24 +21,15 @@ static DONE: AtomicU32 = AtomicU32::new(0);
 
 fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     rt::enter_user_mode();
-    let touched = rt::touch_share(boot, vcpu, 4096);
-    TOUCHED.fetch_add(1, Ordering::SeqCst);
-    while TOUCHED.load(Ordering::SeqCst) != boot.vcpu_count {
-        core::hint::spin_loop();
-    }
+    let touched = rt::touch_share_together(boot, vcpu, &TOUCHED);
     rt::sync(1);
     let burst = touched.div_ceil(100);
     for n in 0..BURSTS {
         rt::touch_share_from(boot, vcpu, 4096, (n * burst) % touched.max(1), burst);
         rt::sync(2);
     }
-    let wrong = rt::check_share(boot, vcpu, 4096, u64::MAX);
-    if wrong != 0 {
-        rt::out().s("dirty: ").dec(wrong).s(" pages lost what this vCPU wrote\n");
+    if !rt::share_intact("dirty", boot, vcpu, u64::MAX) {
         return 1;
     }
-    if DONE.fetch_add(1, Ordering::SeqCst) + 1 == boot.vcpu_count {
-        return 0;
-    }
-    rt::halt()
+    rt::last_one_exits(boot, &DONE)
 }

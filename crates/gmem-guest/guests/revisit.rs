@@ -9,30 +9,21 @@
 
 mod rt;
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::AtomicU32;
 
 static TOUCHED: AtomicU32 = AtomicU32::new(0);
 static DONE: AtomicU32 = AtomicU32::new(0);
 
 fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     rt::enter_user_mode();
-    let touched = rt::touch_share(boot, vcpu, 4096);
     // The pages revisited may be another vCPU's: all are touched first.
-    TOUCHED.fetch_add(1, Ordering::SeqCst);
-    while TOUCHED.load(Ordering::SeqCst) != boot.vcpu_count {
-        core::hint::spin_loop();
-    }
+    let touched = rt::touch_share_together(boot, vcpu, &TOUCHED);
     rt::sync(1);
     let tenth = touched.div_ceil(10);
-    let wrong = rt::check_share(boot, vcpu, 4096, tenth);
-    if wrong != 0 {
-        rt::out().s("revisit: ").dec(wrong).s(" pages lost what this vCPU wrote\n");
+    if !rt::share_intact("revisit", boot, vcpu, tenth) {
         return 1;
     }
     rt::touch_share_from(boot, vcpu, 4096, 0, tenth);
     rt::sync(2);
-    if DONE.fetch_add(1, Ordering::SeqCst) + 1 == boot.vcpu_count {
-        return 0;
-    }
-    rt::halt()
+    rt::last_one_exits(boot, &DONE)
 }

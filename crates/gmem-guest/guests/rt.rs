@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 #[path = "../../gmem-boot/src/abi.rs"]
 pub mod abi;
@@ -339,6 +340,36 @@ extern "C" fn rust_eh_personality() {}
 /// instruction there counts.
 pub fn touch_share(boot: &BootInfo, vcpu: u32, stride: u64) -> u64 {
     share_words(boot, vcpu, stride, 0, u64::MAX, |gpa| write_u64(gpa, gpa))
+}
+
+/// [`touch_share`] on every vCPU, then waits until all have touched
+/// theirs (`touched` counts them: a static of the guest's, from 0).
+pub fn touch_share_together(boot: &BootInfo, vcpu: u32, touched: &AtomicU32) -> u64 {
+    let words = touch_share(boot, vcpu, 4096);
+    touched.fetch_add(1, Ordering::SeqCst);
+    while touched.load(Ordering::SeqCst) != boot.vcpu_count {
+        core::hint::spin_loop();
+    }
+    words
+}
+
+/// Whether the first `words` words of this vCPU's share still hold what
+/// [`touch_share`] wrote; says how many did not, as `name`, if any.
+pub fn share_intact(name: &str, boot: &BootInfo, vcpu: u32, words: u64) -> bool {
+    let wrong = check_share(boot, vcpu, 4096, words);
+    if wrong != 0 {
+        out().s(name).s(": ").dec(wrong).s(" pages lost what this vCPU wrote\n");
+    }
+    wrong == 0
+}
+
+/// A vCPU's end: the last of them to get here (`done` counts them: a
+/// static of the guest's, from 0) exits 0, the others halt.
+pub fn last_one_exits(boot: &BootInfo, done: &AtomicU32) -> u32 {
+    if done.fetch_add(1, Ordering::SeqCst) + 1 == boot.vcpu_count {
+        return 0;
+    }
+    halt()
 }
 
 /// [`touch_share`] of `words` words of the share from word `first` on.

@@ -10,7 +10,7 @@
 
 mod rt;
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::AtomicU32;
 
 static DONE: AtomicU32 = AtomicU32::new(0);
 
@@ -18,13 +18,8 @@ fn guest_main(boot: &rt::BootInfo, vcpu: u32) -> u32 {
     rt::enter_user_mode();
     rt::touch_share(boot, vcpu, 4096);
     rt::sync(1);
-    let wrong = rt::check_share(boot, vcpu, 4096, u64::MAX);
-    if wrong != 0 {
-        rt::out().s("touch: ").dec(wrong).s(" pages lost what this vCPU wrote\n");
+    if !rt::share_intact("touch", boot, vcpu, u64::MAX) {
         return 1;
     }
-    if DONE.fetch_add(1, Ordering::SeqCst) + 1 == boot.vcpu_count {
-        return 0;
-    }
-    rt::halt()
+    rt::last_one_exits(boot, &DONE)
 }

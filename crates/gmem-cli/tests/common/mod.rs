@@ -74,3 +74,21 @@ impl Drop for Dir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// `gmem run --json` with `args`, bounded.
+pub fn run_json(args: &[&str]) -> Output {
+    gmem_bounded(&[&["run", "--json"][..], args].concat())
+}
+
+/// The guest's console of a `--json` run.
+pub fn console(out: &Output) -> String {
+    json(out)["console"].as_str().unwrap().to_owned()
+}
+
+/// Asserts that the consoles and syncs of `first` and `then` (one guest
+/// run in two parts: saved and resumed, migrated) add up to `whole`'s.
+pub fn assert_adds_up(first: &Output, then: &Output, whole: &Output, what: &str) {
+    assert_eq!(console(first) + &console(then), console(whole), "{what}: the consoles differ");
+    let syncs = |out: &Output| json(out)["syncs"].as_array().unwrap().clone();
+    assert_eq!([syncs(first), syncs(then)].concat(), syncs(whole), "{what}: the syncs differ");
+}
