@@ -71,6 +71,8 @@ pub(crate) struct Outgoing<'a> {
     trigger: Mutex<Option<Sender<()>>>,
     triggered: Mutex<Option<Receiver<()>>>,
     over: AtomicBool,
+    /// Whether the run ended.
+    ran: AtomicBool,
 }
 
 impl<'a> Outgoing<'a> {
@@ -82,6 +84,7 @@ impl<'a> Outgoing<'a> {
             trigger: Mutex::new(Some(trigger)),
             triggered: Mutex::new(Some(triggered)),
             over: AtomicBool::new(false),
+            ran: AtomicBool::new(false),
         }
     }
 
@@ -113,6 +116,13 @@ impl<'a> Outgoing<'a> {
         std::thread::scope(|scope| {
             let migrating = scope.spawn(move || {
                 triggered?.recv().ok()?;
+                // Started at once: it pauses a VM whose run has begun.
+                while !vm.is_running() {
+                    if self.ran.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 let sent = to
                     .connect()
                     .map_err(|e| SendError {
@@ -127,6 +137,7 @@ impl<'a> Outgoing<'a> {
                 self.start();
             }
             let ran = run();
+            self.ran.store(true, Ordering::SeqCst);
             // Never started (the run ended before its stage): it ends too.
             drop(self.trigger.lock().unwrap_or_else(|p| p.into_inner()).take());
             (ran, migrating.join().unwrap_or(None))

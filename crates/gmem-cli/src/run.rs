@@ -589,6 +589,11 @@ fn run_guest(args: &RunArgs) -> Result<u8, Failure> {
     let mut save_error = None;
     let mut migration = None;
     match (&report.outcome, sent) {
+        (_, None) if args.migrate_to.is_some() => {
+            let message = "the run ended before the migration started".to_string();
+            eprintln!("gmem run: {message}");
+            save_error = Some(message);
+        }
         (_, None) => {}
         (Outcome::Paused, Some(Ok(info))) => {
             eprintln!(

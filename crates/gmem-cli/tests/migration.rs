@@ -177,7 +177,15 @@ fn failures_before_the_switch_leave_the_guest_finishing_at_the_source() {
     }
     let dir = Dir::new("migrate-fail");
     // Nothing listens there.
-    finishes_at_the_source(&dir, &format!("unix:{}", dir.path("none.sock")), "connect");
+    let nowhere = format!("unix:{}", dir.path("none.sock"));
+    finishes_at_the_source(&dir, &nowhere, "connect");
+    // A stage never reached: no migration, and the status says so.
+    let key = dir.key();
+    let never = ["--guest", "touch", "--key-file", &key, "--migrate-to", &nowhere];
+    let out = run(&[&never[..], &["--migrate-at", "7"]].concat());
+    assert_eq!(status(&out), 5, "{}", stderr(&out));
+    assert_eq!(json(&out)["exit_code"], 0);
+    assert!(stderr(&out).contains("the run ended before the migration started"));
     // A destination under another key refuses, and says so.
     let other = Dir::new("migrate-other-key");
     std::fs::write(other.key(), [0x99u8; 32]).unwrap();

@@ -652,6 +652,12 @@ impl Vm {
         self.control.stop(Outcome::Paused);
     }
 
+    /// Whether vCPUs run (between the start of [`run`](Self::run) or
+    /// [`resume`](Self::resume) and their end).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
     /// Whether the run is ending: paused, exited, failed or timed out (a
     /// sync handler that waits for something, a migration's switch say,
     /// returns once this holds).

@@ -105,6 +105,7 @@ impl SnapshotFile {
         }
         Ok(head.with_records(Records::File(file)))
     }
+
     /// Its identity.
     pub fn id(&self) -> SnapshotId {
         self.header.id
