@@ -102,6 +102,17 @@ fn touch_convert_stress_and_disk_guests_finish_at_the_destination() {
     for mode in ["precopy", "postcopy", "hybrid"] {
         migrates_as_uninterrupted(&dir, "touch", mode, &unix, &touch, &[], &[], &[]);
     }
+    // Without a stage: as soon as the vCPUs run. `spin` never ends: it
+    // spins on at the destination until that one's timeout (which bounds
+    // its wait for the source too).
+    let incoming = Incoming::start(&dir, &unix, &["--timeout", "5"]);
+    let to = incoming.address.clone();
+    let spin = ["--guest", "spin", "--timeout", "30", "--key-file", &dir.key()];
+    let source = run(&[&spin[..], &["--migrate-to", &to]].concat());
+    let (destination, dest_err) = incoming.finish();
+    assert_eq!((status(&source), status(&destination)), (0, 124), "{}{dest_err}", stderr(&source));
+    assert_eq!(json(&source)["reason"], "migrated");
+    assert_eq!(json(&destination)["reason"], "timeout", "{dest_err}");
     let before = [
         "--sync",
         "1:read:0x600000:11",
