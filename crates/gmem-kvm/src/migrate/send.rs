@@ -133,6 +133,10 @@ impl PrivateMemory {
     /// and its `try_clone`, say); pages are sealed under `key`, which the
     /// destination must share.
     ///
+    /// A thread of its own reads the destination's answers from `input`;
+    /// it ends when the link closes (close it once this returns: a socket's
+    /// `shutdown`) or when a read times out after the migration ended.
+    ///
     /// `mode` says how ([`MigrationMode`]). `pause` is called once, when
     /// the source should stop its vCPUs: it returns once they are out of
     /// `KVM_RUN` for good, with the VMM's state to send (at most 64 MiB).
