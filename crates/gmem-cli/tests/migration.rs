@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
 
 use common::{assert_adds_up, console, finish, json, kvm, run_json as run, status, stderr, Dir};
+use common::{CONVERT_STAGE_1, CONVERT_SYNCS};
 
 /// A `gmem run --incoming` in the background, listening.
 struct Incoming {
@@ -113,18 +114,10 @@ fn touch_convert_stress_and_disk_guests_finish_at_the_destination() {
     assert_eq!((status(&source), status(&destination)), (0, 124), "{}{dest_err}", stderr(&source));
     assert_eq!(json(&source)["reason"], "migrated");
     assert_eq!(json(&destination)["reason"], "timeout", "{dest_err}");
-    let before = [
-        "--sync",
-        "1:read:0x600000:11",
-        "--sync",
-        "1:write:0x600040:686f73742d3e6775",
-        "--sync",
-        "1:read:0x601000:8",
-    ];
-    let after = ["--sync", "2:read:0x600000:8"];
+    let (before, after) = CONVERT_SYNCS.split_at(CONVERT_STAGE_1);
     let tcp = "tcp:127.0.0.1:0";
-    migrates_as_uninterrupted(&dir, "convert", "precopy", tcp, &[], &before, &after, &[]);
-    migrates_as_uninterrupted(&dir, "convert", "postcopy", tcp, &[], &before, &after, &[]);
+    migrates_as_uninterrupted(&dir, "convert", "precopy", tcp, &[], before, after, &[]);
+    migrates_as_uninterrupted(&dir, "convert", "postcopy", tcp, &[], before, after, &[]);
     let stop = ["--sync", "2:write:0xf00000:01"];
     migrates_as_uninterrupted(&dir, "stress", "hybrid", &unix, &["--vcpus", "2"], &[], &stop, &[]);
     // The disk is shared storage, flushed at the switch: the guest reads
@@ -133,20 +126,7 @@ fn touch_convert_stress_and_disk_guests_finish_at_the_destination() {
         let disk = dir.path(&format!("{mode}.img"));
         let incoming = Incoming::start(&dir, &unix, &["--disk", &disk]);
         let to = incoming.address.clone();
-        let source = run(&[
-            "--guest",
-            "disk",
-            "--disk",
-            &disk,
-            "--key-file",
-            &dir.key(),
-            "--migrate-to",
-            &to,
-            "--migrate-at",
-            "1",
-            "--migrate-mode",
-            mode,
-        ]);
+        let source = disk_source(&dir, &disk, &to, mode);
         let (destination, dest_err) = incoming.finish();
         assert_eq!(status(&source), 0, "{}", stderr(&source));
         assert_eq!(status(&destination), 0, "{dest_err}");
@@ -157,6 +137,14 @@ fn touch_convert_stress_and_disk_guests_finish_at_the_destination() {
         let whole = run(&["--guest", "disk", "--disk", &alone]);
         assert_eq!(console(&source) + &read_back, console(&whole), "disk {mode}");
     }
+}
+
+/// Runs the `disk` guest on `disk`, migrating at stage 1 to `to` in `mode`.
+fn disk_source(dir: &Dir, disk: &str, to: &str, mode: &str) -> Output {
+    let key = dir.key();
+    let mut args = vec!["--guest", "disk", "--disk", disk, "--key-file", &key];
+    args.extend(["--migrate-to", to, "--migrate-at", "1", "--migrate-mode", mode]);
+    run(&args)
 }
 
 /// Runs `touch` migrating to `address` and checks that it finished at
@@ -209,18 +197,7 @@ fn failures_before_the_switch_leave_the_guest_finishing_at_the_source() {
     // it says so at the switch, and the source resumes.
     let disk = dir.path("disk.img");
     let incoming = Incoming::start(&dir, &format!("unix:{}", dir.path("d.sock")), &[]);
-    let source = run(&[
-        "--guest",
-        "disk",
-        "--disk",
-        &disk,
-        "--key-file",
-        &dir.key(),
-        "--migrate-to",
-        &incoming.address.clone(),
-        "--migrate-at",
-        "1",
-    ]);
+    let source = disk_source(&dir, &disk, &incoming.address.clone(), "precopy");
     let (destination, dest_err) = incoming.finish();
     assert_eq!(status(&source), 5, "{}", stderr(&source));
     assert_eq!(json(&source)["exit_code"], 0, "{}", stderr(&source));

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{gmem, gmem_bounded, json, kvm, status, stderr};
+use common::{gmem, gmem_bounded, json, kvm, status, stderr, CONVERT_SYNCS};
 
 #[test]
 fn demo_exits_zero() {
@@ -24,19 +24,6 @@ fn demo_exits_zero() {
     );
     assert!(out.stdout.is_empty(), "without --json stdout stays empty");
 }
-
-/// Host accesses around the convert guest's stages: it shares 0x600000 at
-/// stage 1 and takes it back at stage 2; 0x601000 stays private.
-const CONVERT_SYNCS: [&str; 8] = [
-    "--sync",
-    "1:read:0x600000:11",
-    "--sync",
-    "1:write:0x600040:686f73742d3e6775",
-    "--sync",
-    "1:read:0x601000:8",
-    "--sync",
-    "2:read:0x600000:8",
-];
 
 #[test]
 fn sync_read_and_write_follow_the_page_states() {

@@ -8,6 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::{assert_adds_up, console, json, kvm, run_json as run, status, stderr, Dir};
+use common::{CONVERT_STAGE_1, CONVERT_SYNCS};
 
 /// Runs `guest` once uninterrupted, once saved at `stage` and restored
 /// (with `before`/`after` the sync actions of the stages up to and after
@@ -54,15 +55,8 @@ fn convert_touch_stress_and_disk_guests_resume_as_if_never_stopped() {
         return;
     }
     let dir = Dir::new("resume");
-    let before = [
-        "--sync",
-        "1:read:0x600000:11",
-        "--sync",
-        "1:write:0x600040:686f73742d3e6775",
-        "--sync",
-        "1:read:0x601000:8",
-    ];
-    resumes_as_uninterrupted(&dir, "convert", &[], &before, &["--sync", "2:read:0x600000:8"]);
+    let (before, after) = CONVERT_SYNCS.split_at(CONVERT_STAGE_1);
+    resumes_as_uninterrupted(&dir, "convert", &[], before, after);
     resumes_as_uninterrupted(&dir, "touch", &["--vcpus", "2", "--mem", "128M"], &[], &[]);
     let stop = ["--sync", "2:write:0xf00000:01"];
     resumes_as_uninterrupted(&dir, "stress", &["--vcpus", "2"], &[], &stop);

@@ -92,3 +92,20 @@ pub fn assert_adds_up(first: &Output, then: &Output, whole: &Output, what: &str)
     let syncs = |out: &Output| json(out)["syncs"].as_array().unwrap().clone();
     assert_eq!([syncs(first), syncs(then)].concat(), syncs(whole), "{what}: the syncs differ");
 }
+
+/// Host accesses around the convert guest's stages: it shares 0x600000 at
+/// stage 1 and takes it back at stage 2; 0x601000 stays private. Stage
+/// 1's come first: [`CONVERT_STAGE_1`] of them.
+pub const CONVERT_SYNCS: [&str; 8] = [
+    "--sync",
+    "1:read:0x600000:11",
+    "--sync",
+    "1:write:0x600040:686f73742d3e6775",
+    "--sync",
+    "1:read:0x601000:8",
+    "--sync",
+    "2:read:0x600000:8",
+];
+
+/// How many of [`CONVERT_SYNCS`] are stage 1's.
+pub const CONVERT_STAGE_1: usize = 6;
